@@ -1,0 +1,55 @@
+//! MQTT messaging as a [tower] stack.
+//!
+//! Incoming publishes become [`Request<Envelope>`](Request) values that flow
+//! through ordinary tower middleware into a topic [`Router`] of handlers. A
+//! handler is an `async fn` or any [`tower::Service`], so it is tested with
+//! `ServiceExt::oneshot` and no broker.
+//!
+//! ```
+//! use tower::ServiceExt;
+//! use tower_mqtt::{Data, Envelope, Outcome, Request, Router};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Say { text: String }
+//!
+//! async fn say(Data(say): Data<Say>) -> Result<(), std::io::Error> {
+//!     println!("{}", say.text);
+//!     Ok(())
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let router = Router::new().route("tts/say", say);
+//!
+//! let env = Envelope::new("tts.say", serde_json::json!({"text": "hello"})).unwrap();
+//! let req = Request::builder("tts/say").body(env).unwrap();
+//! assert!(matches!(router.oneshot(req).await.unwrap(), Outcome::Handled));
+//! # }
+//! ```
+//!
+//! The pieces:
+//! - [`Envelope`]: the fleet's five-key JSON envelope;
+//! - [`Request`], [`QoS`], [`TopicName`], [`TopicFilter`]: the message model;
+//! - [`Router`], [`Subscription`], [`handler`]: routing and handlers;
+//! - [`Outcome`], [`IntoOutcome`], [`HandlerError`]: what became of a message.
+//!
+//! Middleware (decode, dedup, correlation spans, isolation, retry, timeout) lives
+//! in the companion crate `tower-mqtt-layers`.
+//!
+//! [tower]: https://docs.rs/tower
+
+pub mod correlation;
+pub mod envelope;
+pub mod handler;
+pub mod outcome;
+pub mod request;
+pub mod router;
+pub mod subscription;
+pub mod topic;
+
+pub use envelope::{Envelope, EnvelopeError};
+pub use handler::{Data, Handler};
+pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
+pub use request::{Extensions, QoS, Request};
+pub use router::Router;
+pub use subscription::{IntoSubscription, Overflow, Subscription};
+pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};

@@ -1,0 +1,402 @@
+//! The message a service receives: [`Request`], and the delivery levels, [`QoS`].
+//!
+//! A request is the topic and flags of a PUBLISH packet around a body: raw
+//! [`Bytes`] as it comes off the wire, an [`Envelope`](crate::Envelope) once
+//! decoded. Like `http::Request`, it carries typed [`Extensions`] so one layer can
+//! leave data for the next (the router leaves [`TopicParams`](crate::TopicParams),
+//! a correlation layer leaves the correlation id).
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tower_mqtt::{QoS, Request};
+//!
+//! let req = Request::builder("llm/request")
+//!     .qos(QoS::AtLeastOnce)
+//!     .body(Bytes::from_static(br#"{"prompt":"hi"}"#))
+//!     .unwrap();
+//! assert_eq!(req.topic(), "llm/request");
+//! assert_eq!(req.qos(), QoS::AtLeastOnce);
+//!
+//! // Changing the body keeps the topic, flags and extensions.
+//! let req = req.map(|bytes| bytes.len());
+//! assert_eq!(*req.body(), 15);
+//! ```
+
+use std::fmt;
+
+use bytes::Bytes;
+pub use http::Extensions;
+
+use crate::topic::{TopicError, TopicName};
+
+/// MQTT quality of service: how hard the broker and client try to deliver.
+///
+/// ```
+/// use tower_mqtt::QoS;
+///
+/// assert_eq!(QoS::try_from(1).unwrap(), QoS::AtLeastOnce);
+/// assert_eq!(u8::from(QoS::ExactlyOnce), 2);
+/// assert!(QoS::AtMostOnce < QoS::AtLeastOnce);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QoS {
+    /// QoS 0: fire and forget. Streams, partials, telemetry.
+    AtMostOnce,
+    /// QoS 1: delivered at least once, acknowledged by PUBACK. Commands and
+    /// responses; the default.
+    #[default]
+    AtLeastOnce,
+    /// QoS 2: delivered exactly once, by a four-packet handshake.
+    ExactlyOnce,
+}
+
+/// A QoS number other than 0, 1 or 2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid QoS {0}: expected 0, 1 or 2")]
+pub struct InvalidQoS(pub u8);
+
+impl TryFrom<u8> for QoS {
+    type Error = InvalidQoS;
+    fn try_from(value: u8) -> Result<Self, Self::Error> {
+        match value {
+            0 => Ok(Self::AtMostOnce),
+            1 => Ok(Self::AtLeastOnce),
+            2 => Ok(Self::ExactlyOnce),
+            other => Err(InvalidQoS(other)),
+        }
+    }
+}
+
+impl From<QoS> for u8 {
+    fn from(qos: QoS) -> Self {
+        match qos {
+            QoS::AtMostOnce => 0,
+            QoS::AtLeastOnce => 1,
+            QoS::ExactlyOnce => 2,
+        }
+    }
+}
+
+impl From<QoS> for rumqttc::QoS {
+    fn from(qos: QoS) -> Self {
+        match qos {
+            QoS::AtMostOnce => Self::AtMostOnce,
+            QoS::AtLeastOnce => Self::AtLeastOnce,
+            QoS::ExactlyOnce => Self::ExactlyOnce,
+        }
+    }
+}
+
+impl From<rumqttc::QoS> for QoS {
+    fn from(qos: rumqttc::QoS) -> Self {
+        match qos {
+            rumqttc::QoS::AtMostOnce => Self::AtMostOnce,
+            rumqttc::QoS::AtLeastOnce => Self::AtLeastOnce,
+            rumqttc::QoS::ExactlyOnce => Self::ExactlyOnce,
+        }
+    }
+}
+
+/// An incoming message: the topic and flags of a PUBLISH around a body `T`.
+///
+/// `T` is [`Bytes`] off the wire and [`Envelope`](crate::Envelope) after
+/// decoding. Cloning is cheap when `T` is (topics are shared strings), except for
+/// the extensions, which are cloned entry by entry.
+#[derive(Clone)]
+pub struct Request<T> {
+    topic: TopicName,
+    qos: QoS,
+    retain: bool,
+    dup: bool,
+    extensions: Extensions,
+    body: T,
+}
+
+impl<T> Request<T> {
+    /// A request on `topic` with QoS 1, no flags and no extensions.
+    ///
+    /// ```
+    /// use tower_mqtt::{Request, TopicName};
+    ///
+    /// let req = Request::new(TopicName::new("tts/say").unwrap(), "hello");
+    /// assert_eq!(req.topic(), "tts/say");
+    /// ```
+    pub fn new(topic: TopicName, body: T) -> Self {
+        Self {
+            topic,
+            qos: QoS::default(),
+            retain: false,
+            dup: false,
+            extensions: Extensions::new(),
+            body,
+        }
+    }
+
+    /// The topic the message was published to.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic
+    }
+
+    /// The QoS the message was delivered with.
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// Whether the broker delivered this as retained state (sent because of a new
+    /// subscription rather than a new publish).
+    pub fn retain(&self) -> bool {
+        self.retain
+    }
+
+    /// Whether the DUP flag was set: the sender may have sent this packet before.
+    pub fn dup(&self) -> bool {
+        self.dup
+    }
+
+    /// The body.
+    pub fn body(&self) -> &T {
+        &self.body
+    }
+
+    /// The body, mutably.
+    pub fn body_mut(&mut self) -> &mut T {
+        &mut self.body
+    }
+
+    /// Consumes the request and returns its body.
+    pub fn into_body(self) -> T {
+        self.body
+    }
+
+    /// Typed data that layers attach for later layers and handlers.
+    pub fn extensions(&self) -> &Extensions {
+        &self.extensions
+    }
+
+    /// Typed data that layers attach for later layers and handlers, mutably.
+    ///
+    /// ```
+    /// use tower_mqtt::{Request, TopicName};
+    ///
+    /// #[derive(Clone)]
+    /// struct Tenant(&'static str);
+    ///
+    /// let mut req = Request::new(TopicName::new("a").unwrap(), ());
+    /// req.extensions_mut().insert(Tenant("acme"));
+    /// assert_eq!(req.extensions().get::<Tenant>().unwrap().0, "acme");
+    /// ```
+    pub fn extensions_mut(&mut self) -> &mut Extensions {
+        &mut self.extensions
+    }
+
+    /// Sets the QoS.
+    pub fn set_qos(&mut self, qos: QoS) {
+        self.qos = qos;
+    }
+
+    /// Sets the retain flag.
+    pub fn set_retain(&mut self, retain: bool) {
+        self.retain = retain;
+    }
+
+    /// Sets the DUP flag.
+    pub fn set_dup(&mut self, dup: bool) {
+        self.dup = dup;
+    }
+
+    /// Replaces the body with `f(body)`, keeping topic, flags and extensions.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Request<U> {
+        let (parts, body) = self.into_parts();
+        Request::from_parts(parts, f(body))
+    }
+
+    /// Splits the request into its [`Parts`] and body.
+    pub fn into_parts(self) -> (Parts, T) {
+        (
+            Parts {
+                topic: self.topic,
+                qos: self.qos,
+                retain: self.retain,
+                dup: self.dup,
+                extensions: self.extensions,
+            },
+            self.body,
+        )
+    }
+
+    /// Joins [`Parts`] and a body into a request.
+    pub fn from_parts(parts: Parts, body: T) -> Self {
+        Self {
+            topic: parts.topic,
+            qos: parts.qos,
+            retain: parts.retain,
+            dup: parts.dup,
+            extensions: parts.extensions,
+            body,
+        }
+    }
+}
+
+impl Request<()> {
+    /// Starts building a request on `topic`; the topic is validated by
+    /// [`Builder::body`].
+    pub fn builder(topic: impl Into<String>) -> Builder {
+        Builder {
+            topic: topic.into(),
+            qos: QoS::default(),
+            retain: false,
+            dup: false,
+            extensions: Extensions::new(),
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Request<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Request")
+            .field("topic", &self.topic)
+            .field("qos", &self.qos)
+            .field("retain", &self.retain)
+            .field("dup", &self.dup)
+            .field("body", &self.body)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Request<Bytes> {
+    /// The request for a PUBLISH packet received by rumqttc.
+    pub fn from_publish(publish: &rumqttc::Publish) -> Result<Self, TopicError> {
+        let mut req = Request::new(TopicName::new(&publish.topic)?, publish.payload.clone());
+        req.qos = publish.qos.into();
+        req.retain = publish.retain;
+        req.dup = publish.dup;
+        Ok(req)
+    }
+}
+
+/// Everything of a [`Request`] but its body.
+///
+/// ```
+/// use tower_mqtt::{Request, TopicName};
+///
+/// let (parts, body) = Request::new(TopicName::new("a").unwrap(), 1).into_parts();
+/// let req = Request::from_parts(parts, body + 1);
+/// assert_eq!(*req.body(), 2);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Parts {
+    /// The topic.
+    pub topic: TopicName,
+    /// The QoS.
+    pub qos: QoS,
+    /// The retain flag.
+    pub retain: bool,
+    /// The DUP flag.
+    pub dup: bool,
+    /// The extensions.
+    pub extensions: Extensions,
+}
+
+/// Builds a [`Request`]; see [`Request::builder`].
+///
+/// ```
+/// use tower_mqtt::{QoS, Request};
+///
+/// let req = Request::builder("system/character/current")
+///     .qos(QoS::AtLeastOnce)
+///     .retain(true)
+///     .body(())
+///     .unwrap();
+/// assert!(req.retain());
+/// assert!(Request::builder("bad/+").body(()).is_err());
+/// ```
+#[derive(Debug)]
+#[must_use]
+pub struct Builder {
+    topic: String,
+    qos: QoS,
+    retain: bool,
+    dup: bool,
+    extensions: Extensions,
+}
+
+impl Builder {
+    /// Sets the QoS (default 1).
+    pub fn qos(mut self, qos: QoS) -> Self {
+        self.qos = qos;
+        self
+    }
+
+    /// Sets the retain flag.
+    pub fn retain(mut self, retain: bool) -> Self {
+        self.retain = retain;
+        self
+    }
+
+    /// Sets the DUP flag.
+    pub fn dup(mut self, dup: bool) -> Self {
+        self.dup = dup;
+        self
+    }
+
+    /// Adds an extension.
+    pub fn extension<E: Clone + Send + Sync + 'static>(mut self, value: E) -> Self {
+        self.extensions.insert(value);
+        self
+    }
+
+    /// Validates the topic and finishes the request with `body`.
+    pub fn body<T>(self, body: T) -> Result<Request<T>, TopicError> {
+        Ok(Request {
+            topic: TopicName::new(&self.topic)?,
+            qos: self.qos,
+            retain: self.retain,
+            dup: self.dup,
+            extensions: self.extensions,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_publish_keeps_flags() {
+        let mut publish = rumqttc::Publish::new("a/b", rumqttc::QoS::ExactlyOnce, b"xy".to_vec());
+        publish.retain = true;
+        publish.dup = true;
+        let req = Request::from_publish(&publish).unwrap();
+        assert_eq!(req.topic(), "a/b");
+        assert_eq!(req.qos(), QoS::ExactlyOnce);
+        assert!(req.retain() && req.dup());
+        assert_eq!(&req.body()[..], b"xy");
+    }
+
+    #[test]
+    fn from_publish_rejects_bad_topics() {
+        let publish = rumqttc::Publish::new("a/+", rumqttc::QoS::AtMostOnce, Vec::new());
+        assert!(Request::from_publish(&publish).is_err());
+    }
+
+    #[test]
+    fn qos_conversions_round_trip() {
+        for n in 0..=2u8 {
+            let qos = QoS::try_from(n).unwrap();
+            assert_eq!(u8::from(qos), n);
+            assert_eq!(QoS::from(rumqttc::QoS::from(qos)), qos);
+        }
+        assert_eq!(QoS::try_from(3), Err(InvalidQoS(3)));
+    }
+
+    #[test]
+    fn map_keeps_extensions() {
+        let mut req = Request::builder("a").body(1).unwrap();
+        req.extensions_mut().insert(7u32);
+        let req = req.map(|n| n * 2);
+        assert_eq!(*req.body(), 2);
+        assert_eq!(req.extensions().get::<u32>(), Some(&7));
+    }
+}

@@ -1,0 +1,651 @@
+//! Topic routing: [`Router`].
+//!
+//! A router maps topic filters to handlers. A message goes to **every** route
+//! whose filter matches its topic, as MQTT delivers a message to every matching
+//! subscription; each route runs isolated from the others (an error or a panic in
+//! one is that route's failure only). When no route matches, the fallback runs.
+//!
+//! ```
+//! use tower::ServiceExt;
+//! use tower_mqtt::{Data, Envelope, Outcome, QoS, Request, Router, Subscription, TopicParams};
+//!
+//! async fn on_frame(req: Request<Envelope>) {
+//!     let camera = req.extensions().get::<TopicParams>().unwrap().get(0).unwrap();
+//!     assert_eq!(camera, "front");
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let router = Router::new()
+//!     .route("camera/+/frame", on_frame)
+//!     .route(Subscription::new("llm/stream").qos(QoS::AtMostOnce), |_: Request<Envelope>| async {})
+//!     .fallback(|req: Request<Envelope>| async move { println!("unexpected {}", req.topic()) });
+//!
+//! let frame = Request::builder("camera/front/frame")
+//!     .body(Envelope::new("camera.frame", serde_json::json!({})).unwrap())
+//!     .unwrap();
+//! let outcome = router.clone().oneshot(frame).await.unwrap();
+//! assert!(matches!(outcome, Outcome::Handled));
+//!
+//! // The runtime subscribes to exactly these:
+//! let filters: Vec<_> = router.subscriptions().into_iter().map(|(f, q)| (f.to_string(), q)).collect();
+//! assert_eq!(filters, [("camera/+/frame".to_owned(), QoS::AtLeastOnce), ("llm/stream".to_owned(), QoS::AtMostOnce)]);
+//! # }
+//! ```
+//!
+//! # Overlapping routes
+//!
+//! When one route's filter covers another's (`sensors/#` and `sensors/+/temp`),
+//! [`Router::subscriptions`] subscribes only to the wider one, with the higher of
+//! the two QoS levels, so the broker sends one copy of each message and the router
+//! hands it to both routes. Filters that only partly overlap (`a/+/c` and `a/b/+`)
+//! cannot be merged: brokers may then deliver one copy per subscription, and each
+//! copy reaches both routes. Put a dedup layer in the stack (tower-mqtt-layers'
+//! `Dedup`) to absorb the second copy of an envelope.
+//!
+//! # Retries and several routes
+//!
+//! Middleware around the router sees one outcome for all the routes a message
+//! reached; a retry there runs every matching route again. To retry one route
+//! alone, apply the retry to the routes with [`Router::layer`].
+
+use std::{
+    convert::Infallible,
+    fmt,
+    future::Future,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use futures_util::{future::join_all, FutureExt};
+use tower::{util::BoxCloneSyncService, Layer, Service, ServiceExt};
+
+use crate::{
+    envelope::Envelope,
+    handler::Handler,
+    outcome::{BoxError, HandlerError, IntoOutcome, Outcome},
+    request::{QoS, Request},
+    subscription::{IntoSubscription, Subscription},
+    topic::{TopicFilter, TopicName, TopicParams},
+};
+
+/// The type every route is stored as.
+pub type RouteService = BoxCloneSyncService<Request<Envelope>, Outcome, Infallible>;
+
+#[derive(Clone)]
+struct Route {
+    subscription: Subscription,
+    service: Option<RouteService>,
+}
+
+#[derive(Clone, Default)]
+struct Inner {
+    routes: Vec<Route>,
+    fallback: Option<RouteService>,
+}
+
+/// Routes messages to handlers by topic; see the [module docs](self).
+///
+/// Cheap to clone (an `Arc` inside), always ready, never fails: a failure is an
+/// [`Outcome::Failed`].
+#[derive(Clone, Default)]
+#[must_use]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field(
+                "routes",
+                &self
+                    .inner
+                    .routes
+                    .iter()
+                    .map(|route| route.subscription.filter().as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .field("fallback", &self.inner.fallback.is_some())
+            .finish()
+    }
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner {
+        Arc::make_mut(&mut self.inner)
+    }
+
+    /// Adds a route: messages on topics matching `subscription` (a filter string
+    /// or a [`Subscription`]) go to `handler`.
+    ///
+    /// # Panics
+    ///
+    /// When the filter is invalid; the message names the route.
+    ///
+    /// ```should_panic
+    /// use tower_mqtt::{Envelope, Request, Router};
+    ///
+    /// // panics: invalid route "sport/tennis#": ...
+    /// Router::new().route("sport/tennis#", |_: Request<Envelope>| async {});
+    /// ```
+    #[track_caller]
+    pub fn route<H, M>(self, subscription: impl IntoSubscription, handler: H) -> Self
+    where
+        H: Handler<M>,
+        M: 'static,
+    {
+        self.route_service(subscription, handler.into_service())
+    }
+
+    /// Adds a route served by any [`tower::Service`] whose response is
+    /// [`IntoOutcome`]. Its errors (from `poll_ready` or the call) become
+    /// [`Outcome::Failed`].
+    ///
+    /// ```
+    /// use tower::service_fn;
+    /// use tower_mqtt::{BoxError, Envelope, Request, Router};
+    ///
+    /// let svc = service_fn(|req: Request<Envelope>| async move {
+    ///     println!("{}", req.body().event_type());
+    ///     Ok::<_, BoxError>(())
+    /// });
+    /// let router = Router::new().route_service("system/health/+", svc);
+    /// ```
+    #[track_caller]
+    pub fn route_service<S>(mut self, subscription: impl IntoSubscription, service: S) -> Self
+    where
+        S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+        S::Response: IntoOutcome,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let subscription = subscription.into_subscription();
+        self.inner_mut().routes.push(Route {
+            subscription,
+            service: Some(into_route(service)),
+        });
+        self
+    }
+
+    /// Subscribes to `subscription` without a route of its own: its messages go
+    /// to routes whose filters match, else to the fallback.
+    #[track_caller]
+    pub fn subscribe(mut self, subscription: impl IntoSubscription) -> Self {
+        let subscription = subscription.into_subscription();
+        self.inner_mut().routes.push(Route {
+            subscription,
+            service: None,
+        });
+        self
+    }
+
+    /// Sets the handler for messages that no route matches. Without one, such a
+    /// message is [`Outcome::Unrouted`].
+    pub fn fallback<H, M>(self, handler: H) -> Self
+    where
+        H: Handler<M>,
+        M: 'static,
+    {
+        self.fallback_service(handler.into_service())
+    }
+
+    /// Sets any [`tower::Service`] as the fallback.
+    pub fn fallback_service<S>(mut self, service: S) -> Self
+    where
+        S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+        S::Response: IntoOutcome,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.inner_mut().fallback = Some(into_route(service));
+        self
+    }
+
+    /// Wraps every route added so far, and the fallback, in `layer`: per-route
+    /// middleware, such as a retry that reruns only the route that failed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower::timeout::TimeoutLayer;
+    /// use tower_mqtt::{Envelope, Request, Router};
+    ///
+    /// let router = Router::new()
+    ///     .route("tts/say", |_: Request<Envelope>| async {})
+    ///     .layer(TimeoutLayer::new(Duration::from_secs(5)));
+    /// ```
+    pub fn layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<RouteService>,
+        L::Service: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<Envelope>>>::Response: IntoOutcome,
+        <L::Service as Service<Request<Envelope>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Envelope>>>::Future: Send + 'static,
+    {
+        let inner = self.inner_mut();
+        for route in &mut inner.routes {
+            if let Some(service) = route.service.take() {
+                route.service = Some(into_route(layer.layer(service)));
+            }
+        }
+        if let Some(fallback) = inner.fallback.take() {
+            inner.fallback = Some(into_route(layer.layer(fallback)));
+        }
+        self
+    }
+
+    /// The routes' subscriptions, in the order they were added.
+    pub fn routes(&self) -> impl Iterator<Item = &Subscription> {
+        self.inner.routes.iter().map(|route| &route.subscription)
+    }
+
+    /// The first route (in the order added) whose filter matches `topic`: the
+    /// runtime queues the message by that route's settings.
+    pub fn subscription_for(&self, topic: &TopicName) -> Option<&Subscription> {
+        self.routes().find(|sub| sub.filter().matches(topic))
+    }
+
+    /// The filters to subscribe to, each with its QoS: one per route, except that
+    /// a filter covered by another is left out and its QoS given to the wider one
+    /// (see the [module docs](self)). Shared subscriptions are kept as they are.
+    pub fn subscriptions(&self) -> Vec<(TopicFilter, QoS)> {
+        let subs: Vec<&Subscription> = self.routes().collect();
+        let mut out: Vec<(TopicFilter, QoS)> = Vec::new();
+        for (i, sub) in subs.iter().enumerate() {
+            let filter = sub.filter();
+            let shared = filter.share_group().is_some();
+            // Covered by another (non-shared) filter: strictly wider, or the same
+            // filter added earlier.
+            let covered = !shared
+                && subs.iter().enumerate().any(|(j, other)| {
+                    let other = other.filter();
+                    j != i
+                        && other.share_group().is_none()
+                        && other.covers(filter)
+                        && (!filter.covers(other) || j < i)
+                });
+            if covered {
+                continue;
+            }
+            let qos = subs
+                .iter()
+                .filter(|other| {
+                    if shared {
+                        other.filter() == filter
+                    } else {
+                        other.filter().share_group().is_none() && filter.covers(other.filter())
+                    }
+                })
+                .map(|other| other.get_qos())
+                .max()
+                .unwrap_or(sub.get_qos());
+            if !out.iter().any(|(f, _)| f == filter) {
+                out.push((filter.clone(), qos));
+            }
+        }
+        out
+    }
+}
+
+/// Adapts any service to a [`RouteService`]: responses become outcomes, errors
+/// become [`Outcome::Failed`], and a panic becomes a failure of this route only.
+fn into_route<S>(service: S) -> RouteService
+where
+    S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+    S::Response: IntoOutcome,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    BoxCloneSyncService::new(service_fn_route(service))
+}
+
+fn service_fn_route<S>(
+    service: S,
+) -> impl Service<
+    Request<Envelope>,
+    Response = Outcome,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Outcome, Infallible>> + Send,
+> + Clone
+       + Send
+       + Sync
+where
+    S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+    S::Response: IntoOutcome,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    tower::service_fn(move |req: Request<Envelope>| {
+        let service = service.clone();
+        // `oneshot` drives readiness before calling; both run inside the
+        // catch, so a panic in `poll_ready`, `call` or the future is contained.
+        let run = AssertUnwindSafe(service.oneshot(req)).catch_unwind();
+        async move {
+            Ok(match run.await {
+                Ok(Ok(response)) => response.into_outcome(),
+                Ok(Err(err)) => Outcome::Failed(HandlerError::from_boxed(err.into())),
+                Err(panic) => Outcome::Failed(HandlerError::new(Panicked::from_payload(&*panic))),
+            })
+        }
+    })
+}
+
+/// A handler panicked; the message says what it panicked with.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("handler panicked: {message}")]
+pub struct Panicked {
+    message: String,
+}
+
+impl Panicked {
+    /// Describes a panic payload, as caught by `catch_unwind`.
+    ///
+    /// ```
+    /// let payload = std::panic::catch_unwind(|| panic!("bad frame")).unwrap_err();
+    /// let err = tower_mqtt::router::Panicked::from_payload(&*payload);
+    /// assert_eq!(err.to_string(), "handler panicked: bad frame");
+    /// ```
+    pub fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a non-string payload".to_owned());
+        Self { message }
+    }
+
+    /// What the handler panicked with.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Several routes failed on one message.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", failures.iter().map(|(filter, err)| format!("route {filter}: {err}")).collect::<Vec<_>>().join("; "))]
+pub struct RoutesFailed {
+    failures: Vec<(TopicFilter, HandlerError)>,
+}
+
+impl RoutesFailed {
+    /// Each failed route's filter with its error.
+    pub fn failures(&self) -> &[(TopicFilter, HandlerError)] {
+        &self.failures
+    }
+}
+
+/// The future of [`Router`]'s `call`.
+pub type RouterFuture = Pin<Box<dyn Future<Output = Result<Outcome, Infallible>> + Send>>;
+
+impl Service<Request<Envelope>> for Router {
+    type Response = Outcome;
+    type Error = Infallible;
+    type Future = RouterFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Envelope>) -> Self::Future {
+        let mut matched: Vec<(TopicFilter, RouteService, TopicParams)> = self
+            .inner
+            .routes
+            .iter()
+            .filter_map(|route| {
+                let service = route.service.as_ref()?;
+                let params = route.subscription.filter().captures(req.topic())?;
+                Some((route.subscription.filter().clone(), service.clone(), params))
+            })
+            .collect();
+
+        match matched.len() {
+            0 => match self.inner.fallback.clone() {
+                Some(fallback) => Box::pin(fallback.oneshot(req)),
+                None => Box::pin(async { Ok(Outcome::Unrouted) }),
+            },
+            1 => {
+                let (_, service, params) = matched.pop().expect("one route");
+                let mut req = req;
+                req.extensions_mut().insert(params);
+                Box::pin(service.oneshot(req))
+            }
+            _ => {
+                let runs = matched.into_iter().map(|(filter, service, params)| {
+                    let mut req = req.clone();
+                    req.extensions_mut().insert(params);
+                    service.oneshot(req).map(move |outcome| {
+                        (filter, outcome.unwrap_or_else(|never| match never {}))
+                    })
+                });
+                let all = join_all(runs);
+                Box::pin(async move { Ok(combine(all.await)) })
+            }
+        }
+    }
+}
+
+/// One outcome for a message that reached several routes: handled when every
+/// route handled it; otherwise failed, retryable only if every failure is.
+fn combine(outcomes: Vec<(TopicFilter, Outcome)>) -> Outcome {
+    let failures: Vec<(TopicFilter, HandlerError)> = outcomes
+        .into_iter()
+        .filter_map(|(filter, outcome)| match outcome {
+            Outcome::Failed(err) => Some((filter, err)),
+            _ => None,
+        })
+        .collect();
+    if failures.is_empty() {
+        return Outcome::Handled;
+    }
+    let retryable = failures.iter().all(|(_, err)| err.is_retryable());
+    let err = RoutesFailed { failures };
+    Outcome::Failed(if retryable {
+        HandlerError::new(err)
+    } else {
+        HandlerError::permanent(err)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    };
+
+    fn msg(topic: &str) -> Request<Envelope> {
+        Request::builder(topic)
+            .body(Envelope::new("test.event", json!({"n": 1})).unwrap())
+            .unwrap()
+    }
+
+    fn counter() -> (Arc<AtomicUsize>, impl Handler<(Request<Envelope>,)>) {
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let handler = move |_req: Request<Envelope>| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        (count, handler)
+    }
+
+    #[tokio::test]
+    async fn routes_to_every_matching_route() {
+        let (a, ha) = counter();
+        let (b, hb) = counter();
+        let (c, hc) = counter();
+        let router = Router::new()
+            .route("sensors/+/temp", ha)
+            .route("sensors/#", hb)
+            .route("other", hc);
+        let outcome = router.oneshot(msg("sensors/kitchen/temp")).await.unwrap();
+        assert!(matches!(outcome, Outcome::Handled));
+        assert_eq!(
+            (
+                a.load(Ordering::SeqCst),
+                b.load(Ordering::SeqCst),
+                c.load(Ordering::SeqCst)
+            ),
+            (1, 1, 0)
+        );
+    }
+
+    #[tokio::test]
+    async fn fallback_runs_only_when_nothing_matches() {
+        let (routed, route_handler) = counter();
+        let (fell, fallback_handler) = counter();
+        let router = Router::new()
+            .route("a/b", route_handler)
+            .fallback(fallback_handler);
+        router.clone().oneshot(msg("a/b")).await.unwrap();
+        router.clone().oneshot(msg("a/c")).await.unwrap();
+        assert_eq!(routed.load(Ordering::SeqCst), 1);
+        assert_eq!(fell.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn no_match_without_fallback_is_unrouted() {
+        let (_, h) = counter();
+        let outcome = Router::new().route("a", h).oneshot(msg("b")).await.unwrap();
+        assert!(matches!(outcome, Outcome::Unrouted));
+    }
+
+    #[tokio::test]
+    async fn wildcard_values_reach_the_handler() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let router = Router::new().route("camera/+/frame/#", move |req: Request<Envelope>| {
+            let s = s.clone();
+            async move {
+                let params = req.extensions().get::<TopicParams>().unwrap();
+                s.lock().unwrap().extend(params.iter().map(str::to_owned));
+            }
+        });
+        router.oneshot(msg("camera/7/frame/raw/0")).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), ["7", "raw/0"]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_route_does_not_stop_the_others() {
+        let (ok, h) = counter();
+        let router = Router::new()
+            .route("a/+", |req: Request<Envelope>| async move {
+                assert!(req.topic() != "a/b", "bad handler");
+            })
+            .route("a/b", h);
+        let outcome = router.oneshot(msg("a/b")).await.unwrap();
+        assert_eq!(ok.load(Ordering::SeqCst), 1);
+        let err = outcome.error().expect("the panic is a failure");
+        assert!(
+            err.to_string().contains("route a/+: handler panicked"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_of_any_service_become_failures() {
+        #[derive(Clone)]
+        struct NeverReady;
+        impl Service<Request<Envelope>> for NeverReady {
+            type Response = ();
+            type Error = std::io::Error;
+            type Future = std::future::Ready<Result<(), std::io::Error>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+                Poll::Ready(Err(std::io::Error::other("not ready")))
+            }
+            fn call(&mut self, _: Request<Envelope>) -> Self::Future {
+                unreachable!("never ready")
+            }
+        }
+        let outcome = Router::new()
+            .route_service("a", NeverReady)
+            .oneshot(msg("a"))
+            .await
+            .unwrap();
+        assert_eq!(outcome.error().unwrap().to_string(), "not ready");
+    }
+
+    #[tokio::test]
+    async fn failures_combine_and_keep_permanence() {
+        let router = Router::new()
+            .route("a/+", |_req: Request<Envelope>| async {
+                Err::<(), _>(HandlerError::permanent("bad"))
+            })
+            .route("a/#", |_req: Request<Envelope>| async {
+                Err::<(), _>("transient")
+            });
+        let outcome = router.oneshot(msg("a/b")).await.unwrap();
+        let err = outcome.error().unwrap();
+        assert!(!err.is_retryable());
+        let failed = err.get_ref().downcast_ref::<RoutesFailed>().unwrap();
+        assert_eq!(failed.failures().len(), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "invalid route \"a/#/b\"")]
+    fn invalid_filters_fail_at_build_time() {
+        let (_, h) = counter();
+        let _ = Router::new().route("a/#/b", h);
+    }
+
+    #[test]
+    fn subscriptions_merge_covered_filters() {
+        let noop = |_: Request<Envelope>| async {};
+        let router = Router::new()
+            .route(
+                Subscription::new("sensors/+/temp").qos(QoS::ExactlyOnce),
+                noop,
+            )
+            .route(Subscription::new("sensors/#").qos(QoS::AtMostOnce), noop)
+            .route("llm/request", noop)
+            .route(Subscription::new("llm/request").qos(QoS::AtMostOnce), noop)
+            .route("$share/g/jobs/+", noop)
+            .route("jobs/#", noop)
+            .route("a/+/c", noop)
+            .route("a/b/+", noop);
+        let subs: Vec<(String, QoS)> = router
+            .subscriptions()
+            .into_iter()
+            .map(|(f, q)| (f.to_string(), q))
+            .collect();
+        assert_eq!(
+            subs,
+            [
+                ("sensors/#".to_owned(), QoS::ExactlyOnce),
+                ("llm/request".to_owned(), QoS::AtLeastOnce),
+                ("$share/g/jobs/+".to_owned(), QoS::AtLeastOnce),
+                ("jobs/#".to_owned(), QoS::AtLeastOnce),
+                ("a/+/c".to_owned(), QoS::AtLeastOnce),
+                ("a/b/+".to_owned(), QoS::AtLeastOnce),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn layer_wraps_each_route() {
+        use tower::timeout::TimeoutLayer;
+        let router = Router::new()
+            .route("slow", |_req: Request<Envelope>| async {
+                tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            })
+            .layer(TimeoutLayer::new(std::time::Duration::from_millis(10)));
+        let outcome = router.oneshot(msg("slow")).await.unwrap();
+        assert!(outcome.error().unwrap().to_string().contains("timed out"));
+    }
+
+    #[test]
+    fn router_is_send_sync_and_cheap_to_clone() {
+        fn assert_send_sync<T: Send + Sync + Clone>() {}
+        assert_send_sync::<Router>();
+    }
+}
