@@ -37,12 +37,18 @@
 //!
 //! [tower]: https://docs.rs/tower
 
+pub mod config;
 pub mod correlation;
 pub mod envelope;
+#[cfg(feature = "embedded-broker")]
+pub mod embedded;
 pub mod handler;
+pub mod health;
 pub mod outcome;
+pub mod publisher;
 pub mod request;
 pub mod router;
+pub mod runtime;
 pub mod subscription;
 pub mod topic;
 
@@ -50,6 +56,8 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use handler::{Data, Handler};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
 pub use request::{Extensions, QoS, Request};
+pub use publisher::{PublishError, Publisher};
 pub use router::Router;
+pub use runtime::{Client, ConnectionState, Running, ShutdownHandle, ShutdownReport};
 pub use subscription::{IntoSubscription, Overflow, Subscription};
 pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};

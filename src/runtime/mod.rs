@@ -1,0 +1,832 @@
+//! The part every service runs: connect, subscribe, dispatch, acknowledge,
+//! reconnect, report health, shut down.
+//!
+//! [`Client`] supervises one rumqttc connection:
+//!
+//! - **Reconnection** with exponential backoff and full jitter between
+//!   `reconnect_min_delay` and `reconnect_max_delay`, reset once a connection
+//!   has stayed up; every CONNACK without a session subscribes again to the
+//!   router's filters. The state is observable with [`Client::state`].
+//! - **Dispatch** on its own tasks: the poll loop never waits for a handler.
+//!   Each route has a bounded queue with an [`Overflow`](crate::Overflow)
+//!   policy; a topic's messages run in arrival order; at most
+//!   [`Client::max_in_flight`] run at once.
+//! - **Acknowledgement after handling**: QoS 1 and 2 messages are acknowledged
+//!   when their outcome is known (see [`Outcome`]), in the order they
+//!   arrived. With `clean_session = false`, a message whose handler never
+//!   finished (the process died) is delivered again.
+//! - **Health and heartbeat** when enabled in the [`Config`]: retained health
+//!   on connect and shutdown and as the Last Will; a heartbeat that the client
+//!   also subscribes to, so a heartbeat that does not come back within three
+//!   intervals forces a reconnect ("connected but nothing moves").
+//! - **Graceful shutdown** on SIGINT/SIGTERM ([`Client::serve`]) or a
+//!   [`ShutdownHandle`]: stop taking messages, let running handlers finish until
+//!   the drain timeout, publish the final health, send DISCONNECT (so the Will
+//!   is not published), join every task, and report.
+//!
+//! ```no_run
+//! use tower_mqtt::{config::Config, Client, Data, Router};
+//! use tower_mqtt_layers::StandardLayer;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Say { text: String }
+//!
+//! async fn say(Data(say): Data<Say>) { println!("{}", say.text) }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), tower_mqtt::BoxError> {
+//!     let config = Config::from_env()?;
+//!     let router = Router::new().route("tts/say", say);
+//!     let layer = StandardLayer::from_config(&config);
+//!     Client::new(config)?.serve(router, layer).await;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! [`Outcome`]: crate::Outcome
+
+mod ack;
+mod backoff;
+pub(crate) mod delivery;
+mod dispatch;
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, SubscribeReasonCode};
+use tokio::{
+    sync::{mpsc, watch, Notify},
+    task::JoinHandle,
+    time::Instant,
+};
+use tower::{Layer, Service};
+use tracing::{debug, error, info, warn};
+
+use self::{
+    ack::AckSequencer,
+    backoff::Backoff,
+    delivery::Deliveries,
+    dispatch::{Counters, Dispatcher, Job},
+};
+pub use self::delivery::DeliveryError;
+use crate::{
+    config::{Config, ConfigError},
+    health::{self, Health},
+    outcome::{BoxError, Outcome},
+    publisher::Publisher,
+    request::{QoS, Request},
+    router::Router,
+};
+
+/// The default limit of handlers running at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// The default time running handlers get to finish at shutdown.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that stays up this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the final health and the DISCONNECT.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where the connection stands; watch it with [`Client::state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connecting (first connection or after a delay).
+    Connecting,
+    /// Connected; `session_present` tells whether the broker resumed a session.
+    Connected {
+        /// Whether the broker resumed a persistent session.
+        session_present: bool,
+    },
+    /// The connection was lost; a new attempt follows after `retry_in`.
+    Disconnected {
+        /// Why the connection was lost.
+        reason: String,
+        /// The delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// Shut down; no more attempts.
+    Closed,
+}
+
+impl ConnectionState {
+    /// Whether this is [`ConnectionState::Connected`].
+    pub fn is_connected(&self) -> bool {
+        matches!(self, Self::Connected { .. })
+    }
+}
+
+/// Counts of what the runtime did with incoming messages.
+///
+/// ```
+/// let stats = tower_mqtt::runtime::Stats::default();
+/// assert_eq!(stats.received, 0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Messages received from the broker.
+    pub received: u64,
+    /// Handled ([`Outcome::Handled`]).
+    pub handled: u64,
+    /// Failed ([`Outcome::Failed`] or an error of the service).
+    pub failed: u64,
+    /// Recognised as duplicates.
+    pub duplicates: u64,
+    /// Matched no route and no fallback.
+    pub unrouted: u64,
+    /// Dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
+    pub dropped_oldest: u64,
+    /// Dropped by [`Overflow::DropNew`](crate::Overflow::DropNew), or by
+    /// [`Overflow::Block`](crate::Overflow::Block) after waiting too long.
+    pub dropped_new: u64,
+    /// Connections made (the first one and every reconnect).
+    pub connections: u64,
+}
+
+impl Stats {
+    fn read(counters: &Counters, connections: &AtomicU64) -> Self {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Self {
+            received: get(&counters.received),
+            handled: get(&counters.handled),
+            failed: get(&counters.failed),
+            duplicates: get(&counters.duplicates),
+            unrouted: get(&counters.unrouted),
+            dropped_oldest: get(&counters.dropped_oldest),
+            dropped_new: get(&counters.dropped_new),
+            connections: get(connections),
+        }
+    }
+}
+
+/// What shutdown did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Handlers that were running at shutdown and finished in time.
+    pub finished: usize,
+    /// Messages queued but not started, plus handlers still running at the
+    /// drain deadline (aborted). None of them was acknowledged.
+    pub abandoned: usize,
+    /// Whether the final health report was confirmed by the broker.
+    pub health_published: bool,
+    /// Whether DISCONNECT was sent (so the broker does not publish the Will).
+    pub disconnected_cleanly: bool,
+    /// The counters at the end.
+    pub stats: Stats,
+}
+
+/// Asks a running [`Client`] to shut down; cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_mqtt::BoxError> {
+/// let client = tower_mqtt::Client::new(tower_mqtt::config::Config::new("mqtt://127.0.0.1:1")?)?;
+/// let handle = client.shutdown_handle();
+/// handle.shutdown();
+/// assert!(handle.is_shutdown());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    /// Starts the shutdown; idempotent.
+    pub fn shutdown(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn is_shutdown(&self) -> bool {
+        *self.tx.borrow()
+    }
+}
+
+/// One supervised MQTT connection; see the [module docs](self).
+pub struct Client {
+    config: Config,
+    client: AsyncClient,
+    eventloop: EventLoop,
+    deliveries: Arc<Deliveries>,
+    publisher: Publisher,
+    state: watch::Sender<ConnectionState>,
+    shutdown: ShutdownHandle,
+    max_in_flight: usize,
+    drain_timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("config", &self.config)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client for `config`. Nothing connects until [`Client::serve`] or
+    /// [`Client::spawn`]; publishes made before then wait for the connection.
+    pub fn new(config: Config) -> Result<Self, ConfigError> {
+        let mut options = config.mqtt_options()?;
+        options.set_manual_acks(true);
+        if config.enable_health {
+            let will = Health::offline().envelope(&config.source_name);
+            options.set_last_will(LastWill::new(
+                health::health_topic(&config.source_name),
+                will.to_vec(),
+                rumqttc::QoS::AtLeastOnce,
+                true,
+            ));
+        }
+        let (client, eventloop) = AsyncClient::new(options, config.request_channel_capacity);
+        let deliveries = Arc::new(Deliveries::default());
+        let publisher = Publisher::new(
+            client.clone(),
+            deliveries.clone(),
+            &config.source_name,
+            config.max_packet_size,
+        );
+        let (shutdown_tx, _) = watch::channel(false);
+        Ok(Self {
+            config,
+            client,
+            eventloop,
+            deliveries,
+            publisher,
+            state: watch::channel(ConnectionState::Connecting).0,
+            shutdown: ShutdownHandle {
+                tx: Arc::new(shutdown_tx),
+            },
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        })
+    }
+
+    /// A handle to publish with, from any task.
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// The connection state, as it changes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.subscribe()
+    }
+
+    /// A handle that shuts the client down.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Sets the limit of handlers running at once (default
+    /// [`DEFAULT_MAX_IN_FLIGHT`]).
+    #[must_use]
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.max_in_flight = limit.max(1);
+        self
+    }
+
+    /// Sets how long running handlers get to finish at shutdown (default
+    /// [`DEFAULT_DRAIN_TIMEOUT`]).
+    #[must_use]
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
+        self
+    }
+
+    /// Serves `router` wrapped in `layer` until SIGINT, SIGTERM or a
+    /// [`ShutdownHandle`]; then shuts down gracefully.
+    ///
+    /// `layer` turns the router into a service of raw requests, usually
+    /// `tower_mqtt_layers::StandardLayer` (decode, dedup, span, isolation,
+    /// retry, timeout).
+    pub async fn serve<L>(self, router: Router, layer: L) -> ShutdownReport
+    where
+        L: Layer<Router>,
+        L::Service: Service<Request<Bytes>, Response = Outcome> + Clone + Send + 'static,
+        <L::Service as Service<Request<Bytes>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
+    {
+        let handle = self.shutdown_handle();
+        let running = self.spawn(router, layer);
+        tokio::select! {
+            () = shutdown_signal() => {
+                info!("shutdown signal received");
+                handle.shutdown();
+            }
+            () = wait_shutdown(handle.tx.subscribe()) => {}
+        }
+        running.join().await
+    }
+
+    /// Starts serving in the background and returns at once; see
+    /// [`Client::serve`]. Signals are not watched: stop it with
+    /// [`Running::shutdown`].
+    pub fn spawn<L>(self, router: Router, layer: L) -> Running
+    where
+        L: Layer<Router>,
+        L::Service: Service<Request<Bytes>, Response = Outcome> + Clone + Send + 'static,
+        <L::Service as Service<Request<Bytes>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Bytes>>>::Future: Send + 'static,
+    {
+        let service = layer.layer(router.clone());
+        let handle = self.shutdown_handle();
+        let state = self.state.subscribe();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(Counters::default());
+        let publisher = self.publisher.clone();
+        let stats_view = StatsView {
+            counters: counters.clone(),
+            connections: connections.clone(),
+        };
+        let task = tokio::spawn(self.run(router, service, counters, connections));
+        Running {
+            task,
+            handle,
+            state,
+            publisher,
+            stats: stats_view,
+        }
+    }
+
+    #[allow(clippy::too_many_lines)] // one place that shows the whole lifecycle
+    async fn run<S>(
+        self,
+        router: Router,
+        service: S,
+        counters: Arc<Counters>,
+        connections: Arc<AtomicU64>,
+    ) -> ShutdownReport
+    where
+        S: Service<Request<Bytes>, Response = Outcome> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let Client {
+            config,
+            client,
+            eventloop,
+            deliveries,
+            publisher,
+            state,
+            shutdown,
+            max_in_flight,
+            drain_timeout,
+        } = self;
+        let state = Arc::new(state);
+
+        // Acknowledgements leave through one task, so their order holds; it
+        // may wait for room in the request channel, which the poll loop must
+        // never do.
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
+        let acks = Arc::new(AckSequencer::new(ack_tx));
+        let ack_client = client.clone();
+        let ack_task = tokio::spawn(async move {
+            while let Some(publish) = ack_rx.recv().await {
+                if ack_client.ack(&publish).await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let dispatcher = Dispatcher::new(
+            router.clone(),
+            service,
+            max_in_flight,
+            acks.clone(),
+            counters.clone(),
+        );
+
+        let heartbeat = config.enable_heartbeat.then(|| Heartbeat {
+            topic: health::heartbeat_topic(&config.client_id),
+            interval: config.heartbeat_interval,
+            last_echo: Arc::new(Mutex::new(Instant::now())),
+            force_reconnect: Arc::new(Notify::new()),
+        });
+        let mut filters: Vec<(String, QoS)> = router
+            .subscriptions()
+            .into_iter()
+            .map(|(filter, qos)| (filter.as_str().to_owned(), qos))
+            .collect();
+        if let Some(hb) = &heartbeat {
+            filters.push((hb.topic.clone(), QoS::AtMostOnce));
+        }
+
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let poll = PollLoop {
+            eventloop,
+            client: client.clone(),
+            config: config.clone(),
+            filters,
+            dispatcher: dispatcher.clone(),
+            acks,
+            deliveries: deliveries.clone(),
+            publisher: publisher.clone(),
+            state: state.clone(),
+            connections,
+            heartbeat: heartbeat.clone(),
+            stopping: stopping.clone(),
+        };
+        let poll_task = tokio::spawn(poll.run());
+        let heartbeat_task = heartbeat.map(|hb| tokio::spawn(hb.run(publisher.clone(), state.subscribe())));
+
+        wait_shutdown(shutdown.tx.subscribe()).await;
+        info!("shutting down: draining handlers");
+        let drained = dispatcher.drain(Instant::now() + drain_timeout).await;
+        if let Some(task) = heartbeat_task {
+            task.abort();
+            let _ = task.await;
+        }
+
+        let mut health_published = false;
+        if config.enable_health && state.borrow().is_connected() {
+            let req = Request::builder(health::health_topic(&config.source_name))
+                .qos(QoS::AtLeastOnce)
+                .retain(true)
+                .body(Health::shutdown().envelope(&config.source_name));
+            if let Ok(req) = req {
+                health_published = matches!(
+                    tokio::time::timeout(GOODBYE_TIMEOUT, publisher.send_envelope(req)).await,
+                    Ok(Ok(()))
+                );
+            }
+        }
+
+        stopping.store(true, Ordering::SeqCst);
+        let _ = client.try_disconnect();
+        let mut poll_task = poll_task;
+        let disconnected_cleanly =
+            match tokio::time::timeout(GOODBYE_TIMEOUT, &mut poll_task).await {
+                Ok(Ok(clean)) => clean,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    poll_task.abort();
+                    false
+                }
+            };
+        deliveries.close();
+        drop(dispatcher);
+        // The ack channel closes once the dispatcher and poll loop are gone.
+        ack_task.abort();
+        let _ = ack_task.await;
+        state.send_replace(ConnectionState::Closed);
+
+        let stats = Stats::read(&counters, &AtomicU64::new(0));
+        let report = ShutdownReport {
+            finished: drained.finished,
+            abandoned: drained.abandoned,
+            health_published,
+            disconnected_cleanly,
+            stats,
+        };
+        info!(
+            finished = report.finished,
+            abandoned = report.abandoned,
+            disconnected_cleanly,
+            "shut down"
+        );
+        report
+    }
+}
+
+#[derive(Clone)]
+struct StatsView {
+    counters: Arc<Counters>,
+    connections: Arc<AtomicU64>,
+}
+
+/// A client serving in the background; see [`Client::spawn`].
+pub struct Running {
+    task: JoinHandle<ShutdownReport>,
+    handle: ShutdownHandle,
+    state: watch::Receiver<ConnectionState>,
+    publisher: Publisher,
+    stats: StatsView,
+}
+
+impl fmt::Debug for Running {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Running")
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Shuts down gracefully and waits for the report; idempotent with other
+    /// shutdown requests.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.handle.shutdown();
+        self.join().await
+    }
+
+    /// Waits until the client has shut down (by a [`ShutdownHandle`]).
+    pub async fn join(self) -> ShutdownReport {
+        match self.task.await {
+            Ok(mut report) => {
+                report.stats = Stats::read(&self.stats.counters, &self.stats.connections);
+                report
+            }
+            Err(err) => {
+                error!(error = %err, "the runtime task failed");
+                ShutdownReport::default()
+            }
+        }
+    }
+
+    /// A handle that shuts the client down.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// The connection state, as it changes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
+    /// Waits until the client is connected.
+    pub async fn connected(&self) {
+        let mut state = self.state.clone();
+        let _ = state.wait_for(ConnectionState::is_connected).await;
+    }
+
+    /// A handle to publish with.
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        Stats::read(&self.stats.counters, &self.stats.connections)
+    }
+}
+
+async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[derive(Clone)]
+struct Heartbeat {
+    topic: String,
+    interval: Duration,
+    last_echo: Arc<Mutex<Instant>>,
+    force_reconnect: Arc<Notify>,
+}
+
+impl Heartbeat {
+    /// Publishes a heartbeat every interval while connected; when none has
+    /// come back for three intervals, asks the poll loop to reconnect.
+    async fn run(self, publisher: Publisher, mut state: watch::Receiver<ConnectionState>) {
+        let mut tick = tokio::time::interval(self.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if !state.borrow_and_update().is_connected() {
+                // Waiting for the connection is not a stall.
+                let _ = state.wait_for(ConnectionState::is_connected).await;
+                *self.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
+                continue;
+            }
+            let Ok(req) = Request::builder(self.topic.as_str())
+                .qos(QoS::AtMostOnce)
+                .body(Bytes::from(health::heartbeat_payload()))
+            else {
+                return;
+            };
+            let sent = tokio::time::timeout(self.interval, publisher.send(req)).await;
+            if !matches!(sent, Ok(Ok(()))) {
+                debug!("heartbeat not written");
+            }
+            let silent = self.last_echo.lock().expect("heartbeat poisoned").elapsed();
+            if silent > self.interval * 3 {
+                warn!(
+                    silent_ms = silent.as_millis(),
+                    "no heartbeat came back for three intervals; reconnecting"
+                );
+                *self.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
+                self.force_reconnect.notify_one();
+            }
+        }
+    }
+}
+
+struct PollLoop<S> {
+    eventloop: EventLoop,
+    client: AsyncClient,
+    config: Config,
+    filters: Vec<(String, QoS)>,
+    dispatcher: Dispatcher<S>,
+    acks: Arc<AckSequencer>,
+    deliveries: Arc<Deliveries>,
+    publisher: Publisher,
+    state: Arc<watch::Sender<ConnectionState>>,
+    connections: Arc<AtomicU64>,
+    heartbeat: Option<Heartbeat>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+enum Step {
+    Event(Event),
+    Failed(String),
+}
+
+impl<S> PollLoop<S>
+where
+    S: Service<Request<Bytes>, Response = Outcome> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    /// Drives the connection until DISCONNECT is sent; returns whether it was.
+    #[allow(clippy::too_many_lines)]
+    async fn run(mut self) -> bool {
+        let mut backoff = Backoff::new(
+            self.config.reconnect_min_delay,
+            self.config.reconnect_max_delay,
+        );
+        let mut connected_at: Option<Instant> = None;
+        let force = self
+            .heartbeat
+            .as_ref()
+            .map_or_else(|| Arc::new(Notify::new()), |hb| hb.force_reconnect.clone());
+        // The Block policy may hold the poll loop this long; half the
+        // keepalive leaves time for the next ping.
+        let block_limit = (self.config.keep_alive / 2).max(Duration::from_millis(100));
+        info!(broker = %self.config.broker, client_id = %self.config.client_id, "connecting");
+        loop {
+            let step = tokio::select! {
+                // Abandoning `poll` mid-way is only done when the connection is
+                // abandoned too, so its cancel safety does not matter here.
+                () = force.notified() => {
+                    self.eventloop.clean();
+                    self.eventloop.network = None;
+                    Step::Failed("no heartbeat came back (connection stalled)".to_owned())
+                }
+                event = self.eventloop.poll() => match event {
+                    Ok(event) => Step::Event(event),
+                    Err(err) => Step::Failed(err.to_string()),
+                },
+            };
+            match step {
+                Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
+                    self.connections.fetch_add(1, Ordering::Relaxed);
+                    connected_at = Some(Instant::now());
+                    self.acks.new_connection();
+                    self.deliveries.connected(ack.session_present);
+                    self.state.send_replace(ConnectionState::Connected {
+                        session_present: ack.session_present,
+                    });
+                    info!(session_present = ack.session_present, "connected");
+                    if !ack.session_present && !self.filters.is_empty() {
+                        self.subscribe();
+                    }
+                    if let Some(hb) = &self.heartbeat {
+                        *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
+                    }
+                    if self.config.enable_health {
+                        self.publish_ready();
+                    }
+                }
+                Step::Event(Event::Incoming(Packet::Publish(publish))) => {
+                    if let Some(hb) = &self.heartbeat {
+                        if publish.topic == hb.topic {
+                            *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
+                            continue;
+                        }
+                    }
+                    let ack = self.acks.register(&publish);
+                    match Request::from_publish(&publish) {
+                        Ok(request) => self.dispatcher.push(Job { request, ack }, block_limit).await,
+                        Err(err) => {
+                            warn!(topic = %publish.topic, error = %err, "invalid topic; acknowledged and skipped");
+                            if let Some(token) = ack {
+                                self.acks.complete(token);
+                            }
+                        }
+                    }
+                }
+                Step::Event(Event::Incoming(Packet::PubAck(ack))) => self.deliveries.confirmed(ack.pkid),
+                Step::Event(Event::Incoming(Packet::PubComp(comp))) => {
+                    self.deliveries.confirmed(comp.pkid);
+                }
+                Step::Event(Event::Incoming(Packet::SubAck(suback))) => {
+                    let refused = suback
+                        .return_codes
+                        .iter()
+                        .filter(|code| matches!(code, SubscribeReasonCode::Failure))
+                        .count();
+                    if refused > 0 {
+                        error!(refused, "the broker refused subscriptions");
+                    } else {
+                        debug!(filters = suback.return_codes.len(), "subscribed");
+                    }
+                }
+                Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => self.deliveries.written(pkid),
+                Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
+                    info!("disconnected cleanly");
+                    return true;
+                }
+                Step::Event(_) => {}
+                Step::Failed(reason) => {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    if connected_at.take().is_some_and(|at| at.elapsed() >= STABLE_CONNECTION) {
+                        backoff.reset();
+                    }
+                    let pending_unassigned = self
+                        .eventloop
+                        .pending
+                        .iter()
+                        .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
+                        .count();
+                    self.deliveries.disconnected(pending_unassigned);
+                    let delay = backoff.next_delay();
+                    warn!(%reason, retry_in_ms = delay.as_millis(), "connection lost; reconnecting");
+                    self.state.send_replace(ConnectionState::Disconnected {
+                        reason,
+                        retry_in: delay,
+                    });
+                    tokio::time::sleep(delay).await;
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return false;
+                    }
+                    self.state.send_replace(ConnectionState::Connecting);
+                    info!(broker = %self.config.broker, "reconnecting");
+                }
+            }
+        }
+    }
+
+    /// Subscribes on its own task: the request channel may be full, and the
+    /// poll loop must not wait for it.
+    fn subscribe(&self) {
+        let client = self.client.clone();
+        let filters: Vec<rumqttc::SubscribeFilter> = self
+            .filters
+            .iter()
+            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.clone(), (*qos).into()))
+            .collect();
+        for (filter, qos) in &self.filters {
+            info!(%filter, qos = u8::from(*qos), "subscribing");
+        }
+        tokio::spawn(async move {
+            if let Err(err) = client.subscribe_many(filters).await {
+                error!(error = %err, "could not subscribe");
+            }
+        });
+    }
+
+    fn publish_ready(&self) {
+        let publisher = self.publisher.clone();
+        let service = self.config.source_name.clone();
+        tokio::spawn(async move {
+            let req = Request::builder(health::health_topic(&service))
+                .qos(QoS::AtLeastOnce)
+                .retain(true)
+                .body(Health::ready().envelope(&service));
+            if let Ok(req) = req {
+                if let Err(err) = publisher.send_envelope(req).await {
+                    warn!(error = %err, "could not publish health");
+                }
+            }
+        });
+    }
+}

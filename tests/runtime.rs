@@ -1,0 +1,510 @@
+//! The runtime against a real broker: subscribe and handle, reconnect,
+//! ordering, overflow, acknowledgement after handling, Last Will, shutdown.
+
+mod support;
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use rumqttc::QoS as WireQoS;
+use serde_json::json;
+use support::{Proxy, TestBroker};
+use support as probe;
+use tokio::sync::mpsc;
+use tower::{layer::layer_fn, Layer, Service, ServiceExt};
+use tower_mqtt::{
+    config::Config, Client, ConnectionState, Envelope, HandlerError, Outcome, Overflow, Request,
+    Router, Subscription,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The smallest stack the runtime accepts: decode the envelope, then route.
+/// (The full standard stack is tested in tower-mqtt-layers.)
+fn decode() -> impl Layer<
+    Router,
+    Service = impl Service<
+        Request<Bytes>,
+        Response = Outcome,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+                  + Send
+                  + 'static,
+> {
+    layer_fn(|router: Router| {
+        tower::service_fn(move |req: Request<Bytes>| {
+            let router = router.clone();
+            async move {
+                match Envelope::from_slice(req.body()) {
+                    Ok(env) => router.oneshot(req.map(|_| env)).await,
+                    Err(err) => Ok(Outcome::Failed(HandlerError::permanent(err))),
+                }
+            }
+        })
+    })
+}
+
+fn config(url: &str, name: &str) -> Config {
+    Config::new(url)
+        .expect("test URL")
+        .with_client_id(probe::unique_id(name))
+        .with_source_name(name)
+        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(2))
+}
+
+fn envelope_bytes(event: &str, data: serde_json::Value) -> Vec<u8> {
+    Envelope::new(event, data).unwrap().to_vec()
+}
+
+/// A handler that forwards what it sees.
+fn recorder(
+    tx: mpsc::UnboundedSender<(String, Envelope)>,
+) -> impl Fn(Request<Envelope>) -> std::future::Ready<()> + Clone + Send + Sync + 'static {
+    move |req: Request<Envelope>| {
+        let _ = tx.send((req.topic().to_string(), req.body().clone()));
+        std::future::ready(())
+    }
+}
+
+async fn recv(rx: &mut mpsc::UnboundedReceiver<(String, Envelope)>) -> (String, Envelope) {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a message in time")
+        .expect("channel open")
+}
+
+#[tokio::test]
+async fn subscribes_to_the_router_and_handles_messages() {
+    let broker = TestBroker::start().await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let router = Router::new()
+        .route("tts/say", recorder(tx.clone()))
+        .route("camera/+/frame", recorder(tx));
+    let running = Client::new(config(&broker.url(), "subscriber"))
+        .unwrap()
+        .spawn(router, decode());
+    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+
+    // The subscription is made after CONNACK; publish until it is in place.
+    let publisher = running.publisher();
+    let say = Envelope::new("tts.say", json!({"text": "hello"})).unwrap();
+    let got = loop {
+        publisher.publish("tts/say", say.clone()).await.unwrap();
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
+            break got;
+        }
+    };
+    assert_eq!(got.0, "tts/say");
+    assert_eq!(got.1.id(), say.id());
+    assert_eq!(got.1.source(), "subscriber", "the publisher stamps its name");
+
+    probe::publish_raw(
+        &broker.url(),
+        "camera/front/frame",
+        envelope_bytes("camera.frame", json!({"n": 1})),
+        WireQoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    let (topic, env) = recv(&mut rx).await;
+    assert_eq!(topic, "camera/front/frame");
+    assert_eq!(env.data()["n"], 1);
+
+    let report = running.shutdown().await;
+    assert!(report.disconnected_cleanly);
+    assert!(report.stats.handled >= 2);
+}
+
+#[tokio::test]
+async fn reconnects_and_resubscribes_after_a_broker_restart() {
+    let mut broker = TestBroker::start().await;
+    if !broker.is_mosquitto() {
+        eprintln!("skipped: needs mosquitto to restart the broker");
+        return;
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let running = Client::new(config(&broker.url(), "restart"))
+        .unwrap()
+        .spawn(Router::new().route("llm/request", recorder(tx)), decode());
+    let mut state = running.state();
+    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+
+    let mut delays = Vec::new();
+    for round in 0..3 {
+        broker.stop().await.unwrap();
+        tokio::time::timeout(WAIT, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
+            .await
+            .unwrap()
+            .unwrap();
+        // Leave the client failing for a while so its backoff grows.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        broker.restart().await.unwrap();
+        let back = Instant::now();
+        tokio::time::timeout(WAIT, state.wait_for(ConnectionState::is_connected))
+            .await
+            .unwrap()
+            .unwrap();
+        let delay = back.elapsed();
+        delays.push(delay);
+        assert!(delay < Duration::from_secs(10), "round {round}: reconnected after {delay:?}");
+
+        // Resubscribed: a message published now reaches the handler.
+        let sent = Envelope::new("llm.request", json!({"round": round})).unwrap();
+        let got = loop {
+            probe::publish_raw(&broker.url(), "llm/request", sent.to_vec(), WireQoS::AtLeastOnce, false)
+                .await;
+            if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+                break got;
+            }
+        };
+        assert_eq!(got.1.data()["round"], round);
+    }
+    eprintln!("reconnect delays after the broker came back: {delays:?}");
+    let report = running.shutdown().await;
+    assert_eq!(report.stats.connections, 4);
+}
+
+#[tokio::test]
+async fn keeps_per_topic_order_while_topics_run_concurrently() {
+    let broker = TestBroker::start().await;
+    let seen: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let running_now = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (seen, running_now, max_running) = (seen.clone(), running_now.clone(), max_running.clone());
+        move |req: Request<Envelope>| {
+            let (seen, running_now, max_running) = (seen.clone(), running_now.clone(), max_running.clone());
+            async move {
+                let now = running_now.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                let n = req.body().data()["n"].as_i64().unwrap();
+                // Later messages finish faster: any reordering would show.
+                tokio::time::sleep(Duration::from_millis(u64::try_from(20 - n % 20).unwrap())).await;
+                seen.lock().unwrap().push((req.topic().to_string(), n));
+                running_now.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    };
+    let running = Client::new(config(&broker.url(), "order"))
+        .unwrap()
+        .spawn(Router::new().route("order/+", handler), decode());
+    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    let publisher = running.publisher();
+    // Wait until the subscription is live.
+    loop {
+        publisher.publish("order/warmup", Envelope::new("t", json!({"n": 0})).unwrap()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !seen.lock().unwrap().is_empty() {
+            break;
+        }
+    }
+    seen.lock().unwrap().clear();
+
+    let topics = ["order/a", "order/b", "order/c", "order/d"];
+    let per_topic = 30;
+    for n in 1..=per_topic {
+        for topic in topics {
+            publisher.publish(topic, Envelope::new("t", json!({"n": n})).unwrap()).await.unwrap();
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    while seen.lock().unwrap().len() < topics.len() * usize::try_from(per_topic).unwrap() {
+        assert!(Instant::now() < deadline, "only {} handled", seen.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    for topic in topics {
+        let order: Vec<i64> = seen.iter().filter(|(t, _)| t == topic).map(|(_, n)| *n).collect();
+        assert_eq!(order, (1..=per_topic).collect::<Vec<_>>(), "{topic} out of order");
+    }
+    assert!(max_running.load(Ordering::SeqCst) >= 2, "topics should overlap");
+    assert!(max_running.load(Ordering::SeqCst) <= topics.len(), "one at a time per topic");
+    running.shutdown().await;
+}
+
+/// Publishes `count` QoS 0 messages to `topic` as fast as the client allows.
+async fn flood(url: &str, topic: &str, count: usize) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(
+        rumqttc::MqttOptions::new(probe::unique_id("flood"), "127.0.0.1", probe::host_port(url).1),
+        count + 10,
+    );
+    for n in 0..count {
+        client
+            .publish(topic, WireQoS::AtMostOnce, false, envelope_bytes("audio.fft", json!({"n": n})))
+            .await
+            .unwrap();
+    }
+    client.disconnect().await.unwrap();
+    loop {
+        match eventloop.poll().await {
+            Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64>) {
+    let broker = TestBroker::start().await;
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        move |req: Request<Envelope>| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            async move {
+                // Slow: every message waits for the test to let it through.
+                gate.acquire().await.unwrap().forget();
+                seen.lock().unwrap().push(req.body().data()["n"].as_i64().unwrap());
+            }
+        }
+    };
+    let sub = Subscription::new("audio/fft")
+        .qos(tower_mqtt::QoS::AtMostOnce)
+        .capacity(8)
+        .overflow(policy);
+    let mut cfg = config(&broker.url(), "overflow");
+    cfg = cfg.with_keep_alive(Duration::from_secs(2));
+    let running = Client::new(cfg).unwrap().spawn(Router::new().route(sub, handler), decode());
+    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    // Let the subscription land before flooding.
+    let mut warm = running.publisher();
+    loop {
+        let req = Request::builder("audio/fft")
+            .qos(tower_mqtt::QoS::AtMostOnce)
+            .body(Bytes::from(envelope_bytes("audio.fft", json!({"n": -1}))))
+            .unwrap();
+        warm.call(req).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if running.stats().received > 0 {
+            break;
+        }
+    }
+    gate.add_permits(1);
+    tokio::time::timeout(WAIT, async {
+        while seen.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    seen.lock().unwrap().clear();
+
+    flood(&broker.url(), "audio/fft", 200).await;
+    // Hold the handler past two keepalive periods: the connection must stay up.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while running.stats().received < 201 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    gate.add_permits(1000);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = running.stats();
+    assert_eq!(stats.connections, 1, "no reconnect while the handler was slow: {stats:?}");
+    let handled = seen.lock().unwrap().clone();
+    running.shutdown().await;
+    (stats, handled)
+}
+
+#[tokio::test]
+async fn drop_oldest_keeps_the_freshest_messages() {
+    let (stats, handled) = overflow_case(Overflow::DropOldest).await;
+    assert!(stats.dropped_oldest > 0, "{stats:?}");
+    assert!(handled.len() <= 8 + 1, "bounded by the queue: {}", handled.len());
+    assert_eq!(handled.last(), Some(&199), "the newest survives: {handled:?}");
+}
+
+#[tokio::test]
+async fn drop_new_keeps_what_was_queued() {
+    let (stats, handled) = overflow_case(Overflow::DropNew).await;
+    assert!(stats.dropped_new > 0, "{stats:?}");
+    assert!(handled.len() <= 8 + 1, "bounded by the queue: {}", handled.len());
+    assert_eq!(handled.first(), Some(&0), "the first queued survives: {handled:?}");
+}
+
+#[tokio::test]
+async fn block_waits_then_keeps_the_connection_alive() {
+    let (stats, handled) = overflow_case(Overflow::Block).await;
+    // Blocking holds the poll loop for at most half the keepalive, then drops
+    // so the connection survives: the queue stays bounded either way.
+    assert!(handled.windows(2).all(|w| w[0] < w[1]), "in order: {handled:?}");
+    assert_eq!(
+        usize::try_from(stats.received - stats.dropped_new).unwrap() - 1,
+        handled.len(),
+        "every message not dropped was handled: {stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn unacknowledged_messages_come_back_with_a_persistent_session() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let client_id = probe::unique_id("persistent");
+    let started = Arc::new(tokio::sync::Notify::new());
+
+    // First life: the handler starts, then the process "dies" (its connection
+    // is cut and never comes back) before the handler finishes.
+    let hang = {
+        let started = started.clone();
+        move |_req: Request<Envelope>| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let cfg = config(&proxy.url(), "persistent")
+        .with_client_id(&client_id)
+        .with_clean_session(false);
+    let first = Client::new(cfg)
+        .unwrap()
+        .drain_timeout(Duration::from_millis(100))
+        .spawn(Router::new().route("jobs/run", hang), decode());
+    tokio::time::timeout(WAIT, first.connected()).await.unwrap();
+    let job = Envelope::new("jobs.run", json!({"job": 42})).unwrap();
+    let publish = async {
+        loop {
+            probe::publish_raw(&broker.url(), "jobs/run", job.to_vec(), WireQoS::AtLeastOnce, false).await;
+            if tokio::time::timeout(Duration::from_millis(500), started.notified()).await.is_ok() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, publish).await.unwrap();
+    proxy.refuse();
+    proxy.cut().await;
+    let report = first.shutdown().await;
+    assert_eq!(report.abandoned, 1, "{report:?}");
+    assert!(!report.disconnected_cleanly);
+
+    // Second life, same client id, straight to the broker: the message is back.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let cfg = config(&broker.url(), "persistent")
+        .with_client_id(&client_id)
+        .with_clean_session(false);
+    let second = Client::new(cfg)
+        .unwrap()
+        .spawn(Router::new().route("jobs/run", recorder(tx)), decode());
+    let (_, env) = recv(&mut rx).await;
+    assert_eq!(env.id(), job.id());
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let service = format!("svc{}", probe::unique_id("w").replace('-', ""));
+    let mut health = probe::Probe::subscribe(&broker.url(), &format!("system/health/{service}")).await;
+
+    let cfg = config(&proxy.url(), &service).with_health(true);
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
+    let ready = health.next(WAIT).await.expect("ready health");
+    let ready = Envelope::from_slice(&ready.payload).unwrap();
+    assert_eq!(ready.data()["event"], "ready");
+    assert_eq!(ready.data()["ok"], true);
+    assert_eq!(ready.event_type(), format!("system.health.{service}"));
+
+    // Abrupt: the connection dies without DISCONNECT; the broker publishes the Will.
+    proxy.refuse();
+    proxy.cut().await;
+    let will = health.next(WAIT).await.expect("the Last Will");
+    let will = Envelope::from_slice(&will.payload).unwrap();
+    assert_eq!(will.data()["event"], "offline");
+    assert_eq!(will.data()["ok"], false);
+    running.shutdown().await;
+
+    // Clean: the final health is "shutdown" and no Will follows.
+    let cfg = config(&broker.url(), &service).with_health(true);
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
+    let ready = health.next(WAIT).await.expect("ready again");
+    assert_eq!(Envelope::from_slice(&ready.payload).unwrap().data()["event"], "ready");
+    let report = running.shutdown().await;
+    assert!(report.health_published && report.disconnected_cleanly, "{report:?}");
+    let last = health.next(WAIT).await.expect("shutdown health");
+    assert_eq!(Envelope::from_slice(&last.payload).unwrap().data()["event"], "shutdown");
+    let after = health.collect_for(Duration::from_secs(1)).await;
+    assert!(after.is_empty(), "no Will after a clean shutdown: {after:?}");
+}
+
+#[tokio::test]
+async fn shutdown_lets_running_handlers_finish() {
+    let broker = TestBroker::start().await;
+    let done = Arc::new(AtomicUsize::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let slow = {
+        let (done, started) = (done.clone(), started.clone());
+        move |_req: Request<Envelope>| {
+            let (done, started) = (done.clone(), started.clone());
+            async move {
+                started.notify_one();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    };
+    let running = Client::new(config(&broker.url(), "drain"))
+        .unwrap()
+        .drain_timeout(Duration::from_secs(5))
+        .spawn(Router::new().route("work/+", slow), decode());
+    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    let publisher = running.publisher();
+    let publish = async {
+        loop {
+            publisher.publish("work/a", Envelope::new("w", json!({})).unwrap()).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(300), started.notified()).await.is_ok() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, publish).await.unwrap();
+    let handle = running.shutdown_handle();
+    handle.shutdown();
+    handle.shutdown(); // idempotent
+    let report = running.join().await;
+    assert!(report.finished >= 1, "{report:?}");
+    assert!(report.finished <= done.load(Ordering::SeqCst), "{report:?}");
+    assert!(report.disconnected_cleanly);
+    assert!(done.load(Ordering::SeqCst) >= 1, "the running handler finished");
+}
+
+#[tokio::test]
+async fn shutdown_abandons_handlers_past_the_deadline() {
+    let broker = TestBroker::start().await;
+    let started = Arc::new(tokio::sync::Notify::new());
+    let stuck = {
+        let started = started.clone();
+        move |_req: Request<Envelope>| {
+            let started = started.clone();
+            async move {
+                started.notify_one();
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    let running = Client::new(config(&broker.url(), "abandon"))
+        .unwrap()
+        .drain_timeout(Duration::from_millis(200))
+        .spawn(Router::new().route("stuck", stuck), decode());
+    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    let publisher = running.publisher();
+    let publish = async {
+        loop {
+            publisher.publish("stuck", Envelope::new("s", json!({})).unwrap()).await.unwrap();
+            if tokio::time::timeout(Duration::from_millis(300), started.notified()).await.is_ok() {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, publish).await.unwrap();
+    let report = tokio::time::timeout(WAIT, running.shutdown()).await.expect("shutdown is bounded");
+    assert_eq!(report.finished, 0);
+    assert!(report.abandoned >= 1, "{report:?}");
+}
