@@ -39,13 +39,14 @@
 
 pub mod config;
 pub mod correlation;
-pub mod envelope;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded;
+pub mod envelope;
 pub mod handler;
 pub mod health;
 pub mod outcome;
 pub mod publisher;
+pub mod reply;
 pub mod request;
 pub mod router;
 pub mod runtime;
@@ -55,8 +56,8 @@ pub mod topic;
 pub use envelope::{Envelope, EnvelopeError};
 pub use handler::{Data, Handler};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
-pub use request::{Extensions, QoS, Request};
 pub use publisher::{PublishError, Publisher};
+pub use request::{Extensions, QoS, Request};
 pub use router::Router;
 pub use runtime::{Client, ConnectionState, Running, ShutdownHandle, ShutdownReport};
 pub use subscription::{IntoSubscription, Overflow, Subscription};

@@ -502,15 +502,15 @@ mod tests {
 
     #[tokio::test]
     async fn fallback_runs_only_when_nothing_matches() {
-        let (routed, route_handler) = counter();
-        let (fell, fallback_handler) = counter();
+        let (route_calls, route_handler) = counter();
+        let (fallback_calls, fallback_handler) = counter();
         let router = Router::new()
             .route("a/b", route_handler)
             .fallback(fallback_handler);
         router.clone().oneshot(msg("a/b")).await.unwrap();
         router.clone().oneshot(msg("a/c")).await.unwrap();
-        assert_eq!(routed.load(Ordering::SeqCst), 1);
-        assert_eq!(fell.load(Ordering::SeqCst), 1);
+        assert_eq!(route_calls.load(Ordering::SeqCst), 1);
+        assert_eq!(fallback_calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

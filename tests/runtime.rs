@@ -14,8 +14,8 @@ use std::{
 use bytes::Bytes;
 use rumqttc::QoS as WireQoS;
 use serde_json::json;
-use support::{Proxy, TestBroker};
 use support as probe;
+use support::{Proxy, TestBroker};
 use tokio::sync::mpsc;
 use tower::{layer::layer_fn, Layer, Service, ServiceExt};
 use tower_mqtt::{
@@ -90,7 +90,9 @@ async fn subscribes_to_the_router_and_handles_messages() {
     let running = Client::new(config(&broker.url(), "subscriber"))
         .unwrap()
         .spawn(router, decode());
-    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
 
     // The subscription is made after CONNACK; publish until it is in place.
     let publisher = running.publisher();
@@ -103,7 +105,11 @@ async fn subscribes_to_the_router_and_handles_messages() {
     };
     assert_eq!(got.0, "tts/say");
     assert_eq!(got.1.id(), say.id());
-    assert_eq!(got.1.source(), "subscriber", "the publisher stamps its name");
+    assert_eq!(
+        got.1.source(),
+        "subscriber",
+        "the publisher stamps its name"
+    );
 
     probe::publish_raw(
         &broker.url(),
@@ -134,15 +140,20 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
         .unwrap()
         .spawn(Router::new().route("llm/request", recorder(tx)), decode());
     let mut state = running.state();
-    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
 
     let mut delays = Vec::new();
     for round in 0..3 {
         broker.stop().await.unwrap();
-        tokio::time::timeout(WAIT, state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(
+            WAIT,
+            state.wait_for(|s| matches!(s, ConnectionState::Disconnected { .. })),
+        )
+        .await
+        .unwrap()
+        .unwrap();
         // Leave the client failing for a while so its backoff grows.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         broker.restart().await.unwrap();
@@ -153,14 +164,24 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
             .unwrap();
         let delay = back.elapsed();
         delays.push(delay);
-        assert!(delay < Duration::from_secs(10), "round {round}: reconnected after {delay:?}");
+        assert!(
+            delay < Duration::from_secs(10),
+            "round {round}: reconnected after {delay:?}"
+        );
 
         // Resubscribed: a message published now reaches the handler.
         let sent = Envelope::new("llm.request", json!({"round": round})).unwrap();
         let got = loop {
-            probe::publish_raw(&broker.url(), "llm/request", sent.to_vec(), WireQoS::AtLeastOnce, false)
-                .await;
-            if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+            probe::publish_raw(
+                &broker.url(),
+                "llm/request",
+                sent.to_vec(),
+                WireQoS::AtLeastOnce,
+                false,
+            )
+            .await;
+            if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await
+            {
                 break got;
             }
         };
@@ -178,15 +199,18 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
     let running_now = Arc::new(AtomicUsize::new(0));
     let max_running = Arc::new(AtomicUsize::new(0));
     let handler = {
-        let (seen, running_now, max_running) = (seen.clone(), running_now.clone(), max_running.clone());
+        let (seen, running_now, max_running) =
+            (seen.clone(), running_now.clone(), max_running.clone());
         move |req: Request<Envelope>| {
-            let (seen, running_now, max_running) = (seen.clone(), running_now.clone(), max_running.clone());
+            let (seen, running_now, max_running) =
+                (seen.clone(), running_now.clone(), max_running.clone());
             async move {
                 let now = running_now.fetch_add(1, Ordering::SeqCst) + 1;
                 max_running.fetch_max(now, Ordering::SeqCst);
                 let n = req.body().data()["n"].as_i64().unwrap();
                 // Later messages finish faster: any reordering would show.
-                tokio::time::sleep(Duration::from_millis(u64::try_from(20 - n % 20).unwrap())).await;
+                tokio::time::sleep(Duration::from_millis(u64::try_from(20 - n % 20).unwrap()))
+                    .await;
                 seen.lock().unwrap().push((req.topic().to_string(), n));
                 running_now.fetch_sub(1, Ordering::SeqCst);
             }
@@ -195,11 +219,16 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
     let running = Client::new(config(&broker.url(), "order"))
         .unwrap()
         .spawn(Router::new().route("order/+", handler), decode());
-    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
     let publisher = running.publisher();
     // Wait until the subscription is live.
     loop {
-        publisher.publish("order/warmup", Envelope::new("t", json!({"n": 0})).unwrap()).await.unwrap();
+        publisher
+            .publish("order/warmup", Envelope::new("t", json!({"n": 0})).unwrap())
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         if !seen.lock().unwrap().is_empty() {
             break;
@@ -211,33 +240,63 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
     let per_topic = 30;
     for n in 1..=per_topic {
         for topic in topics {
-            publisher.publish(topic, Envelope::new("t", json!({"n": n})).unwrap()).await.unwrap();
+            publisher
+                .publish(topic, Envelope::new("t", json!({"n": n})).unwrap())
+                .await
+                .unwrap();
         }
     }
     let deadline = Instant::now() + WAIT;
     while seen.lock().unwrap().len() < topics.len() * usize::try_from(per_topic).unwrap() {
-        assert!(Instant::now() < deadline, "only {} handled", seen.lock().unwrap().len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} handled",
+            seen.lock().unwrap().len()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let seen = seen.lock().unwrap().clone();
     for topic in topics {
-        let order: Vec<i64> = seen.iter().filter(|(t, _)| t == topic).map(|(_, n)| *n).collect();
-        assert_eq!(order, (1..=per_topic).collect::<Vec<_>>(), "{topic} out of order");
+        let order: Vec<i64> = seen
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, n)| *n)
+            .collect();
+        assert_eq!(
+            order,
+            (1..=per_topic).collect::<Vec<_>>(),
+            "{topic} out of order"
+        );
     }
-    assert!(max_running.load(Ordering::SeqCst) >= 2, "topics should overlap");
-    assert!(max_running.load(Ordering::SeqCst) <= topics.len(), "one at a time per topic");
+    assert!(
+        max_running.load(Ordering::SeqCst) >= 2,
+        "topics should overlap"
+    );
+    assert!(
+        max_running.load(Ordering::SeqCst) <= topics.len(),
+        "one at a time per topic"
+    );
     running.shutdown().await;
 }
 
 /// Publishes `count` QoS 0 messages to `topic` as fast as the client allows.
 async fn flood(url: &str, topic: &str, count: usize) {
     let (client, mut eventloop) = rumqttc::AsyncClient::new(
-        rumqttc::MqttOptions::new(probe::unique_id("flood"), "127.0.0.1", probe::host_port(url).1),
+        rumqttc::MqttOptions::new(
+            probe::unique_id("flood"),
+            "127.0.0.1",
+            probe::host_port(url).1,
+        ),
         count + 10,
     );
     for n in 0..count {
         client
-            .publish(topic, WireQoS::AtMostOnce, false, envelope_bytes("audio.fft", json!({"n": n})))
+            .publish(
+                topic,
+                WireQoS::AtMostOnce,
+                false,
+                envelope_bytes("audio.fft", json!({"n": n})),
+            )
             .await
             .unwrap();
     }
@@ -261,7 +320,9 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
             async move {
                 // Slow: every message waits for the test to let it through.
                 gate.acquire().await.unwrap().forget();
-                seen.lock().unwrap().push(req.body().data()["n"].as_i64().unwrap());
+                seen.lock()
+                    .unwrap()
+                    .push(req.body().data()["n"].as_i64().unwrap());
             }
         }
     };
@@ -271,8 +332,12 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
         .overflow(policy);
     let mut cfg = config(&broker.url(), "overflow");
     cfg = cfg.with_keep_alive(Duration::from_secs(2));
-    let running = Client::new(cfg).unwrap().spawn(Router::new().route(sub, handler), decode());
-    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    let running = Client::new(cfg)
+        .unwrap()
+        .spawn(Router::new().route(sub, handler), decode());
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
     // Let the subscription land before flooding.
     let mut warm = running.publisher();
     loop {
@@ -305,27 +370,46 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
     tokio::time::sleep(Duration::from_secs(4)).await;
     gate.add_permits(1000);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let stats = running.stats();
-    assert_eq!(stats.connections, 1, "no reconnect while the handler was slow: {stats:?}");
-    let handled = seen.lock().unwrap().clone();
+    let totals = running.stats();
+    assert_eq!(
+        totals.connections, 1,
+        "no reconnect while the handler was slow: {totals:?}"
+    );
+    let seen_numbers = seen.lock().unwrap().clone();
     running.shutdown().await;
-    (stats, handled)
+    (totals, seen_numbers)
 }
 
 #[tokio::test]
 async fn drop_oldest_keeps_the_freshest_messages() {
     let (stats, handled) = overflow_case(Overflow::DropOldest).await;
     assert!(stats.dropped_oldest > 0, "{stats:?}");
-    assert!(handled.len() <= 8 + 1, "bounded by the queue: {}", handled.len());
-    assert_eq!(handled.last(), Some(&199), "the newest survives: {handled:?}");
+    assert!(
+        handled.len() <= 8 + 1,
+        "bounded by the queue: {}",
+        handled.len()
+    );
+    assert_eq!(
+        handled.last(),
+        Some(&199),
+        "the newest survives: {handled:?}"
+    );
 }
 
 #[tokio::test]
 async fn drop_new_keeps_what_was_queued() {
     let (stats, handled) = overflow_case(Overflow::DropNew).await;
     assert!(stats.dropped_new > 0, "{stats:?}");
-    assert!(handled.len() <= 8 + 1, "bounded by the queue: {}", handled.len());
-    assert_eq!(handled.first(), Some(&0), "the first queued survives: {handled:?}");
+    assert!(
+        handled.len() <= 8 + 1,
+        "bounded by the queue: {}",
+        handled.len()
+    );
+    assert_eq!(
+        handled.first(),
+        Some(&0),
+        "the first queued survives: {handled:?}"
+    );
 }
 
 #[tokio::test]
@@ -333,7 +417,10 @@ async fn block_waits_then_keeps_the_connection_alive() {
     let (stats, handled) = overflow_case(Overflow::Block).await;
     // Blocking holds the poll loop for at most half the keepalive, then drops
     // so the connection survives: the queue stays bounded either way.
-    assert!(handled.windows(2).all(|w| w[0] < w[1]), "in order: {handled:?}");
+    assert!(
+        handled.windows(2).all(|w| w[0] < w[1]),
+        "in order: {handled:?}"
+    );
     assert_eq!(
         usize::try_from(stats.received - stats.dropped_new).unwrap() - 1,
         handled.len(),
@@ -371,8 +458,18 @@ async fn unacknowledged_messages_come_back_with_a_persistent_session() {
     let job = Envelope::new("jobs.run", json!({"job": 42})).unwrap();
     let publish = async {
         loop {
-            probe::publish_raw(&broker.url(), "jobs/run", job.to_vec(), WireQoS::AtLeastOnce, false).await;
-            if tokio::time::timeout(Duration::from_millis(500), started.notified()).await.is_ok() {
+            probe::publish_raw(
+                &broker.url(),
+                "jobs/run",
+                job.to_vec(),
+                WireQoS::AtLeastOnce,
+                false,
+            )
+            .await;
+            if tokio::time::timeout(Duration::from_millis(500), started.notified())
+                .await
+                .is_ok()
+            {
                 break;
             }
         }
@@ -402,7 +499,8 @@ async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
     let broker = TestBroker::start().await;
     let proxy = Proxy::start(broker.addr()).await;
     let service = format!("svc{}", probe::unique_id("w").replace('-', ""));
-    let mut health = probe::Probe::subscribe(&broker.url(), &format!("system/health/{service}")).await;
+    let mut health =
+        probe::Probe::subscribe(&broker.url(), &format!("system/health/{service}")).await;
 
     let cfg = config(&proxy.url(), &service).with_health(true);
     let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
@@ -425,13 +523,25 @@ async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
     let cfg = config(&broker.url(), &service).with_health(true);
     let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
     let ready = health.next(WAIT).await.expect("ready again");
-    assert_eq!(Envelope::from_slice(&ready.payload).unwrap().data()["event"], "ready");
+    assert_eq!(
+        Envelope::from_slice(&ready.payload).unwrap().data()["event"],
+        "ready"
+    );
     let report = running.shutdown().await;
-    assert!(report.health_published && report.disconnected_cleanly, "{report:?}");
+    assert!(
+        report.health_published && report.disconnected_cleanly,
+        "{report:?}"
+    );
     let last = health.next(WAIT).await.expect("shutdown health");
-    assert_eq!(Envelope::from_slice(&last.payload).unwrap().data()["event"], "shutdown");
+    assert_eq!(
+        Envelope::from_slice(&last.payload).unwrap().data()["event"],
+        "shutdown"
+    );
     let after = health.collect_for(Duration::from_secs(1)).await;
-    assert!(after.is_empty(), "no Will after a clean shutdown: {after:?}");
+    assert!(
+        after.is_empty(),
+        "no Will after a clean shutdown: {after:?}"
+    );
 }
 
 #[tokio::test]
@@ -454,12 +564,20 @@ async fn shutdown_lets_running_handlers_finish() {
         .unwrap()
         .drain_timeout(Duration::from_secs(5))
         .spawn(Router::new().route("work/+", slow), decode());
-    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
     let publisher = running.publisher();
     let publish = async {
         loop {
-            publisher.publish("work/a", Envelope::new("w", json!({})).unwrap()).await.unwrap();
-            if tokio::time::timeout(Duration::from_millis(300), started.notified()).await.is_ok() {
+            publisher
+                .publish("work/a", Envelope::new("w", json!({})).unwrap())
+                .await
+                .unwrap();
+            if tokio::time::timeout(Duration::from_millis(300), started.notified())
+                .await
+                .is_ok()
+            {
                 break;
             }
         }
@@ -472,7 +590,10 @@ async fn shutdown_lets_running_handlers_finish() {
     assert!(report.finished >= 1, "{report:?}");
     assert!(report.finished <= done.load(Ordering::SeqCst), "{report:?}");
     assert!(report.disconnected_cleanly);
-    assert!(done.load(Ordering::SeqCst) >= 1, "the running handler finished");
+    assert!(
+        done.load(Ordering::SeqCst) >= 1,
+        "the running handler finished"
+    );
 }
 
 #[tokio::test]
@@ -493,18 +614,28 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
         .unwrap()
         .drain_timeout(Duration::from_millis(200))
         .spawn(Router::new().route("stuck", stuck), decode());
-    tokio::time::timeout(WAIT, running.connected()).await.unwrap();
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
     let publisher = running.publisher();
     let publish = async {
         loop {
-            publisher.publish("stuck", Envelope::new("s", json!({})).unwrap()).await.unwrap();
-            if tokio::time::timeout(Duration::from_millis(300), started.notified()).await.is_ok() {
+            publisher
+                .publish("stuck", Envelope::new("s", json!({})).unwrap())
+                .await
+                .unwrap();
+            if tokio::time::timeout(Duration::from_millis(300), started.notified())
+                .await
+                .is_ok()
+            {
                 break;
             }
         }
     };
     tokio::time::timeout(WAIT, publish).await.unwrap();
-    let report = tokio::time::timeout(WAIT, running.shutdown()).await.expect("shutdown is bounded");
+    let report = tokio::time::timeout(WAIT, running.shutdown())
+        .await
+        .expect("shutdown is bounded");
     assert_eq!(report.finished, 0);
     assert!(report.abandoned >= 1, "{report:?}");
 }

@@ -60,7 +60,10 @@ mod tests {
             assert!(delay >= min && delay <= max, "{delay:?}");
             seen_max = seen_max.max(delay);
         }
-        assert!(seen_max > Duration::from_secs(3), "grows towards the cap: {seen_max:?}");
+        assert!(
+            seen_max > Duration::from_secs(3),
+            "grows towards the cap: {seen_max:?}"
+        );
         backoff.reset();
         assert!(backoff.next_delay() <= min * 2);
     }

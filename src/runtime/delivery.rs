@@ -111,7 +111,10 @@ impl Deliveries {
     /// The connection failed; rumqttc now holds `pending_unassigned` publishes
     /// without an id in its pending list.
     pub(crate) fn disconnected(&self, pending_unassigned: usize) {
-        self.inner.lock().expect("deliveries poisoned").pending_unassigned = pending_unassigned;
+        self.inner
+            .lock()
+            .expect("deliveries poisoned")
+            .pending_unassigned = pending_unassigned;
     }
 
     /// CONNACK. Without a session rumqttc dropped its pending list: fail what

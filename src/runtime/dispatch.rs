@@ -184,7 +184,10 @@ where
     /// the queue sheds load (drops new messages at once, as
     /// [`Overflow::DropNew`]) until it has room again.
     pub(crate) async fn push(&self, job: Job, block_limit: Duration) {
-        self.shared.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .received
+            .fetch_add(1, Ordering::Relaxed);
         let index = self.queue_index(job.request.topic());
         let deadline = Instant::now() + block_limit;
         let mut job = job;
@@ -202,7 +205,12 @@ where
                     waited_ms = block_limit.as_millis(),
                     "queue still full; shedding new messages to keep the connection alive"
                 );
-                self.shared.state.lock().expect("dispatcher poisoned").queues[index].shedding = true;
+                self.shared
+                    .state
+                    .lock()
+                    .expect("dispatcher poisoned")
+                    .queues[index]
+                    .shedding = true;
                 self.drop_job(job, &self.shared.counters.dropped_new);
                 return;
             }
@@ -280,7 +288,12 @@ where
 
     async fn run(&self, index: usize, job: Job) {
         let topic = job.request.topic().clone();
-        let service = self.shared.service.lock().expect("service poisoned").clone();
+        let service = self
+            .shared
+            .service
+            .lock()
+            .expect("service poisoned")
+            .clone();
         let outcome = service.oneshot(job.request).await;
         let counters = &self.shared.counters;
         match outcome {
@@ -323,7 +336,11 @@ where
         let (running, queued) = {
             let mut state = self.shared.state.lock().expect("dispatcher poisoned");
             state.accepting = false;
-            let queued: usize = state.queues.iter_mut().map(|q| std::mem::take(&mut q.jobs).len()).sum();
+            let queued: usize = state
+                .queues
+                .iter_mut()
+                .map(|q| std::mem::take(&mut q.jobs).len())
+                .sum();
             (state.in_flight, queued)
         };
         self.shared.progress.notify_waiters();
@@ -331,7 +348,12 @@ where
             let progress = self.shared.progress.notified();
             tokio::pin!(progress);
             progress.as_mut().enable();
-            let in_flight = self.shared.state.lock().expect("dispatcher poisoned").in_flight;
+            let in_flight = self
+                .shared
+                .state
+                .lock()
+                .expect("dispatcher poisoned")
+                .in_flight;
             if in_flight == 0 {
                 return Drained {
                     finished: running,

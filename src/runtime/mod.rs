@@ -69,13 +69,13 @@ use tokio::{
 use tower::{Layer, Service};
 use tracing::{debug, error, info, warn};
 
+pub use self::delivery::DeliveryError;
 use self::{
     ack::AckSequencer,
     backoff::Backoff,
     delivery::Deliveries,
     dispatch::{Counters, Dispatcher, Job},
 };
-pub use self::delivery::DeliveryError;
 use crate::{
     config::{Config, ConfigError},
     health::{self, Health},
@@ -214,7 +214,7 @@ impl ShutdownHandle {
 /// One supervised MQTT connection; see the [module docs](self).
 pub struct Client {
     config: Config,
-    client: AsyncClient,
+    mqtt: AsyncClient,
     eventloop: EventLoop,
     deliveries: Arc<Deliveries>,
     publisher: Publisher,
@@ -260,7 +260,7 @@ impl Client {
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Self {
             config,
-            client,
+            mqtt: client,
             eventloop,
             deliveries,
             publisher,
@@ -379,7 +379,7 @@ impl Client {
     {
         let Client {
             config,
-            client,
+            mqtt: client,
             eventloop,
             deliveries,
             publisher,
@@ -443,7 +443,8 @@ impl Client {
             stopping: stopping.clone(),
         };
         let poll_task = tokio::spawn(poll.run());
-        let heartbeat_task = heartbeat.map(|hb| tokio::spawn(hb.run(publisher.clone(), state.subscribe())));
+        let heartbeat_task =
+            heartbeat.map(|hb| tokio::spawn(hb.run(publisher.clone(), state.subscribe())));
 
         wait_shutdown(shutdown.tx.subscribe()).await;
         info!("shutting down: draining handlers");
@@ -470,15 +471,15 @@ impl Client {
         stopping.store(true, Ordering::SeqCst);
         let _ = client.try_disconnect();
         let mut poll_task = poll_task;
-        let disconnected_cleanly =
-            match tokio::time::timeout(GOODBYE_TIMEOUT, &mut poll_task).await {
-                Ok(Ok(clean)) => clean,
-                Ok(Err(_)) => false,
-                Err(_) => {
-                    poll_task.abort();
-                    false
-                }
-            };
+        let disconnected_cleanly = match tokio::time::timeout(GOODBYE_TIMEOUT, &mut poll_task).await
+        {
+            Ok(Ok(clean)) => clean,
+            Ok(Err(_)) => false,
+            Err(_) => {
+                poll_task.abort();
+                false
+            }
+        };
         deliveries.close();
         drop(dispatcher);
         // The ack channel closes once the dispatcher and poll loop are gone.
@@ -486,13 +487,13 @@ impl Client {
         let _ = ack_task.await;
         state.send_replace(ConnectionState::Closed);
 
-        let stats = Stats::read(&counters, &AtomicU64::new(0));
         let report = ShutdownReport {
             finished: drained.finished,
             abandoned: drained.abandoned,
             health_published,
             disconnected_cleanly,
-            stats,
+            // Filled in by `Running::join`, which also holds the connection count.
+            stats: Stats::default(),
         };
         info!(
             finished = report.finished,
@@ -733,7 +734,11 @@ where
                     }
                     let ack = self.acks.register(&publish);
                     match Request::from_publish(&publish) {
-                        Ok(request) => self.dispatcher.push(Job { request, ack }, block_limit).await,
+                        Ok(request) => {
+                            self.dispatcher
+                                .push(Job { request, ack }, block_limit)
+                                .await
+                        }
                         Err(err) => {
                             warn!(topic = %publish.topic, error = %err, "invalid topic; acknowledged and skipped");
                             if let Some(token) = ack {
@@ -742,7 +747,9 @@ where
                         }
                     }
                 }
-                Step::Event(Event::Incoming(Packet::PubAck(ack))) => self.deliveries.confirmed(ack.pkid),
+                Step::Event(Event::Incoming(Packet::PubAck(ack))) => {
+                    self.deliveries.confirmed(ack.pkid)
+                }
                 Step::Event(Event::Incoming(Packet::PubComp(comp))) => {
                     self.deliveries.confirmed(comp.pkid);
                 }
@@ -758,7 +765,9 @@ where
                         debug!(filters = suback.return_codes.len(), "subscribed");
                     }
                 }
-                Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => self.deliveries.written(pkid),
+                Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    self.deliveries.written(pkid)
+                }
                 Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
                     info!("disconnected cleanly");
                     return true;
@@ -768,7 +777,10 @@ where
                     if self.stopping.load(Ordering::SeqCst) {
                         return false;
                     }
-                    if connected_at.take().is_some_and(|at| at.elapsed() >= STABLE_CONNECTION) {
+                    if connected_at
+                        .take()
+                        .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+                    {
                         backoff.reset();
                     }
                     let pending_unassigned = self

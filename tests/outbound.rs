@@ -1,0 +1,319 @@
+//! Publishing against a real broker: confirmation, size limits, outages,
+//! request/reply and the exact bytes on the wire.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde_json::json;
+use support::{MosquittoSub, Probe, TestBroker};
+use tower::{layer::layer_fn, Layer, Service, ServiceExt};
+use tower_mqtt::{
+    config::Config, reply::Replies, Client, Envelope, HandlerError, Outcome, PublishError, QoS,
+    Request, Router,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn decode() -> impl Layer<
+    Router,
+    Service = impl Service<
+        Request<Bytes>,
+        Response = Outcome,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone
+                  + Send
+                  + 'static,
+> {
+    layer_fn(|router: Router| {
+        tower::service_fn(move |req: Request<Bytes>| {
+            let router = router.clone();
+            async move {
+                match Envelope::from_slice(req.body()) {
+                    Ok(env) => router.oneshot(req.map(|_| env)).await,
+                    Err(err) => Ok(Outcome::Failed(HandlerError::permanent(err))),
+                }
+            }
+        })
+    })
+}
+
+fn config(url: &str, name: &str) -> Config {
+    Config::new(url)
+        .unwrap()
+        .with_client_id(support::unique_id(name))
+        .with_source_name(name)
+        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_publishes_are_all_confirmed() {
+    let broker = TestBroker::start().await;
+    let mut probe = Probe::subscribe(&broker.url(), "load/#").await;
+    let running = Client::new(config(&broker.url(), "load"))
+        .unwrap()
+        .spawn(Router::new(), decode());
+    let publisher = running.publisher();
+    let tasks = (0..100).map(|n| {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            let env = Envelope::new("load.test", json!({"n": n})).unwrap();
+            publisher.publish(&format!("load/{}", n % 7), env).await
+        })
+    });
+    for result in join_all(tasks).await {
+        result.unwrap().expect("confirmed by PUBACK");
+    }
+    let got = probe.take(100, WAIT).await;
+    assert_eq!(got.len(), 100);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_oversized_payload_is_rejected_before_sending() {
+    let broker = TestBroker::start().await;
+    let mut probe = Probe::subscribe(&broker.url(), "big").await;
+    let cfg = config(&broker.url(), "big").with_max_packet_size(4096);
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
+    let publisher = running.publisher();
+    let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
+    let err = publisher.publish("big", huge).await.unwrap_err();
+    assert!(
+        matches!(err, PublishError::TooLarge { max: 4096, .. }),
+        "{err}"
+    );
+    assert!(err
+        .to_string()
+        .contains("maximum packet size of 4096 bytes; nothing was sent"));
+    assert!(!err.is_retryable());
+    // The connection is fine, and nothing of the big one arrived.
+    publisher
+        .publish("big", Envelope::new("big.small", json!({})).unwrap())
+        .await
+        .unwrap();
+    let got = probe.next(WAIT).await.unwrap();
+    assert!(got.payload_str().contains("big.small"));
+    assert!(probe
+        .collect_for(Duration::from_millis(300))
+        .await
+        .is_empty());
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
+    let mut broker = TestBroker::start().await;
+    if !broker.is_mosquitto() {
+        eprintln!("skipped: needs mosquitto to stop the broker");
+        return;
+    }
+    // The receiver keeps a persistent session, so the broker holds what is
+    // published for it while it reconnects too.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let record = move |req: Request<Envelope>| {
+        let _ = tx.send(req.body().data()["n"].as_i64().unwrap());
+        std::future::ready(())
+    };
+    let receiver_cfg = config(&broker.url(), "outage-rx").with_clean_session(false);
+    let receiver = Client::new(receiver_cfg)
+        .unwrap()
+        .spawn(Router::new().route("outage/seq", record), decode());
+    let sender = Client::new(config(&broker.url(), "outage-tx"))
+        .unwrap()
+        .spawn(Router::new(), decode());
+    tokio::time::timeout(WAIT, receiver.connected())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, sender.connected())
+        .await
+        .unwrap();
+    let publisher = sender.publisher();
+    loop {
+        let warmup = Envelope::new("outage.test", json!({"n": -1})).unwrap();
+        publisher.publish("outage/seq", warmup).await.unwrap();
+        if tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+    }
+    while rx.try_recv().is_ok() {}
+
+    broker.stop().await.unwrap();
+    let mut state = sender.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| !s.is_connected()))
+        .await
+        .unwrap()
+        .unwrap();
+    // Publish while the broker is down: they wait in the client, in order.
+    let mut pending = Vec::new();
+    for n in 0..20 {
+        let publisher = publisher.clone();
+        let env = Envelope::new("outage.test", json!({"n": n})).unwrap();
+        pending.push(tokio::spawn(async move {
+            publisher.publish("outage/seq", env).await
+        }));
+        // Let each task hand its publish to the client before the next starts.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.restart().await.unwrap();
+    for handle in pending {
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("confirmed once the broker is back");
+    }
+    let mut order = Vec::new();
+    while order.len() < 20 {
+        let n = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        order.push(n);
+    }
+    assert_eq!(order, (0..20).collect::<Vec<_>>());
+    sender.shutdown().await;
+    receiver.shutdown().await;
+}
+
+#[tokio::test]
+async fn fifty_concurrent_request_reply_round_trips() {
+    let broker = TestBroker::start().await;
+    // The responder: answers memory/query on memory/results with the same id.
+    let responder_client = Client::new(config(&broker.url(), "memory-worker")).unwrap();
+    let responder_pub = responder_client.publisher();
+    let respond = move |req: Request<Envelope>| {
+        let publisher = responder_pub.clone();
+        async move {
+            let text = req.body().data()["text"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let reply = Envelope::reply_to(req.body(), "memory.results", json!({"echo": text}))?;
+            publisher.publish("memory/results", reply).await?;
+            Ok::<_, tower_mqtt::BoxError>(())
+        }
+    };
+    let responder = responder_client.spawn(Router::new().route("memory/query", respond), decode());
+
+    let replies = Replies::new();
+    let requester = Client::new(config(&broker.url(), "llm-worker"))
+        .unwrap()
+        .spawn(
+            Router::new().route_service("memory/results", replies.clone()),
+            decode(),
+        );
+    tokio::time::timeout(WAIT, requester.connected())
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, responder.connected())
+        .await
+        .unwrap();
+    let publisher = requester.publisher();
+
+    // Wait until both subscriptions are live.
+    loop {
+        let probe = Envelope::new("memory.query", json!({"text": "warmup"})).unwrap();
+        if replies
+            .request(
+                &publisher,
+                "memory/query",
+                probe,
+                Duration::from_millis(500),
+            )
+            .await
+            .is_ok()
+        {
+            break;
+        }
+    }
+
+    let calls = (0..50).map(|n| {
+        let (replies, publisher) = (replies.clone(), publisher.clone());
+        async move {
+            let query = Envelope::new("memory.query", json!({"text": format!("q{n}")})).unwrap();
+            let id = query.id().to_owned();
+            let reply = replies
+                .request(&publisher, "memory/query", query, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert_eq!(reply.id(), id);
+            assert_eq!(reply.data()["echo"], format!("q{n}"));
+        }
+    });
+    join_all(calls).await;
+    assert_eq!(replies.waiting(), 0);
+
+    // A request nobody answers times out and leaves no waiter behind.
+    let lonely = Envelope::new("memory.query", json!({"text": "nobody"})).unwrap();
+    let err = replies
+        .request(
+            &publisher,
+            "nobody/listens",
+            lonely,
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no reply"), "{err}");
+    assert_eq!(replies.waiting(), 0);
+
+    requester.shutdown().await;
+    responder.shutdown().await;
+}
+
+#[tokio::test]
+async fn mosquitto_sub_sees_exactly_the_five_keys() {
+    let broker = TestBroker::start().await;
+    let Some(sub) = MosquittoSub::spawn(broker.port(), "wire/check", 1).await else {
+        eprintln!("skipped: mosquitto_sub is not installed");
+        return;
+    };
+    let running = Client::new(config(&broker.url(), "wire"))
+        .unwrap()
+        .spawn(Router::new(), decode());
+    let publisher = running.publisher();
+    let env = Envelope::new("stt.final", json!({"text": "hi", "confidence": 0.5})).unwrap();
+    let expected = env.clone().with_source("wire").to_vec();
+    // mosquitto_sub may subscribe after the first publish; retained makes it see one.
+    let req = Request::builder("wire/check")
+        .qos(QoS::AtLeastOnce)
+        .retain(true)
+        .body(env)
+        .unwrap();
+    publisher.send_envelope(req).await.unwrap();
+    let captured = sub.wait(WAIT).await;
+    assert_eq!(captured.len(), 1);
+    assert_eq!(captured[0].payload, expected, "byte for byte");
+    let value: serde_json::Value = serde_json::from_slice(&captured[0].payload).unwrap();
+    let mut keys: Vec<&str> = value
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["data", "id", "source", "ts", "type"]);
+
+    // Clearing the retained message: an empty retained payload.
+    let clear = Request::builder("wire/check")
+        .qos(QoS::AtLeastOnce)
+        .retain(true)
+        .body(Bytes::new())
+        .unwrap();
+    publisher.send(clear).await.unwrap();
+    let mut late = Probe::subscribe(&broker.url(), "wire/check").await;
+    assert!(
+        late.collect_for(Duration::from_millis(500))
+            .await
+            .is_empty(),
+        "retained state cleared"
+    );
+    running.shutdown().await;
+}
