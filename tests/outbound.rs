@@ -9,36 +9,16 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::json;
 use support::{MosquittoSub, Probe, TestBroker};
-use tower::{layer::layer_fn, Layer, Service, ServiceExt};
 use tower_mqtt::{
-    config::Config, reply::Replies, Client, Envelope, HandlerError, Outcome, PublishError, QoS,
-    Request, Router,
+    config::Config, reply::Replies, Client, Envelope, PublishError, QoS, Request, Router,
 };
+use tower_mqtt_layers::StandardStack;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-fn decode() -> impl Layer<
-    Router,
-    Service = impl Service<
-        Request<Bytes>,
-        Response = Outcome,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-                  + Send
-                  + 'static,
-> {
-    layer_fn(|router: Router| {
-        tower::service_fn(move |req: Request<Bytes>| {
-            let router = router.clone();
-            async move {
-                match Envelope::from_slice(req.body()) {
-                    Ok(env) => router.oneshot(req.map(|_| env)).await,
-                    Err(err) => Ok(Outcome::Failed(HandlerError::permanent(err))),
-                }
-            }
-        })
-    })
+/// The standard inbound stack, as a service runs it.
+fn stack() -> StandardStack {
+    StandardStack::new()
 }
 
 fn config(url: &str, name: &str) -> Config {
@@ -55,7 +35,7 @@ async fn a_hundred_concurrent_publishes_are_all_confirmed() {
     let mut probe = Probe::subscribe(&broker.url(), "load/#").await;
     let running = Client::new(config(&broker.url(), "load"))
         .unwrap()
-        .spawn(Router::new(), decode());
+        .spawn(Router::new(), stack());
     let publisher = running.publisher();
     let tasks = (0..100).map(|n| {
         let publisher = publisher.clone();
@@ -77,7 +57,7 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     let broker = TestBroker::start().await;
     let mut probe = Probe::subscribe(&broker.url(), "big").await;
     let cfg = config(&broker.url(), "big").with_max_packet_size(4096);
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
     let publisher = running.publisher();
     let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
     let err = publisher.publish("big", huge).await.unwrap_err();
@@ -120,10 +100,10 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
     let receiver_cfg = config(&broker.url(), "outage-rx").with_clean_session(false);
     let receiver = Client::new(receiver_cfg)
         .unwrap()
-        .spawn(Router::new().route("outage/seq", record), decode());
+        .spawn(Router::new().route("outage/seq", record), stack());
     let sender = Client::new(config(&broker.url(), "outage-tx"))
         .unwrap()
-        .spawn(Router::new(), decode());
+        .spawn(Router::new(), stack());
     tokio::time::timeout(WAIT, receiver.connected())
         .await
         .unwrap();
@@ -200,14 +180,14 @@ async fn fifty_concurrent_request_reply_round_trips() {
             Ok::<_, tower_mqtt::BoxError>(())
         }
     };
-    let responder = responder_client.spawn(Router::new().route("memory/query", respond), decode());
+    let responder = responder_client.spawn(Router::new().route("memory/query", respond), stack());
 
     let replies = Replies::new();
     let requester = Client::new(config(&broker.url(), "llm-worker"))
         .unwrap()
         .spawn(
             Router::new().route_service("memory/results", replies.clone()),
-            decode(),
+            stack(),
         );
     tokio::time::timeout(WAIT, requester.connected())
         .await
@@ -277,7 +257,7 @@ async fn mosquitto_sub_sees_exactly_the_five_keys() {
     };
     let running = Client::new(config(&broker.url(), "wire"))
         .unwrap()
-        .spawn(Router::new(), decode());
+        .spawn(Router::new(), stack());
     let publisher = running.publisher();
     let env = Envelope::new("stt.final", json!({"text": "hi", "confidence": 0.5})).unwrap();
     let expected = env.clone().with_source("wire").to_vec();

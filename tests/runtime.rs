@@ -17,38 +17,17 @@ use serde_json::json;
 use support as probe;
 use support::{Proxy, TestBroker};
 use tokio::sync::mpsc;
-use tower::{layer::layer_fn, Layer, Service, ServiceExt};
+use tower::Service;
 use tower_mqtt::{
-    config::Config, Client, ConnectionState, Envelope, HandlerError, Outcome, Overflow, Request,
-    Router, Subscription,
+    config::Config, Client, ConnectionState, Envelope, Overflow, Request, Router, Subscription,
 };
+use tower_mqtt_layers::StandardStack;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The smallest stack the runtime accepts: decode the envelope, then route.
-/// (The full standard stack is tested in tower-mqtt-layers.)
-fn decode() -> impl Layer<
-    Router,
-    Service = impl Service<
-        Request<Bytes>,
-        Response = Outcome,
-        Error = std::convert::Infallible,
-        Future = impl Send,
-    > + Clone
-                  + Send
-                  + 'static,
-> {
-    layer_fn(|router: Router| {
-        tower::service_fn(move |req: Request<Bytes>| {
-            let router = router.clone();
-            async move {
-                match Envelope::from_slice(req.body()) {
-                    Ok(env) => router.oneshot(req.map(|_| env)).await,
-                    Err(err) => Ok(Outcome::Failed(HandlerError::permanent(err))),
-                }
-            }
-        })
-    })
+/// The standard inbound stack, as a service runs it.
+fn stack() -> StandardStack {
+    StandardStack::new()
 }
 
 fn config(url: &str, name: &str) -> Config {
@@ -89,7 +68,7 @@ async fn subscribes_to_the_router_and_handles_messages() {
         .route("camera/+/frame", recorder(tx));
     let running = Client::new(config(&broker.url(), "subscriber"))
         .unwrap()
-        .spawn(router, decode());
+        .spawn(router, stack());
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();
@@ -136,9 +115,12 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
         return;
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let running = Client::new(config(&broker.url(), "restart"))
+    // The default delays (0.5 s to 5 s), as a service would run.
+    let cfg = config(&broker.url(), "restart")
+        .with_reconnect_delays(Duration::from_millis(500), Duration::from_secs(5));
+    let running = Client::new(cfg)
         .unwrap()
-        .spawn(Router::new().route("llm/request", recorder(tx)), decode());
+        .spawn(Router::new().route("llm/request", recorder(tx)), stack());
     let mut state = running.state();
     tokio::time::timeout(WAIT, running.connected())
         .await
@@ -155,7 +137,7 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
         .unwrap()
         .unwrap();
         // Leave the client failing for a while so its backoff grows.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
         broker.restart().await.unwrap();
         let back = Instant::now();
         tokio::time::timeout(WAIT, state.wait_for(ConnectionState::is_connected))
@@ -218,7 +200,7 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
     };
     let running = Client::new(config(&broker.url(), "order"))
         .unwrap()
-        .spawn(Router::new().route("order/+", handler), decode());
+        .spawn(Router::new().route("order/+", handler), stack());
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();
@@ -334,7 +316,7 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
     cfg = cfg.with_keep_alive(Duration::from_secs(2));
     let running = Client::new(cfg)
         .unwrap()
-        .spawn(Router::new().route(sub, handler), decode());
+        .spawn(Router::new().route(sub, handler), stack());
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();
@@ -453,7 +435,7 @@ async fn unacknowledged_messages_come_back_with_a_persistent_session() {
     let first = Client::new(cfg)
         .unwrap()
         .drain_timeout(Duration::from_millis(100))
-        .spawn(Router::new().route("jobs/run", hang), decode());
+        .spawn(Router::new().route("jobs/run", hang), stack());
     tokio::time::timeout(WAIT, first.connected()).await.unwrap();
     let job = Envelope::new("jobs.run", json!({"job": 42})).unwrap();
     let publish = async {
@@ -488,7 +470,7 @@ async fn unacknowledged_messages_come_back_with_a_persistent_session() {
         .with_clean_session(false);
     let second = Client::new(cfg)
         .unwrap()
-        .spawn(Router::new().route("jobs/run", recorder(tx)), decode());
+        .spawn(Router::new().route("jobs/run", recorder(tx)), stack());
     let (_, env) = recv(&mut rx).await;
     assert_eq!(env.id(), job.id());
     second.shutdown().await;
@@ -503,7 +485,7 @@ async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
         probe::Probe::subscribe(&broker.url(), &format!("system/health/{service}")).await;
 
     let cfg = config(&proxy.url(), &service).with_health(true);
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
     let ready = health.next(WAIT).await.expect("ready health");
     let ready = Envelope::from_slice(&ready.payload).unwrap();
     assert_eq!(ready.data()["event"], "ready");
@@ -521,7 +503,7 @@ async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
 
     // Clean: the final health is "shutdown" and no Will follows.
     let cfg = config(&broker.url(), &service).with_health(true);
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), decode());
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
     let ready = health.next(WAIT).await.expect("ready again");
     assert_eq!(
         Envelope::from_slice(&ready.payload).unwrap().data()["event"],
@@ -563,26 +545,13 @@ async fn shutdown_lets_running_handlers_finish() {
     let running = Client::new(config(&broker.url(), "drain"))
         .unwrap()
         .drain_timeout(Duration::from_secs(5))
-        .spawn(Router::new().route("work/+", slow), decode());
-    tokio::time::timeout(WAIT, running.connected())
+        .spawn(Router::new().route("work/+", slow), stack());
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    let job = Envelope::new("w", json!({})).unwrap();
+    running.publisher().publish("work/a", job).await.unwrap();
+    tokio::time::timeout(WAIT, started.notified())
         .await
         .unwrap();
-    let publisher = running.publisher();
-    let publish = async {
-        loop {
-            publisher
-                .publish("work/a", Envelope::new("w", json!({})).unwrap())
-                .await
-                .unwrap();
-            if tokio::time::timeout(Duration::from_millis(300), started.notified())
-                .await
-                .is_ok()
-            {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, publish).await.unwrap();
     let handle = running.shutdown_handle();
     handle.shutdown();
     handle.shutdown(); // idempotent
@@ -613,26 +582,13 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
     let running = Client::new(config(&broker.url(), "abandon"))
         .unwrap()
         .drain_timeout(Duration::from_millis(200))
-        .spawn(Router::new().route("stuck", stuck), decode());
-    tokio::time::timeout(WAIT, running.connected())
+        .spawn(Router::new().route("stuck", stuck), stack());
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    let job = Envelope::new("s", json!({})).unwrap();
+    running.publisher().publish("stuck", job).await.unwrap();
+    tokio::time::timeout(WAIT, started.notified())
         .await
         .unwrap();
-    let publisher = running.publisher();
-    let publish = async {
-        loop {
-            publisher
-                .publish("stuck", Envelope::new("s", json!({})).unwrap())
-                .await
-                .unwrap();
-            if tokio::time::timeout(Duration::from_millis(300), started.notified())
-                .await
-                .is_ok()
-            {
-                break;
-            }
-        }
-    };
-    tokio::time::timeout(WAIT, publish).await.unwrap();
     let report = tokio::time::timeout(WAIT, running.shutdown())
         .await
         .expect("shutdown is bounded");

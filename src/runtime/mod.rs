@@ -26,7 +26,7 @@
 //!
 //! ```no_run
 //! use tower_mqtt::{config::Config, Client, Data, Router};
-//! use tower_mqtt_layers::StandardLayer;
+//! use tower_mqtt_layers::StandardStack;
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Say { text: String }
@@ -37,7 +37,7 @@
 //! async fn main() -> Result<(), tower_mqtt::BoxError> {
 //!     let config = Config::from_env()?;
 //!     let router = Router::new().route("tts/say", say);
-//!     let layer = StandardLayer::from_config(&config);
+//!     let layer = StandardStack::from_config(&config);
 //!     Client::new(config)?.serve(router, layer).await;
 //!     Ok(())
 //! }
@@ -313,7 +313,7 @@ impl Client {
     /// [`ShutdownHandle`]; then shuts down gracefully.
     ///
     /// `layer` turns the router into a service of raw requests, usually
-    /// `tower_mqtt_layers::StandardLayer` (decode, dedup, span, isolation,
+    /// `tower_mqtt_layers::StandardStack` (decode, dedup, span, isolation,
     /// retry, timeout).
     pub async fn serve<L>(self, router: Router, layer: L) -> ShutdownReport
     where
@@ -354,9 +354,12 @@ impl Client {
             counters: counters.clone(),
             connections: connections.clone(),
         };
-        let task = tokio::spawn(self.run(router, service, counters, connections));
+        let ready = Arc::new(watch::channel(false).0);
+        let ready_rx = ready.subscribe();
+        let task = tokio::spawn(self.run(ready, router, service, counters, connections));
         Running {
             task,
+            ready: ready_rx,
             handle,
             state,
             publisher,
@@ -367,6 +370,7 @@ impl Client {
     #[allow(clippy::too_many_lines)] // one place that shows the whole lifecycle
     async fn run<S>(
         self,
+        ready: Arc<watch::Sender<bool>>,
         router: Router,
         service: S,
         counters: Arc<Counters>,
@@ -429,6 +433,7 @@ impl Client {
 
         let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let poll = PollLoop {
+            ready: ready.clone(),
             eventloop,
             client: client.clone(),
             config: config.clone(),
@@ -514,6 +519,7 @@ struct StatsView {
 /// A client serving in the background; see [`Client::spawn`].
 pub struct Running {
     task: JoinHandle<ShutdownReport>,
+    ready: watch::Receiver<bool>,
     handle: ShutdownHandle,
     state: watch::Receiver<ConnectionState>,
     publisher: Publisher,
@@ -558,6 +564,14 @@ impl Running {
     /// The connection state, as it changes.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
         self.state.clone()
+    }
+
+    /// Waits until the client is connected and the broker has acknowledged
+    /// its subscriptions: from then on, messages on the router's topics reach
+    /// the handlers.
+    pub async fn ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|ready| *ready).await;
     }
 
     /// Waits until the client is connected.
@@ -650,6 +664,8 @@ impl Heartbeat {
 }
 
 struct PollLoop<S> {
+    /// True once subscriptions are in place on the current connection.
+    ready: Arc<watch::Sender<bool>>,
     eventloop: EventLoop,
     client: AsyncClient,
     config: Config,
@@ -717,6 +733,8 @@ where
                     info!(session_present = ack.session_present, "connected");
                     if !ack.session_present && !self.filters.is_empty() {
                         self.subscribe();
+                    } else {
+                        self.ready.send_replace(true);
                     }
                     if let Some(hb) = &self.heartbeat {
                         *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
@@ -737,7 +755,7 @@ where
                         Ok(request) => {
                             self.dispatcher
                                 .push(Job { request, ack }, block_limit)
-                                .await
+                                .await;
                         }
                         Err(err) => {
                             warn!(topic = %publish.topic, error = %err, "invalid topic; acknowledged and skipped");
@@ -748,7 +766,7 @@ where
                     }
                 }
                 Step::Event(Event::Incoming(Packet::PubAck(ack))) => {
-                    self.deliveries.confirmed(ack.pkid)
+                    self.deliveries.confirmed(ack.pkid);
                 }
                 Step::Event(Event::Incoming(Packet::PubComp(comp))) => {
                     self.deliveries.confirmed(comp.pkid);
@@ -764,9 +782,10 @@ where
                     } else {
                         debug!(filters = suback.return_codes.len(), "subscribed");
                     }
+                    self.ready.send_replace(true);
                 }
                 Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    self.deliveries.written(pkid)
+                    self.deliveries.written(pkid);
                 }
                 Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
                     info!("disconnected cleanly");
@@ -790,6 +809,7 @@ where
                         .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
                         .count();
                     self.deliveries.disconnected(pending_unassigned);
+                    self.ready.send_replace(false);
                     let delay = backoff.next_delay();
                     warn!(%reason, retry_in_ms = delay.as_millis(), "connection lost; reconnecting");
                     self.state.send_replace(ConnectionState::Disconnected {
