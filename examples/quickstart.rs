@@ -31,36 +31,8 @@ struct Chunk {
     delta: String,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,tower_mqtt=info,rumqttd=off".into()),
-        )
-        .init();
-
-    // Without MQTT_URL, an in-process broker stands in.
-    let embedded;
-    let url = match std::env::var("MQTT_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => {
-            embedded = EmbeddedBroker::start()?;
-            println!(
-                "no MQTT_URL: started an embedded broker at {}",
-                embedded.url()
-            );
-            embedded.url()
-        }
-    };
-    let config = Config::from_lookup(|var| match var {
-        "MQTT_URL" => Some(url.clone()),
-        "MQTT_SOURCE_NAME" => std::env::var(var).ok().or(Some("quickstart".into())),
-        _ => std::env::var(var).ok(),
-    })?;
-
-    // Each handler reports what it saw; main prints it.
-    let (seen_tx, mut seen) = mpsc::unbounded_channel::<String>();
+/// Three routes; each handler reports what it saw to `seen_tx`.
+fn router(seen_tx: mpsc::UnboundedSender<String>) -> Router {
     let on_say = {
         let seen = seen_tx.clone();
         move |Data(say): Data<Say>| {
@@ -92,14 +64,47 @@ async fn main() -> Result<(), BoxError> {
         std::future::ready(())
     };
 
-    let router = Router::new()
+    Router::new()
         .route("tts/say", on_say)
         .route("camera/+/frame", on_frame)
         .route(
             Subscription::new("llm/stream").qos(QoS::AtMostOnce),
             on_chunk,
-        );
-    let running = Client::new(config.clone())?.spawn(router, StandardStack::from_config(&config));
+        )
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,tower_mqtt=info,rumqttd=off".into()),
+        )
+        .init();
+
+    // Without MQTT_URL, an in-process broker stands in.
+    let embedded;
+    let url = match std::env::var("MQTT_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => {
+            embedded = EmbeddedBroker::start()?;
+            println!(
+                "no MQTT_URL: started an embedded broker at {}",
+                embedded.url()
+            );
+            embedded.url()
+        }
+    };
+    let config = Config::from_lookup(|var| match var {
+        "MQTT_URL" => Some(url.clone()),
+        "MQTT_SOURCE_NAME" => std::env::var(var).ok().or(Some("quickstart".into())),
+        _ => std::env::var(var).ok(),
+    })?;
+
+    // Each handler reports what it saw; main prints it.
+    let (seen_tx, mut seen) = mpsc::unbounded_channel::<String>();
+    let running =
+        Client::new(config.clone())?.spawn(router(seen_tx), StandardStack::from_config(&config));
     tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
     println!("connected to {} as {}", config.broker, config.client_id);
 

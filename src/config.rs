@@ -23,6 +23,9 @@
 //! | `MQTT_CLEAN_SESSION` | ask the broker for a clean session | `true` |
 //! | `MQTT_MAX_PACKET_SIZE` | largest packet sent or received, bytes | `1048576` (1 MiB) |
 //! | `MQTT_REQUEST_CHANNEL_CAPACITY` | capacity of rumqttc's request channel | `1024` |
+//! | `MQTT_OFFLINE_BUFFER` | publishes kept while disconnected | `1000` |
+//! | `MQTT_OFFLINE_MAX_AGE` | seconds a publish may wait while disconnected | `60` |
+//! | `MQTT_OFFLINE_OVERFLOW` | a full offline buffer: `reject` the new publish or `drop_oldest` | `reject` |
 //!
 //! Seconds may be fractional (`0.5`) and must be greater than 0 and at most 86400.
 //! Booleans are `true`/`false`, `1`/`0`, `yes`/`no` or `on`/`off`, in any case.
@@ -94,6 +97,8 @@ use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+
+use crate::publisher::OfflineOverflow;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 /// Names of the environment variables.
@@ -113,10 +118,14 @@ mod var {
     pub(super) const CLEAN_SESSION: &str = "MQTT_CLEAN_SESSION";
     pub(super) const MAX_PACKET_SIZE: &str = "MQTT_MAX_PACKET_SIZE";
     pub(super) const REQUEST_CHANNEL_CAPACITY: &str = "MQTT_REQUEST_CHANNEL_CAPACITY";
+    pub(super) const OFFLINE_BUFFER: &str = "MQTT_OFFLINE_BUFFER";
+    pub(super) const OFFLINE_MAX_AGE: &str = "MQTT_OFFLINE_MAX_AGE";
+    pub(super) const OFFLINE_OVERFLOW: &str = "MQTT_OFFLINE_OVERFLOW";
 }
 
 /// What each variable must look like; quoted in errors.
 mod expect {
+    pub(super) const OFFLINE_OVERFLOW: &str = "reject or drop_oldest";
     pub(super) const URL: &str = "a broker URL such as mqtt://host:1883, mqtts://host:8883 \
                                   or mqtt://user:password@host:1883";
     pub(super) const SCHEME: &str = "a URL starting with mqtt:// or mqtts:// \
@@ -220,6 +229,13 @@ pub struct Config {
     /// 1024. Pass it to `rumqttc::AsyncClient::new`: rumqttc 0.25 ignores the copy kept
     /// in `MqttOptions`.
     pub request_channel_capacity: usize,
+    /// Publishes kept while disconnected (`MQTT_OFFLINE_BUFFER`), default 1000.
+    pub offline_buffer: usize,
+    /// How long a publish may wait while disconnected (`MQTT_OFFLINE_MAX_AGE`),
+    /// default 60 s.
+    pub offline_max_age: Duration,
+    /// What a full offline buffer does (`MQTT_OFFLINE_OVERFLOW`), default reject.
+    pub offline_overflow: OfflineOverflow,
     /// Whether `client_id` was generated from `source_name` (and follows it).
     client_id_origin: ClientIdOrigin,
 }
@@ -301,6 +317,23 @@ impl Config {
                     |raw| parse_usize(raw).filter(|n| channel_capacity_ok(*n)),
                 )?
                 .unwrap_or(base.request_channel_capacity),
+            offline_buffer: vars
+                .parse(var::OFFLINE_BUFFER, expect::POSITIVE, parse_usize)?
+                .unwrap_or(base.offline_buffer),
+            offline_max_age: vars
+                .seconds(var::OFFLINE_MAX_AGE)?
+                .unwrap_or(base.offline_max_age),
+            offline_overflow: vars
+                .parse(
+                    var::OFFLINE_OVERFLOW,
+                    expect::OFFLINE_OVERFLOW,
+                    |raw| match raw.to_ascii_lowercase().as_str() {
+                        "reject" => Some(OfflineOverflow::Reject),
+                        "drop_oldest" => Some(OfflineOverflow::DropOldest),
+                        _ => None,
+                    },
+                )?
+                .unwrap_or(base.offline_overflow),
             ..base
         };
         config.validate()?;
@@ -329,6 +362,9 @@ impl Config {
             clean_session: true,
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             request_channel_capacity: DEFAULT_REQUEST_CHANNEL_CAPACITY,
+            offline_buffer: 1000,
+            offline_max_age: Duration::from_secs(60),
+            offline_overflow: OfflineOverflow::Reject,
             client_id_origin: ClientIdOrigin::Generated,
         })
     }
@@ -504,6 +540,17 @@ impl Config {
         if !packet_size_ok(self.max_packet_size) {
             let value = self.max_packet_size.to_string();
             return Err(invalid(var::MAX_PACKET_SIZE, value, expect::PACKET_SIZE));
+        }
+        if self.offline_buffer == 0 {
+            return Err(invalid(
+                var::OFFLINE_BUFFER,
+                "0".to_owned(),
+                expect::POSITIVE,
+            ));
+        }
+        if !seconds_ok(self.offline_max_age) {
+            let value = seconds(self.offline_max_age);
+            return Err(invalid(var::OFFLINE_MAX_AGE, value, expect::SECONDS));
         }
         if !channel_capacity_ok(self.request_channel_capacity) {
             let value = self.request_channel_capacity.to_string();

@@ -2,13 +2,17 @@
 //!
 //! Every publish is confirmed before it resolves: QoS 1 by the broker's PUBACK,
 //! QoS 2 by its PUBCOMP, QoS 0 once written to the connection. While the
-//! connection is down, publishes wait in the client's request channel (its
-//! capacity is [`Config::request_channel_capacity`](crate::config::Config)) and
-//! go out, in order, once it is back.
+//! connection is down, publishes wait in a bounded offline buffer
+//! ([`Config::offline_buffer`](crate::config::Config::offline_buffer), each at
+//! most [`Config::offline_max_age`](crate::config::Config::offline_max_age))
+//! and go out, in order, once it is back. A publish that was written but not
+//! yet acknowledged when the connection dropped is sent again after the
+//! reconnect (at least once), or replayed by rumqttc when the broker resumes a
+//! persistent session.
 //!
 //! Publishing never blocks the connection: the handle only ever *tries* to put a
-//! request into the channel and, when it is full, waits on its own task. So a
-//! handler that publishes cannot deadlock the runtime.
+//! request into rumqttc's channel and buffers when it is full. So a handler
+//! that publishes cannot deadlock the runtime, however full the channel is.
 //!
 //! ```no_run
 //! use tower_mqtt::{config::Config, Client, Envelope};
@@ -27,11 +31,9 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::Duration,
 };
 
 use bytes::Bytes;
-use rumqttc::AsyncClient;
 use tokio::sync::oneshot;
 use tower::Service;
 
@@ -39,12 +41,15 @@ use crate::{
     correlation,
     envelope::{Envelope, DEFAULT_SOURCE},
     request::{QoS, Request},
-    runtime::delivery::{Deliveries, DeliveryError},
+    runtime::{
+        delivery::DeliveryError,
+        outbox::{Outbox, Outgoing},
+    },
     topic::TopicError,
 };
 
 /// Why a publish failed. Nothing is sent when the error is found before
-/// sending (topic, size).
+/// sending (topic, size, a full offline buffer).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
@@ -69,6 +74,8 @@ pub enum PublishError {
     Closed,
 }
 
+pub use crate::runtime::outbox::OfflineOverflow;
+
 impl PublishError {
     /// Whether sending again might succeed (a lost session); size and topic
     /// errors will not go away.
@@ -80,8 +87,7 @@ impl PublishError {
 /// See the [module docs](self).
 #[derive(Clone)]
 pub struct Publisher {
-    client: AsyncClient,
-    deliveries: Arc<Deliveries>,
+    outbox: Arc<Outbox>,
     source: Arc<str>,
     max_packet_size: usize,
 }
@@ -99,15 +105,9 @@ impl fmt::Debug for Publisher {
 const PUBLISH_OVERHEAD: usize = 1 + 4 + 2 + 2;
 
 impl Publisher {
-    pub(crate) fn new(
-        client: AsyncClient,
-        deliveries: Arc<Deliveries>,
-        source: &str,
-        max_packet_size: usize,
-    ) -> Self {
+    pub(crate) fn new(outbox: Arc<Outbox>, source: &str, max_packet_size: usize) -> Self {
         Self {
-            client,
-            deliveries,
+            outbox,
             source: source.into(),
             max_packet_size,
         }
@@ -122,7 +122,9 @@ impl Publisher {
     /// PUBACK. An envelope whose source is still the default gets this
     /// service's name.
     pub async fn publish(&self, topic: &str, envelope: Envelope) -> Result<(), PublishError> {
-        let req = Request::builder(topic).qos(QoS::AtLeastOnce).body(envelope)?;
+        let req = Request::builder(topic)
+            .qos(QoS::AtLeastOnce)
+            .body(envelope)?;
         self.send_envelope(req).await
     }
 
@@ -159,8 +161,8 @@ impl Publisher {
         self.start(&req)?.await
     }
 
-    /// Hands the publish to the client, waiting on this task while the
-    /// request channel is full; resolves on the broker's confirmation.
+    /// Checks the publish and hands it to the outbox; the future resolves on
+    /// the broker's confirmation.
     fn start(
         &self,
         req: &Request<Bytes>,
@@ -174,29 +176,15 @@ impl Publisher {
                 max: self.max_packet_size,
             });
         }
-        let this = self.clone();
-        let (topic, qos, retain, payload) =
-            (req.topic().clone(), req.qos(), req.retain(), req.body().clone());
+        let (tx, rx) = oneshot::channel();
+        let message = Outgoing {
+            topic: topic.to_owned(),
+            qos: req.qos().into(),
+            retain: req.retain(),
+            payload: req.body().clone(),
+        };
+        self.outbox.send(message, Some(tx))?;
         Ok(async move {
-            let (tx, rx) = oneshot::channel();
-            let mut tx = Some(tx);
-            let mut delay = Duration::from_millis(1);
-            loop {
-                let sent = this.deliveries.with_place(&mut tx, || {
-                    this.client
-                        .try_publish(topic.as_str(), qos.into(), retain, payload.to_vec())
-                });
-                match sent {
-                    Ok(()) => break,
-                    Err(_) if this.deliveries.is_closed() => return Err(PublishError::Closed),
-                    // The channel is full: the connection is down or busy. Wait
-                    // here, never in the poll loop.
-                    Err(_) => {
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_millis(20));
-                    }
-                }
-            }
             match rx.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(err)) => Err(err.into()),

@@ -8,9 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::json;
-use support::{MosquittoSub, Probe, TestBroker};
+use support::{MosquittoSub, Probe, Proxy, TestBroker};
 use tower_mqtt::{
-    config::Config, reply::Replies, Client, Envelope, PublishError, QoS, Request, Router,
+    config::Config, reply::Replies, Client, Envelope, PublishError, QoS, Request, Router, Running,
 };
 use tower_mqtt_layers::StandardStack;
 
@@ -295,5 +295,150 @@ async fn mosquitto_sub_sees_exactly_the_five_keys() {
             .is_empty(),
         "retained state cleared"
     );
+    running.shutdown().await;
+}
+
+/// A client whose connection runs through `proxy`, with a small offline buffer.
+async fn through_proxy(proxy: &Proxy, name: &str, cfg: impl FnOnce(Config) -> Config) -> Running {
+    let running = Client::new(cfg(config(&proxy.url(), name)))
+        .unwrap()
+        .spawn(Router::new(), stack());
+    tokio::time::timeout(WAIT, running.connected())
+        .await
+        .unwrap();
+    running
+}
+
+async fn go_offline(proxy: &Proxy, running: &Running) {
+    proxy.refuse();
+    proxy.cut().await;
+    let mut state = running.state();
+    tokio::time::timeout(WAIT, state.wait_for(|s| !s.is_connected()))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn numbered(n: i64) -> Envelope {
+    Envelope::new("offline.test", json!({"n": n})).unwrap()
+}
+
+#[tokio::test]
+async fn a_full_offline_buffer_rejects_with_a_clear_error() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let running = through_proxy(&proxy, "full", |mut c| {
+        c.offline_buffer = 3;
+        c
+    })
+    .await;
+    go_offline(&proxy, &running).await;
+    let publisher = running.publisher();
+    let waiting: Vec<_> = (0..3)
+        .map(|n| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move { publisher.publish("offline/x", numbered(n)).await })
+        })
+        .collect();
+    // Let the three reach the buffer.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let err = publisher
+        .publish("offline/x", numbered(3))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("offline buffer is full (3 publishes)"),
+        "{err}"
+    );
+
+    // Back online: the buffered three go out, in order.
+    let mut probe = Probe::subscribe(&broker.url(), "offline/x").await;
+    proxy.resume();
+    for handle in waiting {
+        tokio::time::timeout(WAIT, handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+    let got: Vec<i64> = probe
+        .take(3, WAIT)
+        .await
+        .iter()
+        .map(|p| {
+            Envelope::from_slice(&p.payload).unwrap().data()["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(got, [0, 1, 2]);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn drop_oldest_evicts_and_old_publishes_expire() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let running = through_proxy(&proxy, "evict", |mut c| {
+        c.offline_buffer = 2;
+        c.offline_overflow = tower_mqtt::publisher::OfflineOverflow::DropOldest;
+        c.offline_max_age = Duration::from_millis(400);
+        c
+    })
+    .await;
+    go_offline(&proxy, &running).await;
+    let publisher = running.publisher();
+    let spawn = |n| {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish("offline/y", numbered(n)).await })
+    };
+    let first = spawn(0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let second = spawn(1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let third = spawn(2);
+    let evicted = first.await.unwrap().unwrap_err();
+    assert!(evicted.to_string().contains("evicted"), "{evicted}");
+    // The other two wait past the age limit and expire.
+    for handle in [second, third] {
+        let expired = tokio::time::timeout(WAIT, handle)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            expired.to_string().contains("waited longer than"),
+            "{expired}"
+        );
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unacknowledged_publish_is_sent_again_after_a_reconnect() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let mut probe = Probe::subscribe(&broker.url(), "resend/z").await;
+    let running = through_proxy(&proxy, "resend", |c| c).await;
+    let publisher = running.publisher();
+    // Written into a stalled connection: no PUBACK can come back.
+    proxy.stall();
+    let sent = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish("resend/z", numbered(7)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!sent.is_finished(), "not confirmed while stalled");
+    // The connection dies; the client reconnects through the (resumed) proxy.
+    proxy.cut().await;
+    proxy.resume();
+    tokio::time::timeout(WAIT, sent)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("sent again and confirmed after the reconnect");
+    let got = probe.next(WAIT).await.unwrap();
+    assert_eq!(Envelope::from_slice(&got.payload).unwrap().data()["n"], 7);
     running.shutdown().await;
 }

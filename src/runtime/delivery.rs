@@ -30,9 +30,24 @@ pub enum DeliveryError {
     /// The runtime stopped before the publish was confirmed.
     #[error("the MQTT runtime stopped before the publish was confirmed")]
     Closed,
+    /// Disconnected, and the offline buffer already holds its limit.
+    #[error("disconnected and the offline buffer is full ({limit} publishes); nothing was sent")]
+    BufferFull {
+        /// The buffer's limit.
+        limit: usize,
+    },
+    /// Evicted from a full offline buffer by a newer publish.
+    #[error("evicted from the full offline buffer by a newer publish; nothing was sent")]
+    Evicted,
+    /// Waited longer than the offline limit while disconnected.
+    #[error("waited longer than {max_age:?} for the connection; nothing was sent")]
+    Expired {
+        /// The limit.
+        max_age: std::time::Duration,
+    },
 }
 
-type Waiter = Option<oneshot::Sender<Result<(), DeliveryError>>>;
+pub(crate) type Waiter = Option<oneshot::Sender<Result<(), DeliveryError>>>;
 
 #[derive(Default)]
 struct Inner {
@@ -43,7 +58,6 @@ struct Inner {
     /// How many of `unassigned` rumqttc moved to its pending list at the last
     /// disconnect.
     pending_unassigned: usize,
-    closed: bool,
 }
 
 /// See the [module docs](self).
@@ -70,11 +84,6 @@ impl Deliveries {
         Ok(())
     }
 
-    /// Whether the runtime has stopped.
-    pub(crate) fn is_closed(&self) -> bool {
-        self.inner.lock().expect("deliveries poisoned").closed
-    }
-
     /// `Outgoing::Publish(pkid)`.
     pub(crate) fn written(&self, pkid: u16) {
         let mut inner = self.inner.lock().expect("deliveries poisoned");
@@ -93,6 +102,23 @@ impl Deliveries {
         } else {
             inner.by_pkid.insert(pkid, waiter);
         }
+    }
+
+    /// Takes back the waiters of publishes rumqttc held at a disconnect, given
+    /// their packet ids in rumqttc's order (0 for those without one yet, which
+    /// are the oldest of the FIFO).
+    pub(crate) fn reclaim(&self, pkids: impl Iterator<Item = u16>) -> Vec<Waiter> {
+        let mut inner = self.inner.lock().expect("deliveries poisoned");
+        inner.pending_unassigned = 0;
+        pkids
+            .map(|pkid| {
+                if pkid == 0 {
+                    inner.unassigned.pop_front().flatten()
+                } else {
+                    inner.by_pkid.remove(&pkid).flatten()
+                }
+            })
+            .collect()
     }
 
     /// PUBACK or PUBCOMP for `pkid`.
@@ -144,7 +170,6 @@ impl Deliveries {
     /// The runtime stopped: fail everything.
     pub(crate) fn close(&self) {
         let mut inner = self.inner.lock().expect("deliveries poisoned");
-        inner.closed = true;
         let mut failed: Vec<Waiter> = inner.unassigned.drain(..).collect();
         failed.extend(inner.by_pkid.drain().map(|(_, waiter)| waiter));
         drop(inner);

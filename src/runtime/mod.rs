@@ -49,6 +49,7 @@ mod ack;
 mod backoff;
 pub(crate) mod delivery;
 mod dispatch;
+pub(crate) mod outbox;
 
 use std::{
     fmt,
@@ -75,6 +76,7 @@ use self::{
     backoff::Backoff,
     delivery::Deliveries,
     dispatch::{Counters, Dispatcher, Job},
+    outbox::{Outbox, OutboxLimits},
 };
 use crate::{
     config::{Config, ConfigError},
@@ -217,6 +219,7 @@ pub struct Client {
     mqtt: AsyncClient,
     eventloop: EventLoop,
     deliveries: Arc<Deliveries>,
+    outbox: Arc<Outbox>,
     publisher: Publisher,
     state: watch::Sender<ConnectionState>,
     shutdown: ShutdownHandle,
@@ -251,18 +254,23 @@ impl Client {
         }
         let (client, eventloop) = AsyncClient::new(options, config.request_channel_capacity);
         let deliveries = Arc::new(Deliveries::default());
-        let publisher = Publisher::new(
+        let outbox = Arc::new(Outbox::new(
             client.clone(),
             deliveries.clone(),
-            &config.source_name,
-            config.max_packet_size,
-        );
+            OutboxLimits {
+                max_messages: config.offline_buffer,
+                max_age: config.offline_max_age,
+                overflow: config.offline_overflow,
+            },
+        ));
+        let publisher = Publisher::new(outbox.clone(), &config.source_name, config.max_packet_size);
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Self {
             config,
             mqtt: client,
             eventloop,
             deliveries,
+            outbox,
             publisher,
             state: watch::channel(ConnectionState::Connecting).0,
             shutdown: ShutdownHandle {
@@ -386,6 +394,7 @@ impl Client {
             mqtt: client,
             eventloop,
             deliveries,
+            outbox,
             publisher,
             state,
             shutdown,
@@ -441,6 +450,7 @@ impl Client {
             dispatcher: dispatcher.clone(),
             acks,
             deliveries: deliveries.clone(),
+            outbox: outbox.clone(),
             publisher: publisher.clone(),
             state: state.clone(),
             connections,
@@ -448,6 +458,7 @@ impl Client {
             stopping: stopping.clone(),
         };
         let poll_task = tokio::spawn(poll.run());
+        let drain_task = tokio::spawn(outbox.clone().drain());
         let heartbeat_task =
             heartbeat.map(|hb| tokio::spawn(hb.run(publisher.clone(), state.subscribe())));
 
@@ -485,6 +496,8 @@ impl Client {
                 false
             }
         };
+        outbox.close();
+        let _ = drain_task.await;
         deliveries.close();
         drop(dispatcher);
         // The ack channel closes once the dispatcher and poll loop are gone.
@@ -673,6 +686,7 @@ struct PollLoop<S> {
     dispatcher: Dispatcher<S>,
     acks: Arc<AckSequencer>,
     deliveries: Arc<Deliveries>,
+    outbox: Arc<Outbox>,
     publisher: Publisher,
     state: Arc<watch::Sender<ConnectionState>>,
     connections: Arc<AtomicU64>,
@@ -727,6 +741,7 @@ where
                     connected_at = Some(Instant::now());
                     self.acks.new_connection();
                     self.deliveries.connected(ack.session_present);
+                    self.outbox.connected();
                     self.state.send_replace(ConnectionState::Connected {
                         session_present: ack.session_present,
                     });
@@ -802,6 +817,13 @@ where
                     {
                         backoff.reset();
                     }
+                    // With a clean session the broker forgets everything; take
+                    // rumqttc's unconfirmed publishes back to send them again.
+                    let reclaim = self
+                        .config
+                        .clean_session
+                        .then_some(&mut self.eventloop.pending);
+                    self.outbox.disconnected(reclaim);
                     let pending_unassigned = self
                         .eventloop
                         .pending

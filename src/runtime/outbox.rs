@@ -1,0 +1,255 @@
+//! The way out: publishes go to the client directly while connected, and wait
+//! in a bounded, ordered buffer while not.
+//!
+//! - While connected and nothing is buffered, a publish enters rumqttc's request
+//!   channel at once (it only ever *tries*; a full channel means buffering).
+//! - While disconnected, publishes wait here, at most `max_messages` of them and
+//!   each at most `max_age`. A full buffer rejects the new publish
+//!   ([`DeliveryError::BufferFull`]) or evicts the oldest
+//!   ([`DeliveryError::Evicted`]), as configured; a publish older than
+//!   `max_age` fails with [`DeliveryError::Expired`].
+//! - On reconnect a drain task sends the buffer in order; later publishes queue
+//!   behind it, so order holds.
+//! - With a clean session, publishes that rumqttc held when the connection
+//!   failed (written but unacknowledged, or still in its channel) are taken
+//!   back to the front of the buffer and sent again after the reconnect:
+//!   at-least-once across reconnects. (With a persistent session rumqttc
+//!   replays them itself.)
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, Publish};
+use tokio::{sync::Notify, time::Instant};
+use tracing::{debug, warn};
+
+use super::delivery::{Deliveries, DeliveryError, Waiter};
+
+/// What a full offline buffer does with one more publish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OfflineOverflow {
+    /// Reject the new publish with [`DeliveryError::BufferFull`].
+    #[default]
+    Reject,
+    /// Evict the oldest buffered publish ([`DeliveryError::Evicted`]).
+    DropOldest,
+}
+
+/// Bounds of the offline buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct OutboxLimits {
+    pub(crate) max_messages: usize,
+    pub(crate) max_age: Duration,
+    pub(crate) overflow: OfflineOverflow,
+}
+
+pub(crate) struct Outgoing {
+    pub(crate) topic: String,
+    pub(crate) qos: rumqttc::QoS,
+    pub(crate) retain: bool,
+    pub(crate) payload: Bytes,
+}
+
+struct Entry {
+    message: Outgoing,
+    waiter: Waiter,
+    queued_at: Instant,
+}
+
+struct State {
+    connected: bool,
+    closed: bool,
+    queue: VecDeque<Entry>,
+}
+
+pub(crate) struct Outbox {
+    client: AsyncClient,
+    deliveries: Arc<Deliveries>,
+    limits: OutboxLimits,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+impl Outbox {
+    pub(crate) fn new(
+        client: AsyncClient,
+        deliveries: Arc<Deliveries>,
+        limits: OutboxLimits,
+    ) -> Self {
+        Self {
+            client,
+            deliveries,
+            limits,
+            state: Mutex::new(State {
+                connected: false,
+                closed: false,
+                queue: VecDeque::new(),
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Puts the message into the client's channel; hands it back when the
+    /// channel is full.
+    fn try_send(&self, message: &Outgoing, waiter: &mut Waiter) -> bool {
+        self.deliveries
+            .with_place(waiter, || {
+                self.client.try_publish(
+                    message.topic.as_str(),
+                    message.qos,
+                    message.retain,
+                    message.payload.to_vec(),
+                )
+            })
+            .is_ok()
+    }
+
+    /// Sends or buffers `message`; `waiter` learns the outcome.
+    pub(crate) fn send(&self, message: Outgoing, waiter: Waiter) -> Result<(), DeliveryError> {
+        let mut state = self.state();
+        if state.closed {
+            return Err(DeliveryError::Closed);
+        }
+        let mut waiter = waiter;
+        if state.connected && state.queue.is_empty() && self.try_send(&message, &mut waiter) {
+            return Ok(());
+        }
+        if state.queue.len() >= self.limits.max_messages {
+            match self.limits.overflow {
+                OfflineOverflow::Reject => {
+                    return Err(DeliveryError::BufferFull {
+                        limit: self.limits.max_messages,
+                    })
+                }
+                OfflineOverflow::DropOldest => {
+                    if let Some(oldest) = state.queue.pop_front() {
+                        warn!(topic = %oldest.message.topic, "offline buffer full; evicted the oldest publish");
+                        fail(oldest.waiter, DeliveryError::Evicted);
+                    }
+                }
+            }
+        }
+        state.queue.push_back(Entry {
+            message,
+            waiter,
+            queued_at: Instant::now(),
+        });
+        drop(state);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// CONNACK: start draining.
+    pub(crate) fn connected(&self) {
+        self.state().connected = true;
+        self.wake.notify_one();
+    }
+
+    /// The connection failed. With a clean session, takes the publishes
+    /// rumqttc held back to the front of the buffer (see the module docs).
+    pub(crate) fn disconnected(&self, reclaim_from: Option<&mut VecDeque<rumqttc::Request>>) {
+        let mut state = self.state();
+        state.connected = false;
+        let Some(pending) = reclaim_from else {
+            return;
+        };
+        let mut reclaimed: Vec<Publish> = Vec::new();
+        let mut kept = VecDeque::new();
+        for request in pending.drain(..) {
+            match request {
+                rumqttc::Request::Publish(publish) => reclaimed.push(publish),
+                other => kept.push_back(other),
+            }
+        }
+        *pending = kept;
+        if reclaimed.is_empty() {
+            return;
+        }
+        let waiters = self.deliveries.reclaim(reclaimed.iter().map(|p| p.pkid));
+        debug!(
+            count = reclaimed.len(),
+            "taking back unconfirmed publishes to send again"
+        );
+        let now = Instant::now();
+        for (publish, waiter) in reclaimed.into_iter().zip(waiters).rev() {
+            state.queue.push_front(Entry {
+                message: Outgoing {
+                    topic: publish.topic,
+                    qos: publish.qos,
+                    retain: publish.retain,
+                    payload: publish.payload,
+                },
+                waiter,
+                queued_at: now,
+            });
+        }
+    }
+
+    /// The runtime stopped: fail whatever waits.
+    pub(crate) fn close(&self) {
+        let mut state = self.state();
+        state.closed = true;
+        for entry in state.queue.drain(..) {
+            fail(entry.waiter, DeliveryError::Closed);
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Moves buffered publishes into the client while connected and expires
+    /// old ones; runs until [`Outbox::close`].
+    pub(crate) async fn drain(self: Arc<Self>) {
+        // Often enough to expire on time and to retry a full channel soon.
+        let tick =
+            (self.limits.max_age / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        loop {
+            let wake = self.wake.notified();
+            let full = {
+                let mut state = self.state();
+                if state.closed {
+                    return;
+                }
+                let now = Instant::now();
+                let max_age = self.limits.max_age;
+                while state
+                    .queue
+                    .front()
+                    .is_some_and(|entry| now.duration_since(entry.queued_at) > max_age)
+                {
+                    let entry = state.queue.pop_front().expect("front exists");
+                    warn!(topic = %entry.message.topic, "publish waited longer than the offline limit; dropped");
+                    fail(entry.waiter, DeliveryError::Expired { max_age });
+                }
+                let mut full = false;
+                while state.connected {
+                    let Some(mut entry) = state.queue.pop_front() else {
+                        break;
+                    };
+                    if !self.try_send(&entry.message, &mut entry.waiter) {
+                        state.queue.push_front(entry);
+                        full = true;
+                        break;
+                    }
+                }
+                full
+            };
+            let pause = if full { Duration::from_millis(2) } else { tick };
+            let _ = tokio::time::timeout(pause, wake).await;
+        }
+    }
+}
+
+fn fail(waiter: Waiter, err: DeliveryError) {
+    if let Some(tx) = waiter {
+        let _ = tx.send(Err(err));
+    }
+}
