@@ -110,7 +110,9 @@ impl Health {
     /// `service`.
     pub fn envelope(&self, service: &str) -> Envelope {
         Envelope::new(format!("system.health.{service}"), self)
-            .unwrap_or_else(|_| Envelope::from_map(format!("system.health.{service}"), serde_json::Map::new()))
+            .unwrap_or_else(|_| {
+                Envelope::from_map(format!("system.health.{service}"), serde_json::Map::new())
+            })
             .with_source(service)
     }
 }
