@@ -1,0 +1,227 @@
+//! The cost of the inbound stack per message.
+//!
+//! `inbound/envelope_from_slice` is the floor: decoding a ~200-byte envelope
+//! with `serde_json`, which any receiver pays. `inbound/standard_stack` is a
+//! message through `StandardStack` (decode, dedup, correlation span,
+//! isolation, retry, timeout) into a `Router` with one trivial route. The
+//! difference is what the middleware costs; the `layers/*` group adds one layer
+//! at a time to show where it goes, and `parts/*` times the pieces that
+//! allocate.
+//!
+//! Every message has its own id: the pool of messages is larger than the dedup
+//! cache, so each is new to it, as on a live topic. No tracing subscriber is
+//! installed, so spans and logs cost only their disabled-callsite check.
+//!
+//! Run with `cargo bench --bench inbound`.
+
+// `criterion_group!` defines a public function without docs.
+#![allow(missing_docs)]
+
+use std::{convert::Infallible, fmt::Debug, time::Duration};
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use tokio::runtime::Runtime;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_mqtt::{Envelope, Outcome, Request, Router};
+use tower_mqtt_layers::{
+    correlation_span::CorrelationSpanLayer, decode::DecodeLayer, dedup::DedupKey,
+    isolation::IsolationLayer, retry::MessageRetryLayer, timeout::TimeoutLayer, DedupLayer,
+    EventRegistry, StandardStack,
+};
+
+/// More than the dedup cache holds (2048), so a message is new when it comes
+/// round again.
+const POOL: usize = 16_384;
+
+/// Realistic envelopes of about 200 bytes, each with its own id.
+fn pool() -> Vec<Request<Bytes>> {
+    (0..POOL)
+        .map(|n| {
+            let payload = format!(
+                r#"{{"id":"{n:032x}","type":"llm.request","ts":1732650123.456789,"source":"router","data":{{"text":"turn on the kitchen lights, please","conversation_id":"c-{n}","stream":true}}}}"#
+            );
+            Request::builder("llm/request")
+                .body(Bytes::from(payload))
+                .unwrap()
+        })
+        .collect()
+}
+
+fn router() -> Router {
+    Router::new().route("llm/request", |_req: Request<Envelope>| async {})
+}
+
+fn bench_service<S>(c: &mut Criterion, rt: &Runtime, name: &str, svc: &S, pool: &[Request<Bytes>])
+where
+    S: Service<Request<Bytes>, Response = Outcome> + Clone,
+    S::Error: Debug,
+{
+    let mut next = 0;
+    c.bench_function(name, |b| {
+        b.to_async(rt).iter(|| {
+            let req = pool[next % pool.len()].clone();
+            next += 1;
+            let svc = svc.clone();
+            async move {
+                let outcome = svc.oneshot(req).await.unwrap();
+                assert!(matches!(outcome, Outcome::Handled), "{outcome:?}");
+            }
+        });
+    });
+}
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The floor and the whole stack.
+fn inbound(c: &mut Criterion) {
+    let rt = runtime();
+    let pool = pool();
+    assert!(
+        (190..=230).contains(&pool[0].body().len()),
+        "{}",
+        pool[0].body().len()
+    );
+
+    let mut next = 0;
+    c.bench_function("inbound/envelope_from_slice", |b| {
+        b.iter(|| {
+            let bytes = pool[next % POOL].body();
+            next += 1;
+            black_box(Envelope::from_slice(black_box(bytes)).unwrap())
+        });
+    });
+
+    let stack = StandardStack::new().registry(EventRegistry::fleet());
+    bench_service(
+        c,
+        &rt,
+        "inbound/standard_stack",
+        &stack.service(router()),
+        &pool,
+    );
+}
+
+/// One layer more at a time.
+fn layers(c: &mut Criterion) {
+    let rt = runtime();
+    let pool = pool();
+    let decode = || DecodeLayer::new(EventRegistry::fleet());
+    let with_decode = ServiceBuilder::new().layer(decode());
+    bench_service(
+        c,
+        &rt,
+        "layers/1_decode_router",
+        &with_decode.service(router()),
+        &pool,
+    );
+    let with_dedup = ServiceBuilder::new()
+        .layer(decode())
+        .layer(DedupLayer::new());
+    bench_service(
+        c,
+        &rt,
+        "layers/2_+dedup",
+        &with_dedup.service(router()),
+        &pool,
+    );
+    let with_span = ServiceBuilder::new()
+        .layer(decode())
+        .layer(DedupLayer::new())
+        .layer(CorrelationSpanLayer::new());
+    bench_service(
+        c,
+        &rt,
+        "layers/3_+span",
+        &with_span.service(router()),
+        &pool,
+    );
+    let with_isolation = ServiceBuilder::new()
+        .layer(decode())
+        .layer(DedupLayer::new())
+        .layer(CorrelationSpanLayer::new())
+        .layer(IsolationLayer::new());
+    bench_service(
+        c,
+        &rt,
+        "layers/4_+isolation",
+        &with_isolation.service(router()),
+        &pool,
+    );
+    let with_retry = ServiceBuilder::new()
+        .layer(decode())
+        .layer(DedupLayer::new())
+        .layer(CorrelationSpanLayer::new())
+        .layer(IsolationLayer::new())
+        .layer(MessageRetryLayer::new(3));
+    bench_service(
+        c,
+        &rt,
+        "layers/5_+retry",
+        &with_retry.service(router()),
+        &pool,
+    );
+    let with_timeout = ServiceBuilder::new()
+        .layer(decode())
+        .layer(DedupLayer::new())
+        .layer(CorrelationSpanLayer::new())
+        .layer(IsolationLayer::new())
+        .layer(MessageRetryLayer::new(3))
+        .layer(TimeoutLayer::new(Duration::from_secs(30)));
+    bench_service(
+        c,
+        &rt,
+        "layers/6_+timeout",
+        &with_timeout.service(router()),
+        &pool,
+    );
+}
+
+/// The pieces that allocate.
+fn parts(c: &mut Criterion) {
+    let rt = runtime();
+    let decoded: Vec<Request<Envelope>> = pool()
+        .into_iter()
+        .take(1024)
+        .map(|req| req.map(|bytes| Envelope::from_slice(&bytes).unwrap()))
+        .collect();
+    let mut next = 0;
+    c.bench_function("parts/request_envelope_clone", |b| {
+        b.iter(|| {
+            next += 1;
+            black_box(decoded[next % decoded.len()].clone())
+        });
+    });
+    let mut next = 0;
+    c.bench_function("parts/dedup_key", |b| {
+        b.iter(|| {
+            next += 1;
+            black_box(DedupKey::new(decoded[next % decoded.len()].body()))
+        });
+    });
+    let mut next = 0;
+    let route_only = router();
+    c.bench_function("parts/router_with_request_clone", |b| {
+        b.to_async(&rt).iter(|| {
+            next += 1;
+            let req = decoded[next % decoded.len()].clone();
+            let router = route_only.clone();
+            async move {
+                black_box(
+                    router
+                        .oneshot(req)
+                        .await
+                        .unwrap_or_else(|e: Infallible| match e {}),
+                )
+            }
+        });
+    });
+}
+
+criterion_group!(benches, inbound, layers, parts);
+criterion_main!(benches);

@@ -1,0 +1,463 @@
+//! One tracing span per message, and its correlation id: [`CorrelationSpan`].
+//!
+//! For every message, [`CorrelationSpan`]:
+//!
+//! - opens a span, `mqtt.message` by default, with the fields `correlation_id`
+//!   (the envelope id), `event_type`, `topic`, `qos`, `source`, `retain`, `dup`
+//!   and `raw` (whether the payload was a plain object wrapped by
+//!   [`Decode`](crate::decode::Decode)). The span is entered while the inner
+//!   service's `call` runs and on every poll of its future, so everything the
+//!   inner layers and the handler log carries these fields;
+//! - inserts the id as a [`CorrelationId`] into the request's extensions, for
+//!   code that runs in the inner `call` or hands the id to a spawned task;
+//! - runs the inner future inside [`correlation::scope`], so
+//!   [`correlation::current`] gives the id anywhere in the handler's future, and
+//!   a publish made while handling the message can correlate its reply without
+//!   the id being passed along. A task spawned by the handler does not inherit
+//!   it (pass the extension). Inner services' `call` methods run before the
+//!   future and outside the scope: they read the extension.
+//!
+//! Put it outside error isolation, so the errors isolation logs are inside the
+//! span.
+//!
+//! ```
+//! use tower::{service_fn, BoxError, Layer, ServiceExt};
+//! use tower_mqtt::{correlation::{self, CorrelationId}, Envelope, Outcome, Request};
+//! use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let handler = service_fn(|req: Request<Envelope>| async move {
+//!     let id = req.extensions().get::<CorrelationId>().unwrap();
+//!     assert_eq!(id.as_str(), "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
+//!     assert_eq!(correlation::current().as_ref(), Some(id));
+//!     tracing::info!("handling"); // logged inside the `mqtt.message` span
+//!     Ok::<_, BoxError>(Outcome::Handled)
+//! });
+//! let svc = CorrelationSpanLayer::new().layer(handler);
+//!
+//! let env = Envelope::new("llm.request", serde_json::json!({"text": "hi"}))
+//!     .unwrap()
+//!     .with_id("3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
+//! let req = Request::builder("llm/request").body(env).unwrap();
+//! assert!(matches!(svc.oneshot(req).await.unwrap(), Outcome::Handled));
+//! # }
+//! ```
+
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tower::{Layer, Service};
+use tower_mqtt::{
+    correlation::{self, CorrelationId},
+    Envelope, Request,
+};
+use tracing::{Level, Span};
+
+use crate::decode::RawPayload;
+
+/// Makes the span of a message; implemented for closures
+/// `FnMut(&Request<Envelope>) -> Span`.
+///
+/// ```
+/// use tower_mqtt::{Envelope, Request};
+/// use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
+///
+/// let layer = CorrelationSpanLayer::new().make_span(|req: &Request<Envelope>| {
+///     tracing::debug_span!("job", id = %req.body().id())
+/// });
+/// ```
+pub trait MakeSpan {
+    /// The span for `req`.
+    fn make_span(&mut self, req: &Request<Envelope>) -> Span;
+}
+
+impl<F> MakeSpan for F
+where
+    F: FnMut(&Request<Envelope>) -> Span,
+{
+    fn make_span(&mut self, req: &Request<Envelope>) -> Span {
+        self(req)
+    }
+}
+
+/// The default [`MakeSpan`]: a span named `mqtt.message` with the fields
+/// listed in the [module docs](self), at level `INFO` unless changed.
+///
+/// ```
+/// use tracing::Level;
+/// use tower_mqtt_layers::correlation_span::{CorrelationSpanLayer, DefaultMakeSpan};
+///
+/// let layer = CorrelationSpanLayer::new().make_span(DefaultMakeSpan::new().level(Level::DEBUG));
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct DefaultMakeSpan {
+    level: Level,
+}
+
+impl DefaultMakeSpan {
+    /// At level `INFO`, so the fields accompany every log at `INFO` and above.
+    pub const fn new() -> Self {
+        Self { level: Level::INFO }
+    }
+
+    /// Sets the level of the span.
+    pub const fn level(mut self, level: Level) -> Self {
+        self.level = level;
+        self
+    }
+}
+
+impl Default for DefaultMakeSpan {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MakeSpan for DefaultMakeSpan {
+    fn make_span(&mut self, req: &Request<Envelope>) -> Span {
+        let env = req.body();
+        let raw = req.extensions().get::<RawPayload>().is_some();
+        // `span!` needs its level as a constant.
+        macro_rules! make_span {
+            ($level:expr) => {
+                tracing::span!(
+                    $level,
+                    "mqtt.message",
+                    correlation_id = %env.id(),
+                    event_type = %env.event_type(),
+                    topic = %req.topic(),
+                    qos = u8::from(req.qos()),
+                    source = %env.source(),
+                    retain = req.retain(),
+                    dup = req.dup(),
+                    raw,
+                )
+            };
+        }
+        match self.level {
+            Level::ERROR => make_span!(Level::ERROR),
+            Level::WARN => make_span!(Level::WARN),
+            Level::INFO => make_span!(Level::INFO),
+            Level::DEBUG => make_span!(Level::DEBUG),
+            Level::TRACE => make_span!(Level::TRACE),
+        }
+    }
+}
+
+/// Makes [`CorrelationSpan`] services; see the [module docs](self).
+///
+/// ```
+/// use tower::ServiceBuilder;
+/// use tower_mqtt::Router;
+/// use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
+///
+/// let svc = ServiceBuilder::new().layer(CorrelationSpanLayer::new()).service(Router::new());
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+#[must_use]
+pub struct CorrelationSpanLayer<M = DefaultMakeSpan> {
+    make_span: M,
+}
+
+impl CorrelationSpanLayer {
+    /// With [`DefaultMakeSpan`].
+    pub const fn new() -> Self {
+        Self {
+            make_span: DefaultMakeSpan::new(),
+        }
+    }
+}
+
+impl<M> CorrelationSpanLayer<M> {
+    /// Makes spans with `make_span` instead.
+    pub fn make_span<M2>(self, make_span: M2) -> CorrelationSpanLayer<M2> {
+        CorrelationSpanLayer { make_span }
+    }
+}
+
+impl<S, M: Clone> Layer<S> for CorrelationSpanLayer<M> {
+    type Service = CorrelationSpan<S, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CorrelationSpan {
+            inner,
+            make_span: self.make_span.clone(),
+        }
+    }
+}
+
+/// Runs each message in its own span and correlation scope; see the
+/// [module docs](self).
+///
+/// ```
+/// use tower_mqtt::Router;
+/// use tower_mqtt_layers::CorrelationSpan;
+///
+/// let svc = CorrelationSpan::new(Router::new());
+/// let router: &Router = svc.get_ref();
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[must_use]
+pub struct CorrelationSpan<S, M = DefaultMakeSpan> {
+    inner: S,
+    make_span: M,
+}
+
+impl<S> CorrelationSpan<S> {
+    /// Wraps `inner`, with [`DefaultMakeSpan`].
+    pub const fn new(inner: S) -> Self {
+        Self {
+            inner,
+            make_span: DefaultMakeSpan::new(),
+        }
+    }
+
+    /// A [`CorrelationSpanLayer`] with [`DefaultMakeSpan`].
+    pub const fn layer() -> CorrelationSpanLayer {
+        CorrelationSpanLayer::new()
+    }
+}
+
+impl<S, M> CorrelationSpan<S, M> {
+    /// Makes spans with `make_span` instead.
+    pub fn make_span<M2>(self, make_span: M2) -> CorrelationSpan<S, M2> {
+        CorrelationSpan {
+            inner: self.inner,
+            make_span,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self` and returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, M> Service<Request<Envelope>> for CorrelationSpan<S, M>
+where
+    S: Service<Request<Envelope>>,
+    S::Future: Send + 'static,
+    M: MakeSpan,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Envelope>) -> Self::Future {
+        let span = self.make_span.make_span(&req);
+        let id = CorrelationId::new(req.body().id());
+        req.extensions_mut().insert(id.clone());
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        ResponseFuture {
+            // `correlation::scope` returns an unnameable future: boxing it is
+            // the only way to name this future's type.
+            inner: Box::pin(correlation::scope(id, future)),
+            span,
+        }
+    }
+}
+
+/// The future of [`CorrelationSpan`]: the inner future in the correlation
+/// scope, polled inside the span.
+pub struct ResponseFuture<T, E> {
+    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
+    span: Span,
+}
+
+impl<T, E> Future for ResponseFuture<T, E> {
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        this.inner.as_mut().poll(cx)
+    }
+}
+
+impl<T, E> fmt::Debug for ResponseFuture<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("span", &self.span)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::capture;
+    use std::{convert::Infallible, time::Duration};
+    use tower::{ServiceBuilder, ServiceExt};
+    use tower_mqtt::{Outcome, QoS};
+    use tower_test::mock;
+
+    const ID: &str = "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19";
+
+    fn msg() -> Request<Envelope> {
+        let env = Envelope::new("llm.request", serde_json::json!({"text": "hi"}))
+            .unwrap()
+            .with_id(ID)
+            .with_source("llm-worker");
+        Request::builder("llm/request")
+            .qos(QoS::AtMostOnce)
+            .body(env)
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_handler_sees_the_id_in_extensions_and_scope() {
+        let svc = CorrelationSpan::new(tower::service_fn(|req: Request<Envelope>| async move {
+            tokio::task::yield_now().await;
+            let from_extension = req.extensions().get::<CorrelationId>().cloned();
+            Ok::<_, Infallible>((from_extension, correlation::current()))
+        }));
+        let (from_extension, current) = svc.oneshot(msg()).await.unwrap();
+        assert_eq!(from_extension.unwrap().as_str(), ID);
+        assert_eq!(current.unwrap().as_str(), ID);
+        assert_eq!(
+            correlation::current(),
+            None,
+            "the scope ends with the message"
+        );
+    }
+
+    #[tokio::test]
+    async fn logs_of_call_and_of_every_poll_are_inside_the_span() {
+        #[derive(Clone)]
+        struct Logs;
+        impl Service<Request<Envelope>> for Logs {
+            type Response = Outcome;
+            type Error = Infallible;
+            type Future = Pin<Box<dyn Future<Output = Result<Outcome, Infallible>> + Send>>;
+            fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+                Poll::Ready(Ok(()))
+            }
+            fn call(&mut self, _: Request<Envelope>) -> Self::Future {
+                tracing::info!("in call");
+                Box::pin(async {
+                    tracing::info!("first poll");
+                    tokio::task::yield_now().await;
+                    tracing::info!("second poll");
+                    Ok(Outcome::Handled)
+                })
+            }
+        }
+        let (logs, _guard) = capture();
+        CorrelationSpanLayer::new()
+            .layer(Logs)
+            .oneshot(msg())
+            .await
+            .unwrap();
+        tracing::info!("after");
+        let events = logs.events();
+        assert_eq!(events.len(), 4);
+        for event in &events[..3] {
+            let span = event.span("mqtt.message").expect("inside the span");
+            assert_eq!(span["correlation_id"], ID);
+            assert_eq!(span["event_type"], "llm.request");
+            assert_eq!(span["topic"], "llm/request");
+            assert_eq!(span["qos"], "0");
+            assert_eq!(span["source"], "llm-worker");
+            assert_eq!(span["raw"], "false");
+        }
+        assert!(events[3].span("mqtt.message").is_none());
+    }
+
+    #[tokio::test]
+    async fn raw_payloads_are_flagged_in_the_span() {
+        let (logs, _guard) = capture();
+        let mut req = msg();
+        req.extensions_mut()
+            .insert(RawPayload::new(bytes::Bytes::from_static(b"{}")));
+        let svc = CorrelationSpan::new(tower::service_fn(|_: Request<Envelope>| async {
+            tracing::warn!("handled");
+            Ok::<_, Infallible>(())
+        }));
+        svc.oneshot(req).await.unwrap();
+        assert_eq!(
+            logs.events()[0].span("mqtt.message").unwrap()["raw"],
+            "true"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_custom_span_and_level() {
+        let (logs, _guard) = capture();
+        let svc = CorrelationSpan::new(tower::service_fn(|_: Request<Envelope>| async {
+            tracing::warn!("handled");
+            Ok::<_, Infallible>(())
+        }))
+        .make_span(|req: &Request<Envelope>| tracing::warn_span!("job", id = %req.body().id()));
+        svc.oneshot(msg()).await.unwrap();
+        assert_eq!(logs.events()[0].span("job").unwrap()["id"], ID);
+
+        let svc = CorrelationSpanLayer::new()
+            .make_span(DefaultMakeSpan::new().level(Level::DEBUG))
+            .layer(tower::service_fn(|_: Request<Envelope>| async {
+                tracing::warn!("handled");
+                Ok::<_, Infallible>(())
+            }));
+        svc.oneshot(msg()).await.unwrap();
+        assert_eq!(
+            logs.events()[1].span("mqtt.message").unwrap()["topic"],
+            "llm/request"
+        );
+        assert_eq!(
+            logs.events()[1].span_level("mqtt.message"),
+            Some(Level::DEBUG)
+        );
+    }
+
+    #[tokio::test]
+    async fn errors_pass_through_unchanged() {
+        let (mock, mut handle) = mock::pair::<Request<Envelope>, Outcome>();
+        let svc = CorrelationSpan::new(mock);
+        handle.allow(1);
+        let (result, ()) = tokio::join!(svc.oneshot(msg()), async {
+            let (req, respond) = handle.next_request().await.unwrap();
+            assert_eq!(
+                req.extensions().get::<CorrelationId>().unwrap().as_str(),
+                ID
+            );
+            respond.send_error(std::io::Error::other("boom"));
+        });
+        assert_eq!(result.unwrap_err().to_string(), "boom");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_scope_reaches_through_other_layers() {
+        // CorrelationSpan -> ConcurrencyLimit -> Timeout -> handler.
+        let svc = ServiceBuilder::new()
+            .layer(CorrelationSpanLayer::new())
+            .concurrency_limit(1)
+            .timeout(Duration::from_secs(5))
+            .service(tower::service_fn(|_: Request<Envelope>| async {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Ok::<_, Infallible>(correlation::current())
+            }));
+        let current = svc.oneshot(msg()).await.unwrap();
+        assert_eq!(current.unwrap().as_str(), ID);
+    }
+}

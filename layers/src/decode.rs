@@ -1,0 +1,599 @@
+//! Decoding payloads into envelopes: [`Decode`].
+//!
+//! [`Decode`] turns the raw [`Request<Bytes>`] of a PUBLISH into a
+//! [`Request<Envelope>`] for the services inside it, following the fleet's
+//! receivers (strict envelope first, then plain JSON):
+//!
+//! | payload | becomes |
+//! |---|---|
+//! | a valid envelope (exactly the five keys, right JSON types) | that [`Envelope`] |
+//! | any other JSON object | an envelope around it (`data` = the object), marked [`RawPayload`] |
+//! | a JSON object of envelope keys only, with `type`, that is not a valid envelope (`"data": [1]`, `"ts": "now"`) | [`DecodeError::InvalidEnvelope`] |
+//! | a JSON array, string, number, `true`/`false`, `null` | [`DecodeError::NotAnObject`] |
+//! | not JSON, not UTF-8, empty | [`DecodeError::NotJson`], [`DecodeError::NotUtf8`], [`DecodeError::Empty`] |
+//!
+//! The `type` of a wrapped object is the one the [`EventRegistry`] has for the
+//! topic; else the layer's [default type](DecodeLayer::default_type); else the
+//! topic with `/` replaced by `.` (the fleet's naming: `stt/final` carries
+//! `stt.final`). A wrapped envelope has a fresh id, the current time and the
+//! default source, like the Python receiver's.
+//!
+//! An object with a key the envelope does not have is a raw payload, as in the
+//! Python receiver, which falls back to plain JSON whenever strict validation
+//! fails. Unlike it, an object made only of envelope keys that fails validation
+//! is an error rather than a raw payload: such a message is a broken envelope,
+//! and wrapping it would hand the handler a payload of the wrong shape.
+//!
+//! A decode error is never retried: the outcome is a permanent
+//! [`Outcome::Failed`] holding the [`DecodeError`], and the inner service is not
+//! called. Put `Decode` outermost, so that no retry layer ever sees the bytes.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tower::{service_fn, BoxError, Layer, ServiceExt};
+//! use tower_mqtt::{Envelope, Outcome, Request};
+//! use tower_mqtt_layers::{decode::{DecodeError, DecodeLayer, RawPayload}, EventRegistry};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let handler = service_fn(|req: Request<Envelope>| async move {
+//!     assert_eq!(req.body().event_type(), "stt.final");
+//!     assert!(req.extensions().get::<RawPayload>().is_some());
+//!     Ok::<_, BoxError>(Outcome::Handled)
+//! });
+//! let svc = DecodeLayer::new(EventRegistry::fleet()).layer(handler);
+//!
+//! // A raw JSON object on stt/final is wrapped as an `stt.final` envelope.
+//! let raw = Request::builder("stt/final").body(Bytes::from_static(br#"{"text":"hi"}"#)).unwrap();
+//! assert!(matches!(svc.clone().oneshot(raw).await.unwrap(), Outcome::Handled));
+//!
+//! // Garbage is a permanent failure; the handler never runs.
+//! let bad = Request::builder("stt/final").body(Bytes::from_static(b"\xff")).unwrap();
+//! let outcome = svc.oneshot(bad).await.unwrap();
+//! let err = outcome.error().unwrap();
+//! assert!(!err.is_retryable());
+//! assert!(matches!(err.get_ref().downcast_ref(), Some(DecodeError::NotUtf8(_))));
+//! # }
+//! ```
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use pin_project_lite::pin_project;
+use serde_json::{Map, Value};
+use tower::{Layer, Service};
+use tower_mqtt::{Envelope, EnvelopeError, HandlerError, Outcome, Request, TopicName};
+
+use crate::registry::EventRegistry;
+
+/// Why a payload could not be decoded; see the [module docs](self).
+///
+/// [`Decode`] hands it over inside a permanent [`HandlerError`]:
+///
+/// ```
+/// use tower_mqtt::HandlerError;
+/// use tower_mqtt_layers::DecodeError;
+///
+/// let err = HandlerError::permanent(DecodeError::NotAnObject { found: "array" });
+/// assert_eq!(err.to_string(), "payload is a JSON array, not an object");
+/// assert!(matches!(err.get_ref().downcast_ref(), Some(DecodeError::NotAnObject { .. })));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The payload was empty (as when a retained message is cleared).
+    #[error("empty payload")]
+    Empty,
+    /// The payload is not valid UTF-8, so it cannot be JSON.
+    #[error("payload is not valid UTF-8: {0}")]
+    NotUtf8(#[source] std::str::Utf8Error),
+    /// The payload is UTF-8 but not JSON.
+    #[error("payload is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    /// The payload is JSON but not an object.
+    #[error("payload is a JSON {found}, not an object")]
+    NotAnObject {
+        /// The JSON type that was sent (`array`, `string`, `number`, ...).
+        found: &'static str,
+    },
+    /// The payload is an object of envelope keys that is not a valid envelope:
+    /// a missing or non-string `type`, a key of the wrong JSON type.
+    #[error("{0}")]
+    InvalidEnvelope(#[source] EnvelopeError),
+}
+
+/// Marks a request whose payload was a plain JSON object, not an envelope,
+/// and holds the payload as it arrived.
+///
+/// [`Decode`] inserts it into the extensions of the requests it wraps; the
+/// dedup layer never treats such a request as a duplicate (its envelope id was
+/// made up on arrival), and the dead-letter topic gets the original text.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_mqtt_layers::decode::RawPayload;
+///
+/// let raw = RawPayload::new(Bytes::from_static(br#"{"level":3}"#));
+/// assert_eq!(&raw.payload()[..], br#"{"level":3}"#);
+/// ```
+#[derive(Clone, Debug)]
+pub struct RawPayload(Bytes);
+
+impl RawPayload {
+    /// Marks `payload` as a raw payload.
+    pub const fn new(payload: Bytes) -> Self {
+        Self(payload)
+    }
+
+    /// The payload as it arrived.
+    pub fn payload(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+/// The keys of the envelope; an object of these only is meant as one.
+const ENVELOPE_KEYS: [&str; 5] = ["id", "type", "ts", "source", "data"];
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Config {
+    registry: EventRegistry,
+    default_type: Option<String>,
+}
+
+impl Config {
+    fn decode(&self, req: Request<Bytes>) -> Result<Request<Envelope>, DecodeError> {
+        let (mut parts, bytes) = req.into_parts();
+        match Envelope::from_slice(&bytes) {
+            Ok(envelope) => Ok(Request::from_parts(parts, envelope)),
+            Err(not_an_envelope) => {
+                let object = raw_object(&bytes, not_an_envelope).inspect_err(|error| {
+                    tracing::debug!(topic = %parts.topic, %error, "cannot decode message");
+                })?;
+                let envelope = Envelope::from_map(self.event_type_for(&parts.topic), object);
+                parts.extensions.insert(RawPayload(bytes));
+                Ok(Request::from_parts(parts, envelope))
+            }
+        }
+    }
+
+    fn event_type_for(&self, topic: &TopicName) -> String {
+        if let Some(event_type) = self.registry.event_type_for(topic.as_str()) {
+            return event_type.into_owned();
+        }
+        match &self.default_type {
+            Some(event_type) => event_type.clone(),
+            None => topic.as_str().replace('/', "."),
+        }
+    }
+}
+
+/// The fallback after strict envelope decoding failed: a plain JSON object.
+fn raw_object(
+    bytes: &[u8],
+    not_an_envelope: EnvelopeError,
+) -> Result<Map<String, Value>, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let text = std::str::from_utf8(bytes).map_err(DecodeError::NotUtf8)?;
+    match serde_json::from_str(text).map_err(DecodeError::NotJson)? {
+        Value::Object(object) => {
+            let meant_as_envelope = object.contains_key("type")
+                && object
+                    .keys()
+                    .all(|key| ENVELOPE_KEYS.contains(&key.as_str()));
+            if meant_as_envelope {
+                Err(DecodeError::InvalidEnvelope(not_an_envelope))
+            } else {
+                Ok(object)
+            }
+        }
+        other => Err(DecodeError::NotAnObject {
+            found: json_type(&other),
+        }),
+    }
+}
+
+/// Decodes payloads for the services inside it; see the [module docs](self).
+///
+/// Holds its configuration behind an `Arc`: cloning is cheap, and every
+/// service it makes shares the registry.
+#[derive(Clone, Debug, Default)]
+#[must_use]
+pub struct DecodeLayer {
+    config: Arc<Config>,
+}
+
+impl DecodeLayer {
+    /// Decodes with `registry` for the types of raw payloads.
+    pub fn new(registry: EventRegistry) -> Self {
+        Self {
+            config: Arc::new(Config {
+                registry,
+                default_type: None,
+            }),
+        }
+    }
+
+    /// The type of raw payloads on topics the registry does not know, instead of
+    /// the topic with `/` replaced by `.`.
+    ///
+    /// ```
+    /// use tower_mqtt_layers::{decode::DecodeLayer, EventRegistry};
+    ///
+    /// let layer = DecodeLayer::new(EventRegistry::new()).default_type("raw.json");
+    /// ```
+    pub fn default_type(mut self, event_type: impl Into<String>) -> Self {
+        Arc::make_mut(&mut self.config).default_type = Some(event_type.into());
+        self
+    }
+
+    /// Replaces the registry, keeping the default type.
+    pub(crate) fn with_registry(mut self, registry: EventRegistry) -> Self {
+        Arc::make_mut(&mut self.config).registry = registry;
+        self
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &EventRegistry {
+        &self.config.registry
+    }
+}
+
+impl<S> Layer<S> for DecodeLayer {
+    type Service = Decode<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Decode {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Decodes [`Request<Bytes>`] into [`Request<Envelope>`] for `S`; see the
+/// [module docs](self).
+///
+/// ```
+/// use tower_mqtt::Router;
+/// use tower_mqtt_layers::{Decode, EventRegistry};
+///
+/// let svc = Decode::new(Router::new(), EventRegistry::fleet());
+/// assert_eq!(svc.get_ref().routes().count(), 0);
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct Decode<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Decode<S> {
+    /// Wraps `inner`, with `registry` for the types of raw payloads.
+    pub fn new(inner: S, registry: EventRegistry) -> Self {
+        DecodeLayer::new(registry).layer(inner)
+    }
+
+    /// A [`DecodeLayer`] with `registry`.
+    pub fn layer(registry: EventRegistry) -> DecodeLayer {
+        DecodeLayer::new(registry)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self` and returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Service<Request<Bytes>> for Decode<S>
+where
+    S: Service<Request<Envelope>, Response = Outcome>,
+{
+    type Response = Outcome;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        match self.config.decode(req) {
+            Ok(req) => ResponseFuture {
+                kind: Kind::Inner {
+                    future: self.inner.call(req),
+                },
+            },
+            Err(error) => ResponseFuture {
+                kind: Kind::Failed { error: Some(error) },
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Decode`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    #[derive(Debug)]
+    enum Kind<F> {
+        Inner { #[pin] future: F },
+        Failed { error: Option<DecodeError> },
+    }
+}
+
+impl<F, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Outcome, E>>,
+{
+    type Output = Result<Outcome, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Inner { future } => future.poll(cx),
+            KindProj::Failed { error } => {
+                let error = error.take().expect("polled after completion");
+                Poll::Ready(Ok(Outcome::Failed(HandlerError::permanent(error))))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::ServiceExt;
+    use tower_test::mock;
+
+    fn request(topic: &str, payload: &'static [u8]) -> Request<Bytes> {
+        Request::builder(topic)
+            .body(Bytes::from_static(payload))
+            .unwrap()
+    }
+
+    /// Decodes through the layer with a handler that hands back what it got.
+    async fn decode(
+        layer: &DecodeLayer,
+        topic: &str,
+        payload: &'static [u8],
+    ) -> Result<Request<Envelope>, HandlerError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let svc = layer.layer(tower::service_fn(move |req: Request<Envelope>| {
+            tx.send(req).unwrap();
+            async { Ok::<_, Infallible>(Outcome::Handled) }
+        }));
+        match svc.oneshot(request(topic, payload)).await.unwrap() {
+            Outcome::Handled => Ok(rx.try_recv().unwrap()),
+            Outcome::Failed(err) => {
+                assert!(rx.try_recv().is_err(), "the handler must not run");
+                Err(err)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn decode_error(err: &HandlerError) -> &DecodeError {
+        assert!(!err.is_retryable(), "decode errors are permanent");
+        err.get_ref().downcast_ref().expect("a DecodeError")
+    }
+
+    #[tokio::test]
+    async fn envelopes_decode_as_they_are() {
+        let layer = DecodeLayer::new(EventRegistry::fleet());
+        let req = decode(
+            &layer,
+            "stt/final",
+            br#"{"id":"3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19","type":"stt.final","ts":1732650123.5,"source":"stt-worker","data":{"text":"hi"}}"#,
+        )
+        .await
+        .unwrap();
+        let env = req.body();
+        assert_eq!(env.id(), "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
+        assert_eq!(env.source(), "stt-worker");
+        assert_eq!(env.data()["text"], "hi");
+        assert!(req.extensions().get::<RawPayload>().is_none());
+    }
+
+    #[tokio::test]
+    async fn decoding_keeps_topic_flags_and_extensions() {
+        #[derive(Clone)]
+        struct Tag;
+        let svc =
+            DecodeLayer::default().layer(tower::service_fn(|req: Request<Envelope>| async move {
+                assert_eq!(req.topic(), "a/b");
+                assert_eq!(req.qos(), tower_mqtt::QoS::ExactlyOnce);
+                assert!(req.retain() && req.dup());
+                assert!(req.extensions().get::<Tag>().is_some());
+                Ok::<_, Infallible>(Outcome::Handled)
+            }));
+        let req = Request::builder("a/b")
+            .qos(tower_mqtt::QoS::ExactlyOnce)
+            .retain(true)
+            .dup(true)
+            .extension(Tag)
+            .body(Bytes::from_static(br#"{"type":"x"}"#))
+            .unwrap();
+        assert!(matches!(svc.oneshot(req).await.unwrap(), Outcome::Handled));
+    }
+
+    #[tokio::test]
+    async fn raw_objects_take_the_registered_type() {
+        let layer = DecodeLayer::new(EventRegistry::fleet());
+        let req = decode(
+            &layer,
+            "system/health/stt",
+            br#"{"ok":true,"event":"ready"}"#,
+        )
+        .await
+        .unwrap();
+        assert_eq!(req.body().event_type(), "system.health.stt");
+        assert_eq!(req.body().data()["event"], "ready");
+        assert_eq!(req.body().source(), tower_mqtt::envelope::DEFAULT_SOURCE);
+        assert_eq!(req.body().id().len(), 32);
+        let raw = req.extensions().get::<RawPayload>().expect("marked raw");
+        assert_eq!(&raw.payload()[..], br#"{"ok":true,"event":"ready"}"#);
+    }
+
+    #[tokio::test]
+    async fn unregistered_topics_use_the_default_type_or_the_topic() {
+        let derived = DecodeLayer::new(EventRegistry::fleet());
+        let req = decode(&derived, "camera/front/frame", br#"{"n":1}"#)
+            .await
+            .unwrap();
+        assert_eq!(req.body().event_type(), "camera.front.frame");
+
+        let fixed = derived.clone().default_type("raw.json");
+        let req = decode(&fixed, "camera/front/frame", br#"{"n":1}"#)
+            .await
+            .unwrap();
+        assert_eq!(req.body().event_type(), "raw.json");
+        // The registry still wins, and the clone kept its own setting.
+        let req = decode(&fixed, "tts/say", br#"{"text":"x"}"#).await.unwrap();
+        assert_eq!(req.body().event_type(), "tts.say");
+        let req = decode(&derived, "x/y", br"{}").await.unwrap();
+        assert_eq!(req.body().event_type(), "x.y");
+    }
+
+    #[tokio::test]
+    async fn an_object_with_an_extra_key_is_raw_like_in_python() {
+        let layer = DecodeLayer::new(EventRegistry::fleet());
+        let payload =
+            br#"{"id":"a","type":"tts.say","ts":1.0,"source":"s","data":{},"correlation_id":"x"}"#;
+        let req = decode(&layer, "tts/say", payload).await.unwrap();
+        assert!(req.extensions().get::<RawPayload>().is_some());
+        assert_eq!(req.body().event_type(), "tts.say");
+        assert_eq!(req.body().data()["correlation_id"], "x");
+        assert_ne!(req.body().id(), "a");
+    }
+
+    #[tokio::test]
+    async fn malformed_payloads_are_typed_permanent_errors() {
+        let layer = DecodeLayer::new(EventRegistry::fleet());
+        let err = decode(&layer, "a", b"").await.unwrap_err();
+        assert!(matches!(decode_error(&err), DecodeError::Empty));
+        let err = decode(&layer, "a", b"{\"text\":\"\xff\"}")
+            .await
+            .unwrap_err();
+        assert!(matches!(decode_error(&err), DecodeError::NotUtf8(_)));
+        let err = decode(&layer, "a", b"not json").await.unwrap_err();
+        assert!(matches!(decode_error(&err), DecodeError::NotJson(_)));
+        let err = decode(&layer, "a", b"{\"a\":1").await.unwrap_err();
+        assert!(matches!(decode_error(&err), DecodeError::NotJson(_)));
+        for (payload, found) in [
+            (&b"[1,2,3]"[..], "array"),
+            (b"\"text\"", "string"),
+            (b"42", "number"),
+            (b"null", "null"),
+            (b"true", "boolean"),
+        ] {
+            let svc = layer.layer(tower::service_fn(|_: Request<Envelope>| async {
+                Ok::<_, Infallible>(Outcome::Handled)
+            }));
+            let req = Request::builder("a")
+                .body(Bytes::copy_from_slice(payload))
+                .unwrap();
+            let outcome = svc.oneshot(req).await.unwrap();
+            let err = outcome.error().unwrap();
+            match decode_error(err) {
+                DecodeError::NotAnObject { found: got } => assert_eq!(*got, found),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(
+                err.to_string(),
+                format!("payload is a JSON {found}, not an object")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn broken_envelopes_are_errors_not_raw_payloads() {
+        let layer = DecodeLayer::new(EventRegistry::fleet());
+        for payload in [
+            &br#"{"id":"a","type":"t","ts":1.0,"source":"s","data":[1,2]}"#[..],
+            br#"{"type":"t","data":"text"}"#,
+            br#"{"type":"t","ts":"yesterday"}"#,
+            br#"{"type":7}"#,
+            br#"{"id":1,"type":"t"}"#,
+        ] {
+            let svc = layer.layer(tower::service_fn(|_: Request<Envelope>| async {
+                Ok::<_, Infallible>(Outcome::Handled)
+            }));
+            let req = Request::builder("a")
+                .body(Bytes::copy_from_slice(payload))
+                .unwrap();
+            let outcome = svc.oneshot(req).await.unwrap();
+            let err = outcome.error().expect("a failure");
+            assert!(
+                matches!(decode_error(err), DecodeError::InvalidEnvelope(_)),
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+            assert!(err.to_string().starts_with("invalid envelope"), "{err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn decode_errors_never_reach_the_inner_service() {
+        let (mock, mut handle) = mock::pair::<Request<Envelope>, Outcome>();
+        let mut svc = DecodeLayer::default().layer(mock);
+        handle.allow(1);
+        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+        let outcome = svc.call(request("a", b"[]")).await.unwrap();
+        assert!(outcome.is_failed());
+        // The readiness is kept for the next message, which does get through.
+        let call = svc.call(request("a", br#"{"type":"x"}"#));
+        let (req, respond) = handle.next_request().await.unwrap();
+        assert_eq!(req.body().event_type(), "x");
+        respond.send_response(Outcome::Handled);
+        assert!(matches!(call.await.unwrap(), Outcome::Handled));
+    }
+
+    #[tokio::test]
+    async fn inner_errors_pass_through() {
+        let (mock, mut handle) = mock::pair::<Request<Envelope>, Outcome>();
+        let svc = Decode::new(mock, EventRegistry::new());
+        handle.allow(1);
+        let call = svc.oneshot(request("a", br#"{"type":"x"}"#));
+        let ((), result) = tokio::join!(
+            async {
+                let (_, respond) = handle.next_request().await.unwrap();
+                respond.send_error(std::io::Error::other("boom"));
+            },
+            call
+        );
+        assert_eq!(result.unwrap_err().to_string(), "boom");
+    }
+}

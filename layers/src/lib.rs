@@ -1,0 +1,55 @@
+//! Inbound middleware for [tower-mqtt](tower_mqtt): decode, dedup,
+//! correlation spans, error isolation, retry and timeout.
+//!
+//! Each middleware is an ordinary [`tower::Layer`], usable on its own, in any
+//! `ServiceBuilder`, or around a single route with
+//! [`Router::layer`](tower_mqtt::Router::layer). [`StandardStack`] composes
+//! them in the order the runtime expects:
+//!
+//! | layer | module | what it does |
+//! |---|---|---|
+//! | [`DecodeLayer`] | [`decode`] | `Request<Bytes>` to `Request<Envelope>`; raw JSON objects wrapped with a type from the [`EventRegistry`]; typed, permanent decode errors |
+//! | [`DedupLayer`] | [`dedup`] | copies of handled envelopes answered with `Outcome::Duplicate` (TTL cache keyed like the fleet) |
+//! | [`CorrelationSpanLayer`] | [`correlation_span`] | a `mqtt.message` span per message; the correlation id in the extensions and in `correlation::current()` |
+//! | [`IsolationLayer`] | [`isolation`] | errors, panics and timeouts become `Outcome::Failed`, logged once; optional dead-letter topic |
+//! | [`MessageRetryLayer`] | [`retry`] | tower's `Retry` with exponential backoff, jitter and a retry budget, for retryable failures |
+//! | [`TimeoutLayer`] | [`timeout`] | tower's timeout, 30 s by default; timeouts are retryable |
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tower::ServiceExt;
+//! use tower_mqtt::{Envelope, Outcome, Request, Router};
+//! use tower_mqtt_layers::{EventRegistry, StandardStack};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let router = Router::new().route("stt/final", |req: Request<Envelope>| async move {
+//!     println!("heard {}", req.body().data()["text"]);
+//! });
+//! let svc = StandardStack::new().registry(EventRegistry::fleet()).service(router);
+//!
+//! // A raw JSON object, as some services publish: wrapped as an `stt.final`.
+//! let req = Request::builder("stt/final").body(Bytes::from_static(br#"{"text":"lights on"}"#)).unwrap();
+//! assert!(matches!(svc.oneshot(req).await.unwrap(), Outcome::Handled));
+//! # }
+//! ```
+
+pub mod correlation_span;
+pub mod decode;
+pub mod dedup;
+pub mod isolation;
+pub mod registry;
+pub mod retry;
+pub mod stack;
+pub mod timeout;
+
+#[cfg(test)]
+mod test_util;
+
+pub use correlation_span::{CorrelationSpan, CorrelationSpanLayer};
+pub use decode::{Decode, DecodeError, DecodeLayer, RawPayload};
+pub use dedup::{Dedup, DedupKey, DedupLayer};
+pub use isolation::{DeadLetter, Isolation, IsolationLayer};
+pub use registry::EventRegistry;
+pub use retry::{MessageRetry, MessageRetryLayer, MessageRetryPolicy};
+pub use stack::{StandardService, StandardStack};
+pub use timeout::{Timeout, TimeoutLayer};
