@@ -123,13 +123,22 @@ async fn main() {
     // Interleaved so drift in the machine's load hits both sides alike.
     for _ in 0..rounds {
         raw.push(rate(messages, raw_rumqttc(broker.port(), messages).await));
-        ours.push(rate(messages, tower_mqtt_publisher(&broker.url(), messages).await));
+        ours.push(rate(
+            messages,
+            tower_mqtt_publisher(&broker.url(), messages).await,
+        ));
     }
     let (raw, ours) = (median(raw), median(ours));
     println!();
-    println!("confirmed QoS 1 publishes, {messages} per round, median of {rounds} rounds, broker: {}", broker.kind());
+    println!(
+        "confirmed QoS 1 publishes, {messages} per round, median of {rounds} rounds, broker: {}",
+        broker.kind()
+    );
     println!("| client                      | msgs/s   | ratio |");
     println!("|-----------------------------|----------|-------|");
     println!("| raw rumqttc                 | {raw:>8.0} | 1.00  |");
-    println!("| tower-mqtt Publisher        | {ours:>8.0} | {:.2}  |", ours / raw);
+    println!(
+        "| tower-mqtt Publisher        | {ours:>8.0} | {:.2}  |",
+        ours / raw
+    );
 }
