@@ -77,10 +77,13 @@ pub enum PublishError {
 pub use crate::runtime::outbox::OfflineOverflow;
 
 impl PublishError {
-    /// Whether sending again might succeed (a lost session); size and topic
-    /// errors will not go away.
+    /// Whether sending again might succeed (a lost session, a full offline
+    /// buffer); size, topic and expiry errors will not go away.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Delivery(DeliveryError::SessionLost))
+        matches!(
+            self,
+            Self::Delivery(DeliveryError::SessionLost | DeliveryError::BufferFull { .. })
+        )
     }
 }
 

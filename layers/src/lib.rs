@@ -15,6 +15,9 @@
 //! | [`MessageRetryLayer`] | [`retry`] | tower's `Retry` with exponential backoff, jitter and a retry budget, for retryable failures |
 //! | [`TimeoutLayer`] | [`timeout`] | tower's timeout, 30 s by default; timeouts are retryable |
 //!
+//! Outgoing publishes have a mirrored stack in [`outbound`]: correlate, encode,
+//! size guard, retry and timeout in front of the runtime's `Publisher`.
+//!
 //! ```
 //! use bytes::Bytes;
 //! use tower::ServiceExt;
@@ -37,6 +40,7 @@ pub mod correlation_span;
 pub mod decode;
 pub mod dedup;
 pub mod isolation;
+pub mod outbound;
 pub mod registry;
 pub mod retry;
 pub mod stack;

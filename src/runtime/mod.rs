@@ -67,7 +67,7 @@ use tokio::{
     task::JoinHandle,
     time::Instant,
 };
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 use tracing::{debug, error, info, warn};
 
 pub use self::delivery::DeliveryError;
@@ -80,12 +80,24 @@ use self::{
 };
 use crate::{
     config::{Config, ConfigError},
+    envelope::Envelope,
     health::{self, Health},
     outcome::{BoxError, Outcome},
     publisher::Publisher,
     request::{QoS, Request},
     router::Router,
 };
+
+/// Publishing as a type-erased service: what [`Client::publish_layer`] makes
+/// of the [`Publisher`], and what the runtime publishes health through.
+pub type Outbound = tower::util::BoxCloneSyncService<Request<Envelope>, (), BoxError>;
+
+fn plain_outbound(publisher: Publisher) -> Outbound {
+    Outbound::new(ServiceExt::<Request<Envelope>>::map_err(
+        publisher,
+        BoxError::from,
+    ))
+}
 
 /// The default limit of handlers running at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
@@ -221,6 +233,7 @@ pub struct Client {
     deliveries: Arc<Deliveries>,
     outbox: Arc<Outbox>,
     publisher: Publisher,
+    outbound: Outbound,
     state: watch::Sender<ConnectionState>,
     shutdown: ShutdownHandle,
     max_in_flight: usize,
@@ -271,6 +284,7 @@ impl Client {
             eventloop,
             deliveries,
             outbox,
+            outbound: plain_outbound(publisher.clone()),
             publisher,
             state: watch::channel(ConnectionState::Connecting).0,
             shutdown: ShutdownHandle {
@@ -289,6 +303,43 @@ impl Client {
     /// The connection state, as it changes.
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
         self.state.subscribe()
+    }
+
+    /// Puts `layer` (usually `tower_mqtt_layers::outbound::OutboundStack`)
+    /// in front of the [`Publisher`] for [`Client::outbound`] and for the
+    /// runtime's own health reports.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_mqtt::{config::Config, Client};
+    ///
+    /// # fn main() -> Result<(), tower_mqtt::BoxError> {
+    /// let client = Client::new(Config::new("mqtt://localhost")?)?
+    ///     .publish_layer(tower::timeout::TimeoutLayer::new(Duration::from_secs(5)));
+    /// let outbound = client.outbound(); // a Service<Request<Envelope>>
+    /// # let _ = outbound; Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn publish_layer<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<Publisher>,
+        L::Service: Service<Request<Envelope>, Response = ()> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<Envelope>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Envelope>>>::Future: Send + 'static,
+    {
+        let service = layer.layer(self.publisher.clone());
+        self.outbound = Outbound::new(ServiceExt::<Request<Envelope>>::map_err(
+            service,
+            Into::into,
+        ));
+        self
+    }
+
+    /// Publishing through the layer given to [`Client::publish_layer`] (the
+    /// plain [`Publisher`] without one): for handlers, and as the dead-letter
+    /// sink of the inbound stack.
+    pub fn outbound(&self) -> Outbound {
+        self.outbound.clone()
     }
 
     /// A handle that shuts the client down.
@@ -358,6 +409,7 @@ impl Client {
         let connections = Arc::new(AtomicU64::new(0));
         let counters = Arc::new(Counters::default());
         let publisher = self.publisher.clone();
+        let outbound = self.outbound.clone();
         let stats_view = StatsView {
             counters: counters.clone(),
             connections: connections.clone(),
@@ -371,6 +423,7 @@ impl Client {
             handle,
             state,
             publisher,
+            outbound,
             stats: stats_view,
         }
     }
@@ -396,6 +449,7 @@ impl Client {
             deliveries,
             outbox,
             publisher,
+            outbound,
             state,
             shutdown,
             max_in_flight,
@@ -451,7 +505,7 @@ impl Client {
             acks,
             deliveries: deliveries.clone(),
             outbox: outbox.clone(),
-            publisher: publisher.clone(),
+            outbound: outbound.clone(),
             state: state.clone(),
             connections,
             heartbeat: heartbeat.clone(),
@@ -478,7 +532,7 @@ impl Client {
                 .body(Health::shutdown().envelope(&config.source_name));
             if let Ok(req) = req {
                 health_published = matches!(
-                    tokio::time::timeout(GOODBYE_TIMEOUT, publisher.send_envelope(req)).await,
+                    tokio::time::timeout(GOODBYE_TIMEOUT, outbound.clone().oneshot(req)).await,
                     Ok(Ok(()))
                 );
             }
@@ -536,6 +590,7 @@ pub struct Running {
     handle: ShutdownHandle,
     state: watch::Receiver<ConnectionState>,
     publisher: Publisher,
+    outbound: Outbound,
     stats: StatsView,
 }
 
@@ -596,6 +651,12 @@ impl Running {
     /// A handle to publish with.
     pub fn publisher(&self) -> Publisher {
         self.publisher.clone()
+    }
+
+    /// Publishing through the client's publish layer; see
+    /// [`Client::outbound`].
+    pub fn outbound(&self) -> Outbound {
+        self.outbound.clone()
     }
 
     /// The counters so far.
@@ -687,7 +748,7 @@ struct PollLoop<S> {
     acks: Arc<AckSequencer>,
     deliveries: Arc<Deliveries>,
     outbox: Arc<Outbox>,
-    publisher: Publisher,
+    outbound: Outbound,
     state: Arc<watch::Sender<ConnectionState>>,
     connections: Arc<AtomicU64>,
     heartbeat: Option<Heartbeat>,
@@ -869,7 +930,7 @@ where
     }
 
     fn publish_ready(&self) {
-        let publisher = self.publisher.clone();
+        let outbound = self.outbound.clone();
         let service = self.config.source_name.clone();
         tokio::spawn(async move {
             let req = Request::builder(health::health_topic(&service))
@@ -877,7 +938,7 @@ where
                 .retain(true)
                 .body(Health::ready().envelope(&service));
             if let Ok(req) = req {
-                if let Err(err) = publisher.send_envelope(req).await {
+                if let Err(err) = outbound.oneshot(req).await {
                     warn!(error = %err, "could not publish health");
                 }
             }

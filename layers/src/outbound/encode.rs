@@ -1,0 +1,138 @@
+//! Envelopes to wire bytes: exactly the five keys, with this service's source.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use tower_mqtt::{Envelope, Request};
+//! use tower_mqtt_layers::outbound::EncodeLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let sink = service_fn(|req: Request<Bytes>| async move {
+//!     Ok::<_, std::convert::Infallible>(req.into_body())
+//! });
+//! let svc = EncodeLayer::new("stt-worker").layer(sink);
+//! let env = Envelope::new("stt.final", serde_json::json!({"text": "hi"})).unwrap();
+//! let bytes = svc.oneshot(Request::builder("stt/final").body(env).unwrap()).await.unwrap();
+//! let wire: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+//! assert_eq!(wire["source"], "stt-worker");
+//! assert_eq!(wire.as_object().unwrap().len(), 5);
+//! # }
+//! ```
+
+use std::{
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::Bytes;
+use tower::{Layer, Service};
+use tower_mqtt::{envelope::DEFAULT_SOURCE, Envelope, Request};
+
+/// Makes [`Encode`] services; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct EncodeLayer {
+    source: Arc<str>,
+}
+
+impl EncodeLayer {
+    /// Encodes envelopes; those that kept the default source get `source`.
+    pub fn new(source: impl AsRef<str>) -> Self {
+        Self {
+            source: source.as_ref().into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for EncodeLayer {
+    type Service = Encode<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Encode {
+            inner,
+            source: self.source.clone(),
+        }
+    }
+}
+
+/// Encodes envelopes to JSON bytes; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Encode<S> {
+    inner: S,
+    source: Arc<str>,
+}
+
+impl<S> Encode<S> {
+    /// Encodes for `inner`, stamping `source` on envelopes with the default one.
+    pub fn new(inner: S, source: impl AsRef<str>) -> Self {
+        Self {
+            inner,
+            source: source.as_ref().into(),
+        }
+    }
+
+    /// An [`EncodeLayer`].
+    pub fn layer(source: impl AsRef<str>) -> EncodeLayer {
+        EncodeLayer::new(source)
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes `self` and returns the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Service<Request<Envelope>> for Encode<S>
+where
+    S: Service<Request<Bytes>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Envelope>) -> Self::Future {
+        let source = &self.source;
+        self.inner.call(req.map(|envelope| {
+            if envelope.source() == DEFAULT_SOURCE {
+                envelope.with_source(&**source).to_bytes()
+            } else {
+                envelope.to_bytes()
+            }
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt};
+
+    #[tokio::test]
+    async fn keeps_an_explicit_source() {
+        let sink = service_fn(|req: Request<Bytes>| async move {
+            Ok::<_, std::convert::Infallible>(req.into_body())
+        });
+        let svc = EncodeLayer::new("me").layer(sink);
+        let env = Envelope::new("a.b", serde_json::json!({}))
+            .unwrap()
+            .with_source("them");
+        let bytes = svc
+            .oneshot(Request::builder("a/b").body(env.clone()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(Envelope::from_slice(&bytes).unwrap(), env);
+    }
+}
