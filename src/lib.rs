@@ -62,3 +62,8 @@ pub use router::Router;
 pub use runtime::{Client, ConnectionState, Running, ShutdownHandle, ShutdownReport};
 pub use subscription::{IntoSubscription, Overflow, Subscription};
 pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};
+
+/// The README's examples, compiled as doctests so they cannot drift.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -31,12 +31,16 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How the runtime acknowledges each (QoS 1 and 2 are acknowledged once the
 /// outcome is known, in the order the messages arrived):
 ///
-/// | outcome | acknowledged | logged |
+/// | outcome | acknowledged | logged by the runtime |
 /// |---|---|---|
 /// | `Handled` | yes | debug |
 /// | `Duplicate` | yes, without running the handler | debug |
 /// | `Unrouted` | yes | warn |
-/// | `Failed` | yes, after retries are exhausted, so one bad message cannot block the topic | error |
+/// | `Failed` | yes, after retries are exhausted, so one bad message cannot block the topic | debug (the isolation layer logs the error once, inside the message's span) |
+///
+/// A message dropped by a route's overflow policy is acknowledged too, and
+/// counted; a message still queued or running at shutdown is not, so a
+/// persistent session delivers it again.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Outcome {
