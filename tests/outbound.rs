@@ -442,3 +442,36 @@ async fn an_unacknowledged_publish_is_sent_again_after_a_reconnect() {
     assert_eq!(Envelope::from_slice(&got.payload).unwrap().data()["n"], 7);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_a_persistent_session_rumqttc_replays_the_unacknowledged_publish() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let mut probe = Probe::subscribe(&broker.url(), "replay/z").await;
+    let running = through_proxy(&proxy, "replay", |c| c.with_clean_session(false)).await;
+    let publisher = running.publisher();
+    proxy.stall();
+    let sent = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move { publisher.publish("replay/z", numbered(9)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!sent.is_finished(), "not confirmed while stalled");
+    proxy.cut().await;
+    proxy.resume();
+    tokio::time::timeout(WAIT, sent)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("replayed in the resumed session and confirmed");
+    let got = probe.next(WAIT).await.unwrap();
+    assert_eq!(Envelope::from_slice(&got.payload).unwrap().data()["n"], 9);
+    let mut state = running.state();
+    assert!(matches!(
+        &*state.borrow_and_update(),
+        tower_mqtt::ConnectionState::Connected {
+            session_present: true
+        }
+    ));
+    running.shutdown().await;
+}

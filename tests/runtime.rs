@@ -595,3 +595,119 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
     assert_eq!(report.finished, 0);
     assert!(report.abandoned >= 1, "{report:?}");
 }
+
+#[tokio::test]
+async fn a_stalled_connection_is_detected_by_the_heartbeat_and_replaced() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    // A long keepalive: only the heartbeat can notice the stall in time.
+    let cfg = config(&proxy.url(), "watchdog")
+        .with_keep_alive(Duration::from_secs(60))
+        .with_heartbeat(true)
+        .with_heartbeat_interval(Duration::from_millis(200));
+    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    let mut state = running.state();
+
+    proxy.stall();
+    let stalled_at = Instant::now();
+    let reason = tokio::time::timeout(WAIT, async {
+        loop {
+            state.changed().await.unwrap();
+            if let ConnectionState::Disconnected { reason, .. } = &*state.borrow() {
+                break reason.clone();
+            }
+        }
+    })
+    .await
+    .expect("the stall is detected");
+    assert!(reason.contains("heartbeat"), "{reason}");
+    let detected = stalled_at.elapsed();
+    assert!(
+        detected < Duration::from_secs(5),
+        "detected after {detected:?}"
+    );
+
+    proxy.resume();
+    tokio::time::timeout(WAIT, state.wait_for(ConnectionState::is_connected))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(running.stats().connections >= 2);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn configuration_errors_are_clear_and_secret() {
+    let err = Config::from_lookup(|var| {
+        (var == "MQTT_URL").then(|| "mqtt://fleet:hunter2@broker:notaport".to_owned())
+    })
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("MQTT_URL"), "{text}");
+    assert!(!text.contains("hunter2"), "the password leaked: {text}");
+    assert!(!format!("{err:?}").contains("hunter2"));
+
+    let err = Config::from_lookup(|var| match var {
+        "MQTT_URL" => Some("mqtt://localhost".to_owned()),
+        "MQTT_KEEPALIVE" => Some("soon".to_owned()),
+        _ => None,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("MQTT_KEEPALIVE"), "{err}");
+
+    let missing = Config::from_lookup(|_| None).unwrap_err();
+    assert!(missing.is_missing_url());
+
+    // A value rumqttc would panic on is refused before it gets there.
+    let zero_keepalive = Config::new("mqtt://localhost")
+        .unwrap()
+        .with_keep_alive(Duration::from_millis(200));
+    assert!(Client::new(zero_keepalive).is_err());
+}
+
+#[tokio::test]
+async fn a_handler_publishing_into_a_full_channel_does_not_deadlock() {
+    let broker = TestBroker::start().await;
+    let mut probe = probe::Probe::subscribe(&broker.url(), "fanout/out").await;
+    // A request channel of one: a handler's burst cannot fit.
+    let cfg = config(&broker.url(), "fanout").with_request_channel_capacity(1);
+    let client = Client::new(cfg).unwrap();
+    let publisher = client.publisher();
+    let fan_out = move |_req: Request<Envelope>| {
+        let publisher = publisher.clone();
+        async move {
+            let sends = (0..200).map(|n| {
+                let publisher = publisher.clone();
+                async move {
+                    publisher
+                        .publish(
+                            "fanout/out",
+                            Envelope::new("fan.out", json!({"n": n})).unwrap(),
+                        )
+                        .await
+                }
+            });
+            for result in futures_util::future::join_all(sends).await {
+                result?;
+            }
+            Ok::<_, tower_mqtt::PublishError>(())
+        }
+    };
+    let running = client.spawn(Router::new().route("fanout/in", fan_out), stack());
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    probe::publish_raw(
+        &broker.url(),
+        "fanout/in",
+        envelope_bytes("fan.in", json!({})),
+        WireQoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    let got = probe.take(200, WAIT).await;
+    assert_eq!(got.len(), 200);
+    let report = tokio::time::timeout(WAIT, running.shutdown())
+        .await
+        .unwrap();
+    assert_eq!(report.stats.handled, 1, "{report:?}");
+}

@@ -782,19 +782,37 @@ where
         // keepalive leaves time for the next ping.
         let block_limit = (self.config.keep_alive / 2).max(Duration::from_millis(100));
         info!(broker = %self.config.broker, client_id = %self.config.client_id, "connecting");
+        // rumqttc stops taking requests while an outgoing packet id collides
+        // and waits for an ack that may never come (the livelock seen after
+        // broker restarts): give it one keepalive, then start over.
+        let mut collided_since: Option<Instant> = None;
         loop {
-            let step = tokio::select! {
-                // Abandoning `poll` mid-way is only done when the connection is
-                // abandoned too, so its cancel safety does not matter here.
-                () = force.notified() => {
-                    self.eventloop.clean();
-                    self.eventloop.network = None;
-                    Step::Failed("no heartbeat came back (connection stalled)".to_owned())
+            collided_since = match (&self.eventloop.state.collision, collided_since) {
+                (None, _) => None,
+                (Some(_), None) => Some(Instant::now()),
+                (Some(_), since) => since,
+            };
+            let stuck =
+                collided_since.is_some_and(|since| since.elapsed() > self.config.keep_alive);
+            let step = if stuck {
+                collided_since = None;
+                self.eventloop.clean();
+                self.eventloop.network = None;
+                Step::Failed("outgoing publishes stuck on a packet id collision".to_owned())
+            } else {
+                tokio::select! {
+                    // Abandoning `poll` mid-way is only done when the connection is
+                    // abandoned too, so its cancel safety does not matter here.
+                    () = force.notified() => {
+                        self.eventloop.clean();
+                        self.eventloop.network = None;
+                        Step::Failed("no heartbeat came back (connection stalled)".to_owned())
+                    }
+                    event = self.eventloop.poll() => match event {
+                        Ok(event) => Step::Event(event),
+                        Err(err) => Step::Failed(err.to_string()),
+                    },
                 }
-                event = self.eventloop.poll() => match event {
-                    Ok(event) => Step::Event(event),
-                    Err(err) => Step::Failed(err.to_string()),
-                },
             };
             match step {
                 Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
