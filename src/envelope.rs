@@ -109,7 +109,13 @@ pub fn now() -> f64 {
         .map_or(0.0, |elapsed| elapsed.as_secs_f64())
 }
 
-fn json_type(value: &Value) -> &'static str {
+/// The name of a JSON value's type, for error messages: `null`, `boolean`,
+/// `number`, `string`, `array` or `object`.
+///
+/// ```
+/// assert_eq!(tower_mqtt::envelope::json_type(&serde_json::json!([1])), "array");
+/// ```
+pub fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "boolean",

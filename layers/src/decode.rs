@@ -66,7 +66,9 @@ use bytes::Bytes;
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
-use tower_mqtt::{Envelope, EnvelopeError, HandlerError, Outcome, Request, TopicName};
+use tower_mqtt::{
+    envelope::json_type, Envelope, EnvelopeError, HandlerError, Outcome, Request, TopicName,
+};
 
 use crate::registry::EventRegistry;
 
@@ -137,17 +139,6 @@ impl RawPayload {
 
 /// The keys of the envelope; an object of these only is meant as one.
 const ENVELOPE_KEYS: [&str; 5] = ["id", "type", "ts", "source", "data"];
-
-fn json_type(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(_) => "number",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
-    }
-}
 
 #[derive(Clone, Debug, Default)]
 struct Config {
