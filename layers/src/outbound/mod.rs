@@ -33,10 +33,10 @@
 //! # }
 //! ```
 
-mod correlate;
-mod encode;
-mod retry;
-mod size_guard;
+pub mod correlate;
+pub mod encode;
+pub mod retry;
+pub mod size_guard;
 
 use std::time::Duration;
 
