@@ -711,3 +711,53 @@ async fn a_handler_publishing_into_a_full_channel_does_not_deadlock() {
         .unwrap();
     assert_eq!(report.stats.handled, 1, "{report:?}");
 }
+
+#[tokio::test]
+async fn an_unordered_route_runs_one_topic_concurrently() {
+    let broker = TestBroker::start().await;
+    let running_now = Arc::new(AtomicUsize::new(0));
+    let max_running = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let (running_now, max_running, done) =
+            (running_now.clone(), max_running.clone(), done.clone());
+        move |_req: Request<Envelope>| {
+            let (running_now, max_running, done) =
+                (running_now.clone(), max_running.clone(), done.clone());
+            async move {
+                let now = running_now.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                running_now.fetch_sub(1, Ordering::SeqCst);
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    };
+    let route = Subscription::new("frames/cam").unordered();
+    let running = Client::new(config(&broker.url(), "unordered"))
+        .unwrap()
+        .max_in_flight(4)
+        .spawn(Router::new().route(route, handler), stack());
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    let publisher = running.publisher();
+    for n in 0..12 {
+        publisher
+            .publish(
+                "frames/cam",
+                Envelope::new("frame", json!({"n": n})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(WAIT, async {
+        while done.load(Ordering::SeqCst) < 12 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let max = max_running.load(Ordering::SeqCst);
+    assert!(max >= 2, "one topic ran concurrently: {max}");
+    assert!(max <= 4, "the in-flight limit holds: {max}");
+    running.shutdown().await;
+}

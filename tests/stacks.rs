@@ -235,3 +235,44 @@ async fn raw_python_payloads_and_duplicates_on_the_way_in() {
     let report = running.shutdown().await;
     assert_eq!(report.stats.duplicates, 1, "{report:?}");
 }
+
+#[tokio::test]
+async fn bad_input_and_a_panicking_handler_lose_nothing_else() {
+    let broker = TestBroker::start().await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let good = move |req: Request<Envelope>| {
+        let _ = tx.send(req.body().data()["n"].clone());
+        std::future::ready(())
+    };
+    let explode = |_req: Request<Envelope>| async {
+        let nothing: Option<u8> = None;
+        nothing.expect("a handler bug");
+    };
+    let cfg = config(&broker.url(), "robust");
+    let running = Client::new(cfg.clone()).unwrap().spawn(
+        Router::new()
+            .route("robust/good", good)
+            .route("robust/panic", explode),
+        StandardStack::from_config(&cfg).retry(tower_mqtt_layers::MessageRetryLayer::new(1)),
+    );
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    let url = broker.url();
+    let qos = support::QoS::AtLeastOnce;
+    publish_raw(&url, "robust/good", b"not json at all".to_vec(), qos, false).await;
+    publish_raw(&url, "robust/good", vec![0xff, 0xfe, 0x00], qos, false).await;
+    publish_raw(&url, "robust/good", b"[1,2,3]".to_vec(), qos, false).await;
+    let panicking = Envelope::new("robust.panic", json!({})).unwrap();
+    publish_raw(&url, "robust/panic", panicking.to_vec(), qos, false).await;
+    let fine = Envelope::new("robust.good", json!({"n": 1})).unwrap();
+    publish_raw(&url, "robust/good", fine.to_vec(), qos, false).await;
+
+    let n = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 1, "the good message after the bad ones is handled");
+    let report = running.shutdown().await;
+    assert_eq!(report.stats.failed, 4, "{report:?}");
+    assert_eq!(report.stats.handled, 1, "{report:?}");
+    assert!(report.disconnected_cleanly);
+}
