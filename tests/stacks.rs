@@ -244,9 +244,9 @@ async fn bad_input_and_a_panicking_handler_lose_nothing_else() {
         let _ = tx.send(req.body().data()["n"].clone());
         std::future::ready(())
     };
-    let explode = |_req: Request<Envelope>| async {
-        let nothing: Option<u8> = None;
-        nothing.expect("a handler bug");
+    // A handler bug: it assumes every message carries `n`.
+    let explode = |req: Request<Envelope>| async move {
+        let _n = req.body().data()["n"].as_i64().expect("n is missing");
     };
     let cfg = config(&broker.url(), "robust");
     let running = Client::new(cfg.clone()).unwrap().spawn(
