@@ -32,8 +32,12 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Overflow {
-    /// Stop reading from the broker until the queue has room. Nothing is lost;
-    /// the broker (and TCP) hold the backlog. Keepalive keeps working.
+    /// Lose nothing at QoS 1 and 2: past the capacity, messages still queue,
+    /// and since each is acknowledged only after handling, the broker's
+    /// in-flight window (mosquitto's `max_inflight_messages`, 20 by default)
+    /// stops it sending more. The backlog stays at the broker; the connection
+    /// and its keepalive are never held up. QoS 0 has no such window: past the
+    /// capacity a QoS 0 message is dropped, as with [`Overflow::DropNew`].
     #[default]
     Block,
     /// Discard the oldest queued message to make room: the freshest data wins

@@ -262,7 +262,7 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
 }
 
 /// Publishes `count` QoS 0 messages to `topic` as fast as the client allows.
-async fn flood(url: &str, topic: &str, count: usize) {
+async fn flood(url: &str, topic: &str, count: usize, qos: WireQoS) {
     let (client, mut eventloop) = rumqttc::AsyncClient::new(
         rumqttc::MqttOptions::new(
             probe::unique_id("flood"),
@@ -275,7 +275,7 @@ async fn flood(url: &str, topic: &str, count: usize) {
         client
             .publish(
                 topic,
-                WireQoS::AtMostOnce,
+                qos,
                 false,
                 envelope_bytes("audio.fft", json!({"n": n})),
             )
@@ -343,7 +343,7 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
     .unwrap();
     seen.lock().unwrap().clear();
 
-    flood(&broker.url(), "audio/fft", 200).await;
+    flood(&broker.url(), "audio/fft", 200, WireQoS::AtMostOnce).await;
     // Hold the handler past two keepalive periods: the connection must stay up.
     let deadline = Instant::now() + Duration::from_secs(5);
     while running.stats().received < 201 && Instant::now() < deadline {
@@ -395,10 +395,10 @@ async fn drop_new_keeps_what_was_queued() {
 }
 
 #[tokio::test]
-async fn block_waits_then_keeps_the_connection_alive() {
+async fn block_drops_qos0_past_the_capacity_and_keeps_the_connection() {
     let (stats, handled) = overflow_case(Overflow::Block).await;
-    // Blocking holds the poll loop for at most half the keepalive, then drops
-    // so the connection survives: the queue stays bounded either way.
+    // QoS 0 has no in-flight window to push back with: past the capacity the
+    // newest are dropped, and the connection never waits for the handler.
     assert!(
         handled.windows(2).all(|w| w[0] < w[1]),
         "in order: {handled:?}"
@@ -408,6 +408,71 @@ async fn block_waits_then_keeps_the_connection_alive() {
         handled.len(),
         "every message not dropped was handled: {stats:?}"
     );
+}
+
+#[tokio::test]
+async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
+    let broker = TestBroker::start().await;
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handler = {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        move |req: Request<Envelope>| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            async move {
+                gate.acquire().await.unwrap().forget();
+                seen.lock()
+                    .unwrap()
+                    .push(req.body().data()["n"].as_i64().unwrap());
+            }
+        }
+    };
+    let cfg = config(&broker.url(), "block").with_keep_alive(Duration::from_secs(2));
+    let running = Client::new(cfg).unwrap().spawn(
+        Router::new().route(Subscription::new("jobs/slow").capacity(8), handler),
+        stack(),
+    );
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+
+    let total = 120;
+    let sender = Client::new(config(&broker.url(), "block-tx"))
+        .unwrap()
+        .spawn(Router::new(), stack());
+    for n in 0..total {
+        let job = Envelope::new("jobs.slow", json!({"n": n})).unwrap();
+        sender.publisher().publish("jobs/slow", job).await.unwrap();
+    }
+    sender.shutdown().await;
+    // Hold every handler past two keepalives.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = running.stats();
+    assert!(
+        held.received < u64::try_from(total).unwrap(),
+        "the broker held messages back while none were acknowledged: {held:?}"
+    );
+    gate.add_permits(total);
+    tokio::time::timeout(WAIT, async {
+        while seen.lock().unwrap().len() < total {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "every message handled once the handler catches up: {} of {total}, {:?}",
+            seen.lock().unwrap().len(),
+            running.stats(),
+        )
+    });
+    let order = seen.lock().unwrap().clone();
+    assert_eq!(
+        order,
+        (0..i64::try_from(total).unwrap()).collect::<Vec<_>>()
+    );
+    let totals = running.stats();
+    assert_eq!(totals.dropped_new + totals.dropped_oldest, 0, "{totals:?}");
+    assert_eq!(totals.connections, 1, "no reconnect: {totals:?}");
+    running.shutdown().await;
 }
 
 #[tokio::test]

@@ -37,11 +37,11 @@ struct Line {
 /// single task drains into the client (so their order is kept).
 pub(crate) struct AckSequencer {
     line: Mutex<Line>,
-    released: mpsc::UnboundedSender<Publish>,
+    released: mpsc::UnboundedSender<(u64, Publish)>,
 }
 
 impl AckSequencer {
-    pub(crate) fn new(released: mpsc::UnboundedSender<Publish>) -> Self {
+    pub(crate) fn new(released: mpsc::UnboundedSender<(u64, Publish)>) -> Self {
         Self {
             line: Mutex::new(Line {
                 epoch: 0,
@@ -96,8 +96,13 @@ impl AckSequencer {
             let slot = line.slots.pop_front().expect("front exists");
             // The receiver lives as long as the runtime; after shutdown there
             // is nothing left to acknowledge to.
-            let _ = self.released.send(slot.publish);
+            let _ = self.released.send((line.epoch, slot.publish));
         }
+    }
+
+    /// The current connection's epoch.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.line.lock().expect("ack line poisoned").epoch
     }
 
     /// Forgets the slots of the previous connection.
@@ -124,9 +129,9 @@ mod tests {
         p
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<Publish>) -> Vec<u16> {
+    fn drain(rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>) -> Vec<u16> {
         let mut out = Vec::new();
-        while let Ok(p) = rx.try_recv() {
+        while let Ok((_, p)) = rx.try_recv() {
             out.push(p.pkid);
         }
         out

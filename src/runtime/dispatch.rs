@@ -16,10 +16,12 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
-    time::Duration,
 };
 
+use std::panic::AssertUnwindSafe;
+
 use bytes::Bytes;
+use futures_util::FutureExt;
 use tokio::{sync::Notify, task::JoinSet, time::Instant};
 use tower::{Service, ServiceExt};
 use tracing::{debug, error, warn};
@@ -45,9 +47,9 @@ struct Queue {
     ordered: bool,
     jobs: VecDeque<Job>,
     busy_topics: HashSet<TopicName>,
-    /// Set when a blocked push gave up: while the queue stays full, further
-    /// messages are dropped at once instead of each holding the poll loop.
-    shedding: bool,
+    /// Whether the queue is over capacity with QoS 1/2 messages (logged once
+    /// per episode).
+    over: bool,
 }
 
 impl Queue {
@@ -58,7 +60,7 @@ impl Queue {
             ordered: sub.is_none_or(Subscription::is_ordered),
             jobs: VecDeque::new(),
             busy_topics: HashSet::new(),
-            shedding: false,
+            over: false,
         }
     }
 
@@ -178,80 +180,60 @@ where
             .unwrap_or_else(|| routes.routes().count())
     }
 
-    /// Queues a message. With [`Overflow::Block`] and a full queue this waits for
-    /// room, but never past `block_limit`: the poll loop must get back to the
-    /// network before the broker gives up on the keepalive. After such a wait
-    /// the queue sheds load (drops new messages at once, as
-    /// [`Overflow::DropNew`]) until it has room again.
-    pub(crate) async fn push(&self, job: Job, block_limit: Duration) {
+    /// Queues a message, or drops it by the route's overflow policy. Never
+    /// waits: the poll loop calls this, and every publish and acknowledgement
+    /// of the handlers goes through the poll loop, so waiting here for a
+    /// handler to make room would be a circular wait.
+    ///
+    /// [`Overflow::Block`] keeps every QoS 1/2 message, even past the capacity:
+    /// they are acknowledged only after handling, so the broker's in-flight
+    /// window (mosquitto's `max_inflight_messages`, 20 by default) stops the
+    /// broker sending more. That is the backpressure, and it bounds the queue.
+    /// QoS 0 messages have no such window; past the capacity they are dropped
+    /// as with [`Overflow::DropNew`].
+    pub(crate) fn push(&self, job: Job) {
         self.shared
             .counters
             .received
             .fetch_add(1, Ordering::Relaxed);
         let index = self.queue_index(job.request.topic());
-        let deadline = Instant::now() + block_limit;
-        let mut job = job;
-        loop {
-            let progress = self.shared.progress.notified();
-            tokio::pin!(progress);
-            progress.as_mut().enable();
-            match self.try_push(index, job) {
-                None => return,
-                Some(back) => job = back,
-            }
-            if tokio::time::timeout_at(deadline, progress).await.is_err() {
-                warn!(
-                    topic = %job.request.topic(),
-                    waited_ms = block_limit.as_millis(),
-                    "queue still full; shedding new messages to keep the connection alive"
-                );
-                self.shared
-                    .state
-                    .lock()
-                    .expect("dispatcher poisoned")
-                    .queues[index]
-                    .shedding = true;
-                self.drop_job(job, &self.shared.counters.dropped_new);
-                return;
-            }
-        }
-    }
-
-    /// Queues or drops the job by the queue's policy; hands it back when the
-    /// policy is to wait.
-    fn try_push(&self, index: usize, job: Job) -> Option<Job> {
         let mut state = self.shared.state.lock().expect("dispatcher poisoned");
         if !state.accepting {
             // Shutting down: leave it unacknowledged, so a persistent session
             // gets it again.
-            return None;
+            return;
         }
         let queue = &mut state.queues[index];
         if queue.jobs.len() >= queue.capacity {
             match queue.overflow {
-                Overflow::Block if queue.shedding => {
-                    self.drop_job(job, &self.shared.counters.dropped_new);
-                    return None;
+                Overflow::Block if job.ack.is_some() => {
+                    if !queue.over {
+                        queue.over = true;
+                        warn!(
+                            topic = %job.request.topic(),
+                            capacity = queue.capacity,
+                            "queue full; holding acknowledgements so the broker stops sending"
+                        );
+                    }
                 }
-                Overflow::Block => return Some(job),
+                Overflow::Block | Overflow::DropNew => {
+                    warn!(topic = %job.request.topic(), "queue full; dropped the new message");
+                    drop(state);
+                    self.drop_job(job, &self.shared.counters.dropped_new);
+                    return;
+                }
                 Overflow::DropOldest => {
                     if let Some(oldest) = queue.jobs.pop_front() {
                         warn!(topic = %oldest.request.topic(), "queue full; dropped the oldest message");
                         self.drop_job(oldest, &self.shared.counters.dropped_oldest);
                     }
                 }
-                Overflow::DropNew => {
-                    warn!(topic = %job.request.topic(), "queue full; dropped the new message");
-                    self.drop_job(job, &self.shared.counters.dropped_new);
-                    return None;
-                }
             }
+        } else {
+            queue.over = false;
         }
-        let queue = &mut state.queues[index];
-        queue.shedding = false;
-        queue.jobs.push_back(job);
+        state.queues[index].jobs.push_back(job);
         self.pump(&mut state);
-        None
     }
 
     /// A dropped message is acknowledged: dropping is the policy's decision,
@@ -294,7 +276,17 @@ where
             .lock()
             .expect("service poisoned")
             .clone();
-        let outcome = service.oneshot(job.request).await;
+        // The stack is the user's: a panic in it must not leak this job's
+        // in-flight slot, its topic's turn or its acknowledgement.
+        let outcome = match AssertUnwindSafe(service.oneshot(job.request))
+            .catch_unwind()
+            .await
+        {
+            Ok(outcome) => outcome.map_err(Into::into),
+            Err(panic) => Err(BoxError::from(
+                crate::router::Panicked::from_payload(&*panic).to_string(),
+            )),
+        };
         let counters = &self.shared.counters;
         match outcome {
             Ok(Outcome::Handled) => {
@@ -315,7 +307,7 @@ where
             }
             Err(err) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
-                let err: BoxError = err.into();
+
                 error!(%topic, error = %err, "the service failed; acknowledged");
             }
         }

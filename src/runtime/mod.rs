@@ -463,8 +463,14 @@ impl Client {
         let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
         let acks = Arc::new(AckSequencer::new(ack_tx));
         let ack_client = client.clone();
+        let ack_line = acks.clone();
         let ack_task = tokio::spawn(async move {
-            while let Some(publish) = ack_rx.recv().await {
+            while let Some((epoch, publish)) = ack_rx.recv().await {
+                // An ack of the previous connection would acknowledge a
+                // different message on this one.
+                if epoch != ack_line.epoch() {
+                    continue;
+                }
                 if ack_client.ack(&publish).await.is_err() {
                     break;
                 }
@@ -488,7 +494,19 @@ impl Client {
         let mut filters: Vec<(String, QoS)> = router
             .subscriptions()
             .into_iter()
-            .map(|(filter, qos)| (filter.as_str().to_owned(), qos))
+            .map(|(filter, qos)| {
+                // rumqttc forgets which QoS 2 deliveries await PUBREL when a
+                // connection drops, then treats the broker's resent PUBREL in a
+                // resumed session as an error and reconnects, forever. QoS 1
+                // with dedup gives the same guarantee without that loop.
+                let qos = if qos == QoS::ExactlyOnce && !config.clean_session {
+                    warn!(%filter, "QoS 2 with a persistent session is subscribed at QoS 1");
+                    QoS::AtLeastOnce
+                } else {
+                    qos
+                };
+                (filter.as_str().to_owned(), qos)
+            })
             .collect();
         if let Some(hb) = &heartbeat {
             filters.push((hb.topic.clone(), QoS::AtMostOnce));
@@ -731,7 +749,9 @@ impl Heartbeat {
                     "no heartbeat came back for three intervals; reconnecting"
                 );
                 *self.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
-                self.force_reconnect.notify_one();
+                // Only a poll loop waiting on this connection hears it; a
+                // stored permit could cut the next, healthy one.
+                self.force_reconnect.notify_waiters();
             }
         }
     }
@@ -778,9 +798,6 @@ where
             .heartbeat
             .as_ref()
             .map_or_else(|| Arc::new(Notify::new()), |hb| hb.force_reconnect.clone());
-        // The Block policy may hold the poll loop this long; half the
-        // keepalive leaves time for the next ping.
-        let block_limit = (self.config.keep_alive / 2).max(Duration::from_millis(100));
         info!(broker = %self.config.broker, client_id = %self.config.client_id, "connecting");
         // rumqttc stops taking requests while an outgoing packet id collides
         // and waits for an ack that may never come (the livelock seen after
@@ -818,6 +835,7 @@ where
                 Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.connections.fetch_add(1, Ordering::Relaxed);
                     connected_at = Some(Instant::now());
+                    collided_since = None;
                     self.acks.new_connection();
                     self.deliveries.connected(ack.session_present);
                     self.outbox.connected();
@@ -847,9 +865,7 @@ where
                     let ack = self.acks.register(&publish);
                     match Request::from_publish(&publish) {
                         Ok(request) => {
-                            self.dispatcher
-                                .push(Job { request, ack }, block_limit)
-                                .await;
+                            self.dispatcher.push(Job { request, ack });
                         }
                         Err(err) => {
                             warn!(topic = %publish.topic, error = %err, "invalid topic; acknowledged and skipped");
@@ -896,6 +912,11 @@ where
                     {
                         backoff.reset();
                     }
+                    // Acknowledgements still on their way belong to the old
+                    // connection; its packet ids mean nothing to the next one.
+                    self.acks.new_connection();
+                    self.salvage_events();
+                    self.release_collision();
                     // With a clean session the broker forgets everything; take
                     // rumqttc's unconfirmed publishes back to send them again.
                     let reclaim = self
@@ -926,6 +947,39 @@ where
                 }
             }
         }
+    }
+
+    /// Reads the events rumqttc buffered before the connection failed (it
+    /// records an outgoing publish before writing it, and reads packets in
+    /// batches): a publish it reported written and acks that arrived still
+    /// count, or the confirmation FIFO would drift by one. Incoming publishes
+    /// are left unacknowledged; the broker sends them again if it can.
+    fn salvage_events(&mut self) {
+        for event in self.eventloop.state.events.drain(..) {
+            match event {
+                Event::Outgoing(Outgoing::Publish(pkid)) => self.deliveries.written(pkid),
+                Event::Incoming(Packet::PubAck(ack)) => self.deliveries.confirmed(ack.pkid),
+                Event::Incoming(Packet::PubComp(comp)) => self.deliveries.confirmed(comp.pkid),
+                _ => {}
+            }
+        }
+    }
+
+    /// rumqttc keeps a publish that collided on a packet id outside its pending
+    /// list, and keeps refusing requests while it holds one, even across
+    /// reconnects. Put it back where it belongs: before the publishes that came
+    /// after it, as the oldest one without a packet id.
+    fn release_collision(&mut self) {
+        let Some(mut publish) = self.eventloop.state.collision.take() else {
+            return;
+        };
+        publish.pkid = 0;
+        let pending = &mut self.eventloop.pending;
+        let at = pending
+            .iter()
+            .position(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
+            .unwrap_or(pending.len());
+        pending.insert(at, rumqttc::Request::Publish(publish));
     }
 
     /// Subscribes on its own task: the request channel may be full, and the
