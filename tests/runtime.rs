@@ -291,23 +291,38 @@ async fn flood(url: &str, topic: &str, count: usize, qos: WireQoS) {
     }
 }
 
-async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64>) {
-    let broker = TestBroker::start().await;
+/// A slow handler: each message waits for a permit of `gate`, then its
+/// `data.n` is recorded in `seen`.
+#[allow(clippy::type_complexity)]
+fn gated_recorder() -> (
+    Arc<Mutex<Vec<i64>>>,
+    Arc<tokio::sync::Semaphore>,
+    impl Fn(Request<Envelope>) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+) {
     let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let handler = {
         let (seen, gate) = (seen.clone(), gate.clone());
         move |req: Request<Envelope>| {
             let (seen, gate) = (seen.clone(), gate.clone());
-            async move {
-                // Slow: every message waits for the test to let it through.
+            Box::pin(async move {
                 gate.acquire().await.unwrap().forget();
                 seen.lock()
                     .unwrap()
                     .push(req.body().data()["n"].as_i64().unwrap());
-            }
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
         }
     };
+    (seen, gate, handler)
+}
+
+async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64>) {
+    let broker = TestBroker::start().await;
+    let (seen, gate, handler) = gated_recorder();
     let sub = Subscription::new("audio/fft")
         .qos(tower_mqtt::QoS::AtMostOnce)
         .capacity(8)
@@ -413,20 +428,7 @@ async fn block_drops_qos0_past_the_capacity_and_keeps_the_connection() {
 #[tokio::test]
 async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
     let broker = TestBroker::start().await;
-    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
-    let gate = Arc::new(tokio::sync::Semaphore::new(0));
-    let handler = {
-        let (seen, gate) = (seen.clone(), gate.clone());
-        move |req: Request<Envelope>| {
-            let (seen, gate) = (seen.clone(), gate.clone());
-            async move {
-                gate.acquire().await.unwrap().forget();
-                seen.lock()
-                    .unwrap()
-                    .push(req.body().data()["n"].as_i64().unwrap());
-            }
-        }
-    };
+    let (seen, gate, handler) = gated_recorder();
     let cfg = config(&broker.url(), "block").with_keep_alive(Duration::from_secs(2));
     let running = Client::new(cfg).unwrap().spawn(
         Router::new().route(Subscription::new("jobs/slow").capacity(8), handler),
