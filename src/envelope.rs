@@ -466,6 +466,16 @@ mod tests {
     }
 
     #[test]
+    fn ts_round_trips_exactly() {
+        for i in 0..2000u32 {
+            let ts = 1_732_650_123.0 + f64::from(i) * 0.000_123_457;
+            let env = Envelope::from_map("t", Map::new()).with_ts(ts);
+            let back = Envelope::from_slice(&env.to_vec()).unwrap();
+            assert_eq!(back.ts().to_bits(), ts.to_bits(), "{ts}");
+        }
+    }
+
+    #[test]
     fn non_finite_ts_still_encodes_a_number() {
         let env = Envelope::from_map("t", Map::new()).with_ts(f64::NAN);
         let value: Value = serde_json::from_slice(&env.to_vec()).unwrap();
