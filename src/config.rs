@@ -21,7 +21,11 @@
 //! | `MQTT_RECONNECT_MIN_DELAY` | first delay before reconnecting, seconds | `0.5` |
 //! | `MQTT_RECONNECT_MAX_DELAY` | longest delay before reconnecting, seconds, at least the minimum | `5` |
 //! | `MQTT_CLEAN_SESSION` | ask the broker for a clean session | `true` |
-//! | `MQTT_MAX_PACKET_SIZE` | largest packet sent or received, bytes | `1048576` (1 MiB) |
+//! | `MQTT_MAX_PACKET_SIZE` | largest packet sent, and largest message handed to a handler, bytes | `1048576` (1 MiB) |
+//! | `MQTT_MAX_INCOMING_PACKET_SIZE` | largest packet read from the broker, bytes; a larger one drops the connection | `268435455` (the protocol's limit) |
+//! | `MQTT_MAX_PENDING` | messages held at once (queued, running, or waiting for their acknowledgement's turn) before the client stops reading | `4096` |
+//! | `MQTT_MAX_PENDING_BYTES` | payload bytes of queued and running messages before the client stops reading | `67108864` (64 MiB) |
+//! | `MQTT_ACK_ORDER` | acknowledgement order: `topic` (per topic) or `global` (the whole connection) | `topic` |
 //! | `MQTT_REQUEST_CHANNEL_CAPACITY` | capacity of rumqttc's request channel | `1024` |
 //! | `MQTT_OFFLINE_BUFFER` | publishes kept while disconnected | `1000` |
 //! | `MQTT_OFFLINE_MAX_AGE` | seconds a publish may wait while disconnected | `60` |
@@ -99,6 +103,7 @@ use percent_encoding::percent_decode_str;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
 use crate::publisher::OfflineOverflow;
+use crate::subscription::AckOrder;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 /// Names of the environment variables.
@@ -121,11 +126,16 @@ mod var {
     pub(super) const OFFLINE_BUFFER: &str = "MQTT_OFFLINE_BUFFER";
     pub(super) const OFFLINE_MAX_AGE: &str = "MQTT_OFFLINE_MAX_AGE";
     pub(super) const OFFLINE_OVERFLOW: &str = "MQTT_OFFLINE_OVERFLOW";
+    pub(super) const MAX_INCOMING_PACKET_SIZE: &str = "MQTT_MAX_INCOMING_PACKET_SIZE";
+    pub(super) const MAX_PENDING: &str = "MQTT_MAX_PENDING";
+    pub(super) const MAX_PENDING_BYTES: &str = "MQTT_MAX_PENDING_BYTES";
+    pub(super) const ACK_ORDER: &str = "MQTT_ACK_ORDER";
 }
 
 /// What each variable must look like; quoted in errors.
 mod expect {
     pub(super) const OFFLINE_OVERFLOW: &str = "reject or drop_oldest";
+    pub(super) const ACK_ORDER: &str = "topic or global";
     pub(super) const URL: &str = "a broker URL such as mqtt://host:1883, mqtts://host:8883 \
                                   or mqtt://user:password@host:1883";
     pub(super) const SCHEME: &str = "a URL starting with mqtt:// or mqtts:// \
@@ -172,6 +182,8 @@ const DEFAULT_RECONNECT_MIN_DELAY: Duration = Duration::from_millis(500);
 const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
 const DEFAULT_REQUEST_CHANNEL_CAPACITY: usize = 1024;
+const DEFAULT_MAX_PENDING: usize = 4096;
+const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 const MQTT_PORT: u16 = 1883;
 const MQTTS_PORT: u16 = 8883;
@@ -229,6 +241,26 @@ pub struct Config {
     /// 1024. Pass it to `rumqttc::AsyncClient::new`: rumqttc 0.25 ignores the copy kept
     /// in `MqttOptions`.
     pub request_channel_capacity: usize,
+    /// Largest packet read from the broker, in bytes (`MQTT_MAX_INCOMING_PACKET_SIZE`),
+    /// default the protocol's limit (256 MiB).
+    ///
+    /// rumqttc drops the connection on a packet above this, and the broker sends it
+    /// again on the next connection, forever. At the protocol's limit that cannot
+    /// happen: a message above [`max_packet_size`](Self::max_packet_size) is read,
+    /// reported once at ERROR with its topic and size, acknowledged and dropped. The
+    /// price is that one such message is held in memory while it is read; lower this
+    /// to bound that, accepting that a larger message then wedges the connection.
+    pub max_incoming_packet_size: usize,
+    /// Messages held at once (`MQTT_MAX_PENDING`), default 4096: queued, running, or
+    /// handled and waiting for their acknowledgement's turn. At the limit the client
+    /// stops reading from the broker until a quarter of them are done.
+    pub max_pending: usize,
+    /// Payload bytes of queued and running messages (`MQTT_MAX_PENDING_BYTES`), default
+    /// 64 MiB; works like [`max_pending`](Self::max_pending).
+    pub max_pending_bytes: usize,
+    /// How acknowledgements of different topics are ordered (`MQTT_ACK_ORDER`),
+    /// default [`AckOrder::Topic`].
+    pub ack_order: AckOrder,
     /// Publishes kept while disconnected (`MQTT_OFFLINE_BUFFER`), default 1000.
     pub offline_buffer: usize,
     /// How long a publish may wait while disconnected (`MQTT_OFFLINE_MAX_AGE`),
@@ -334,6 +366,20 @@ impl Config {
                     },
                 )?
                 .unwrap_or(base.offline_overflow),
+            max_incoming_packet_size: vars
+                .parse(var::MAX_INCOMING_PACKET_SIZE, expect::PACKET_SIZE, |raw| {
+                    parse_usize(raw).filter(|n| packet_size_ok(*n))
+                })?
+                .unwrap_or(base.max_incoming_packet_size),
+            max_pending: vars
+                .parse(var::MAX_PENDING, expect::POSITIVE, parse_usize)?
+                .unwrap_or(base.max_pending),
+            max_pending_bytes: vars
+                .parse(var::MAX_PENDING_BYTES, expect::POSITIVE, parse_usize)?
+                .unwrap_or(base.max_pending_bytes),
+            ack_order: vars
+                .parse(var::ACK_ORDER, expect::ACK_ORDER, |raw| raw.parse().ok())?
+                .unwrap_or(base.ack_order),
             ..base
         };
         config.validate()?;
@@ -362,6 +408,10 @@ impl Config {
             clean_session: true,
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             request_channel_capacity: DEFAULT_REQUEST_CHANNEL_CAPACITY,
+            max_incoming_packet_size: MAX_MQTT_PACKET,
+            max_pending: DEFAULT_MAX_PENDING,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
+            ack_order: AckOrder::Topic,
             offline_buffer: 1000,
             offline_max_age: Duration::from_secs(60),
             offline_overflow: OfflineOverflow::Reject,
@@ -457,11 +507,80 @@ impl Config {
         self
     }
 
+    /// Sets the largest packet read from the broker; see
+    /// [`max_incoming_packet_size`](Self::max_incoming_packet_size).
+    ///
+    /// ```
+    /// let config = tower_mqtt::config::Config::new("mqtt://localhost")?
+    ///     .with_max_incoming_packet_size(16 * 1024 * 1024);
+    /// assert_eq!(config.max_incoming_packet_size, 16 * 1024 * 1024);
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_max_incoming_packet_size(mut self, bytes: usize) -> Self {
+        self.max_incoming_packet_size = bytes;
+        self
+    }
+
+    /// Sets the pending limits: messages, and payload bytes; see
+    /// [`max_pending`](Self::max_pending).
+    ///
+    /// ```
+    /// let config = tower_mqtt::config::Config::new("mqtt://localhost")?
+    ///     .with_max_pending(1000, 8 * 1024 * 1024);
+    /// assert_eq!((config.max_pending, config.max_pending_bytes), (1000, 8 * 1024 * 1024));
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_max_pending(mut self, messages: usize, bytes: usize) -> Self {
+        self.max_pending = messages;
+        self.max_pending_bytes = bytes;
+        self
+    }
+
+    /// Sets the acknowledgement order.
+    ///
+    /// ```
+    /// use tower_mqtt::{config::Config, AckOrder};
+    ///
+    /// let config = Config::new("mqtt://localhost")?.with_ack_order(AckOrder::Global);
+    /// assert_eq!(config.ack_order, AckOrder::Global);
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_ack_order(mut self, order: AckOrder) -> Self {
+        self.ack_order = order;
+        self
+    }
+
     /// Sets the capacity of rumqttc's request channel.
     #[must_use]
     pub fn with_request_channel_capacity(mut self, capacity: usize) -> Self {
         self.request_channel_capacity = capacity;
         self
+    }
+
+    /// The checks of the read and pending limits.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        if !packet_size_ok(self.max_incoming_packet_size) {
+            let value = self.max_incoming_packet_size.to_string();
+            return Err(invalid(
+                var::MAX_INCOMING_PACKET_SIZE,
+                value,
+                expect::PACKET_SIZE,
+            ));
+        }
+        if self.max_pending == 0 {
+            return Err(invalid(var::MAX_PENDING, "0".to_owned(), expect::POSITIVE));
+        }
+        if self.max_pending_bytes == 0 {
+            return Err(invalid(
+                var::MAX_PENDING_BYTES,
+                "0".to_owned(),
+                expect::POSITIVE,
+            ));
+        }
+        Ok(())
     }
 
     /// Checks every setting, as [`from_lookup`](Self::from_lookup) does for the
@@ -552,6 +671,7 @@ impl Config {
             let value = seconds(self.offline_max_age);
             return Err(invalid(var::OFFLINE_MAX_AGE, value, expect::SECONDS));
         }
+        self.validate_limits()?;
         if !channel_capacity_ok(self.request_channel_capacity) {
             let value = self.request_channel_capacity.to_string();
             return Err(invalid(
@@ -585,7 +705,7 @@ impl Config {
         options
             .set_keep_alive(self.keep_alive)
             .set_clean_session(self.clean_session)
-            .set_max_packet_size(self.max_packet_size, self.max_packet_size)
+            .set_max_packet_size(self.max_incoming_packet_size, self.max_packet_size)
             .set_request_channel_capacity(self.request_channel_capacity);
         if let Some(credentials) = &self.credentials {
             let password = credentials.password.as_ref().map_or("", Password::expose);
@@ -1215,6 +1335,36 @@ qks9u1Y+c9BgpjniPzSfCbxCdYPgoikijKG+kw0UTi18C90r92kxraKt
         Config::from_lookup(env(&all))
     }
 
+    #[test]
+    fn pending_limits_ack_order_and_incoming_size_come_from_the_environment() {
+        let config = with_url(&[]).unwrap();
+        assert_eq!(config.max_pending, 4096);
+        assert_eq!(config.max_pending_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.ack_order, AckOrder::Topic);
+        assert_eq!(config.max_incoming_packet_size, MAX_MQTT_PACKET);
+        let config = with_url(&[
+            ("MQTT_MAX_PENDING", "100"),
+            ("MQTT_MAX_PENDING_BYTES", "65536"),
+            ("MQTT_ACK_ORDER", "Global"),
+            ("MQTT_MAX_INCOMING_PACKET_SIZE", "2097152"),
+        ])
+        .unwrap();
+        assert_eq!(config.max_pending, 100);
+        assert_eq!(config.max_pending_bytes, 65536);
+        assert_eq!(config.ack_order, AckOrder::Global);
+        assert_eq!(config.max_incoming_packet_size, 2_097_152);
+        for (var, raw) in [
+            ("MQTT_MAX_PENDING", "0"),
+            ("MQTT_MAX_PENDING", "many"),
+            ("MQTT_MAX_PENDING_BYTES", "-1"),
+            ("MQTT_ACK_ORDER", "fifo"),
+            ("MQTT_MAX_INCOMING_PACKET_SIZE", "10"),
+        ] {
+            let error = with_url(&[(var, raw)]).unwrap_err();
+            assert_eq!(error.var(), var, "{var}={raw}");
+        }
+    }
+
     fn url_error(url: &str) -> ConfigError {
         Config::new(url).expect_err(url)
     }
@@ -1751,8 +1901,15 @@ qks9u1Y+c9BgpjniPzSfCbxCdYPgoikijKG+kw0UTi18C90r92kxraKt
         assert_eq!(options.broker_address(), ("broker".to_owned(), 1884));
         assert_eq!(options.keep_alive(), Duration::from_secs(7));
         assert!(!options.clean_session());
-        assert_eq!(options.max_packet_size(), 2048);
+        // Reading is limited only by the protocol, so an oversized message
+        // cannot wedge the connection; 2048 applies to what is sent.
+        assert_eq!(options.max_packet_size(), MAX_MQTT_PACKET);
         assert_eq!(options.request_channel_capacity(), 3);
+        let options = config
+            .with_max_incoming_packet_size(4096)
+            .mqtt_options()
+            .unwrap();
+        assert_eq!(options.max_packet_size(), 4096);
         let login = options.credentials().unwrap();
         assert_eq!(login.username, "svc");
         assert_eq!(login.password, "pw");

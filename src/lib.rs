@@ -60,7 +60,7 @@ pub use publisher::{PublishError, Publisher};
 pub use request::{Extensions, QoS, Request};
 pub use router::Router;
 pub use runtime::{Client, ConnectionState, Running, ShutdownHandle, ShutdownReport};
-pub use subscription::{IntoSubscription, Overflow, Subscription};
+pub use subscription::{Ack, AckOrder, IntoSubscription, Overflow, Subscription, UnknownAckOrder};
 pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};
 
 /// The README's examples, compiled as doctests so they cannot drift.

@@ -32,16 +32,19 @@ pub const DEFAULT_QUEUE_CAPACITY: usize = 256;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Overflow {
-    /// Lose nothing at QoS 1 and 2: past the capacity, messages still queue,
-    /// and since each is acknowledged only after handling, the broker's
-    /// in-flight window (mosquitto's `max_inflight_messages`, 20 by default)
-    /// stops it sending more. The backlog stays at the broker; the connection
-    /// and its keepalive are never held up. QoS 0 has no such window: past the
-    /// capacity a QoS 0 message is dropped, as with [`Overflow::DropNew`].
+    /// Lose nothing at QoS 1 and 2: when the queue reaches its capacity the
+    /// client stops reading from the broker (TCP then makes the broker wait)
+    /// until the route has room again; acknowledgements and publishes keep
+    /// flowing, and a PINGREQ keeps the connection alive. The backlog stays at
+    /// the broker. The broker's own in-flight window is not relied on: a
+    /// mosquitto whose acknowledgements flow sends past it. QoS 0 past the
+    /// capacity is dropped, as with [`Overflow::DropNew`].
     #[default]
     Block,
-    /// Discard the oldest queued message to make room: the freshest data wins
-    /// (audio levels, camera frames).
+    /// Discard the oldest queued message of the same topic to make room: the
+    /// freshest data wins (audio levels, camera frames). When that topic has
+    /// nothing queued (the room is taken by other topics of the route), the
+    /// new message is discarded instead.
     DropOldest,
     /// Discard the new message: what is queued wins.
     DropNew,
@@ -83,6 +86,7 @@ pub struct Subscription {
     capacity: usize,
     overflow: Overflow,
     ordered: bool,
+    ack: Ack,
 }
 
 impl Subscription {
@@ -114,6 +118,7 @@ impl Subscription {
             capacity: DEFAULT_QUEUE_CAPACITY,
             overflow: Overflow::Block,
             ordered: true,
+            ack: Ack::AfterHandling,
         }
     }
 
@@ -142,6 +147,26 @@ impl Subscription {
         self
     }
 
+    /// Sets when this route's QoS 1/2 messages are acknowledged (default
+    /// [`Ack::AfterHandling`]).
+    ///
+    /// ```
+    /// use tower_mqtt::{Ack, Subscription};
+    ///
+    /// // A 30 s model call: a redelivery after a crash would only start it over.
+    /// let llm = Subscription::new("llm/request").ack(Ack::OnReceipt);
+    /// assert_eq!(llm.get_ack(), Ack::OnReceipt);
+    /// ```
+    pub fn ack(mut self, ack: Ack) -> Self {
+        self.ack = ack;
+        self
+    }
+
+    /// When this route's messages are acknowledged.
+    pub fn get_ack(&self) -> Ack {
+        self.ack
+    }
+
     /// The topic filter.
     pub fn filter(&self) -> &TopicFilter {
         &self.filter
@@ -165,6 +190,75 @@ impl Subscription {
     /// Whether messages of one topic are handled in arrival order.
     pub fn is_ordered(&self) -> bool {
         self.ordered
+    }
+}
+
+/// When a route's QoS 1/2 messages are acknowledged to the broker.
+///
+/// ```
+/// use tower_mqtt::{Ack, Subscription};
+///
+/// assert_eq!(Subscription::new("tts/say").get_ack(), Ack::AfterHandling);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Ack {
+    /// When the handler has finished (handled, failed or found a duplicate):
+    /// a message whose handler never finished, because the process died, is
+    /// delivered again by a persistent session. The default.
+    #[default]
+    AfterHandling,
+    /// As soon as the message is queued, before the handler runs: for
+    /// long-running handlers where a redelivery would only repeat work that
+    /// is already lost. A crash loses the message.
+    OnReceipt,
+}
+
+/// How acknowledgements of different topics are ordered among each other
+/// (`MQTT_ACK_ORDER`).
+///
+/// MQTT 3.1.1 section 4.6 asks a client to acknowledge in the order messages
+/// arrived; what it guarantees with that is each topic's order of redelivery.
+/// [`AckOrder::Topic`] keeps that guarantee and lets a slow handler on one
+/// topic hold back only that topic's acknowledgements. [`AckOrder::Global`]
+/// follows the letter of section 4.6: one line for the whole connection, so
+/// a 30 s handler holds back every later acknowledgement on every topic, and
+/// a broker that enforces its in-flight window stops sending meanwhile.
+///
+/// ```
+/// use tower_mqtt::AckOrder;
+///
+/// assert_eq!("global".parse::<AckOrder>().unwrap(), AckOrder::Global);
+/// assert_eq!(AckOrder::default(), AckOrder::Topic);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AckOrder {
+    /// In arrival order within each topic (the default).
+    #[default]
+    Topic,
+    /// In arrival order across the whole connection.
+    Global,
+}
+
+/// A string that names no [`AckOrder`].
+///
+/// ```
+/// assert!("fifo".parse::<tower_mqtt::AckOrder>().is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown acknowledgement order {0:?}: expected topic or global")]
+pub struct UnknownAckOrder(pub String);
+
+impl std::str::FromStr for AckOrder {
+    type Err = UnknownAckOrder;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "topic" => Ok(Self::Topic),
+            "global" => Ok(Self::Global),
+            _ => Err(UnknownAckOrder(s.to_owned())),
+        }
     }
 }
 

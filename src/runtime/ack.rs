@@ -1,121 +1,107 @@
-//! Acknowledgements after handling, released in the order messages arrived.
+//! Acknowledgement lines: PUBACK/PUBREC leave in arrival order, from the head
+//! of a line only.
 //!
-//! MQTT 3.1.1 section 4.6 requires PUBACK (QoS 1) and PUBREC (QoS 2) in the
-//! order the PUBLISH packets were received. Handlers finish in any order, so each
-//! acknowledged message takes a slot on arrival; a finished message marks its
-//! slot, and acknowledgements leave from the head of the line only.
+//! MQTT 3.1.1 section 4.6 asks for acknowledgements in the order the PUBLISH
+//! packets arrived; what it protects is each topic's redelivery order. Handlers
+//! finish in any order, so each acknowledged message takes a slot on arrival; a
+//! finished message marks its slot, and slots leave from the head. The
+//! dispatcher keeps one line per topic (the default, [`AckOrder::Topic`]) or one
+//! for the whole connection ([`AckOrder::Global`]).
 //!
-//! A reconnect starts a new epoch: slots of the old connection are forgotten.
-//! Their packet ids meant nothing to the new connection; with a persistent
-//! session the broker delivers such messages again, with new slots.
+//! A slot keeps the packet id and QoS only, never the payload.
+//!
+//! [`AckOrder::Topic`]: crate::AckOrder::Topic
+//! [`AckOrder::Global`]: crate::AckOrder::Global
 
-use std::{collections::VecDeque, sync::Mutex};
+use std::collections::VecDeque;
 
 use rumqttc::{Publish, QoS};
-use tokio::sync::mpsc;
 
-/// Where a message stands in the acknowledgement order.
-#[derive(Debug)]
-pub(crate) struct AckToken {
-    epoch: u64,
-    seq: u64,
+/// What an acknowledgement needs: the packet id and which packet to send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AckPacket {
+    pub(crate) pkid: u16,
+    pub(crate) qos: QoS,
+}
+
+impl AckPacket {
+    /// The acknowledgement a publish asks for, or `None` for QoS 0.
+    pub(crate) fn of(publish: &Publish) -> Option<Self> {
+        (publish.qos != QoS::AtMostOnce).then_some(Self {
+            pkid: publish.pkid,
+            qos: publish.qos,
+        })
+    }
+
+    /// The publish rumqttc's `AsyncClient::ack` takes: only its QoS and packet
+    /// id are read.
+    pub(crate) fn to_publish(self) -> Publish {
+        let mut publish = Publish::new("", self.qos, bytes::Bytes::new());
+        publish.pkid = self.pkid;
+        publish
+    }
 }
 
 struct Slot {
     seq: u64,
-    publish: Publish,
+    packet: AckPacket,
     done: bool,
 }
 
-struct Line {
-    epoch: u64,
+/// One line of acknowledgements; see the [module docs](self).
+#[derive(Default)]
+pub(crate) struct AckLine {
     next_seq: u64,
     slots: VecDeque<Slot>,
 }
 
-/// Orders acknowledgements; the released packets go to `released`, which a
-/// single task drains into the client (so their order is kept).
-pub(crate) struct AckSequencer {
-    line: Mutex<Line>,
-    released: mpsc::UnboundedSender<(u64, Publish)>,
-}
-
-impl AckSequencer {
-    pub(crate) fn new(released: mpsc::UnboundedSender<(u64, Publish)>) -> Self {
-        Self {
-            line: Mutex::new(Line {
-                epoch: 0,
-                next_seq: 0,
-                slots: VecDeque::new(),
-            }),
-            released,
-        }
-    }
-
-    /// Takes a slot for `publish`, or `None` for QoS 0, which has no
-    /// acknowledgement.
-    pub(crate) fn register(&self, publish: &Publish) -> Option<AckToken> {
-        if publish.qos == QoS::AtMostOnce {
-            return None;
-        }
-        let mut line = self.line.lock().expect("ack line poisoned");
-        let seq = line.next_seq;
-        line.next_seq += 1;
-        line.slots.push_back(Slot {
+impl AckLine {
+    /// Takes the next slot; the returned sequence number completes it.
+    pub(crate) fn push(&mut self, packet: AckPacket) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.slots.push_back(Slot {
             seq,
-            // The payload is not needed for an ack; keep the slot small.
-            publish: Publish {
-                payload: bytes::Bytes::new(),
-                ..publish.clone()
-            },
+            packet,
             done: false,
         });
-        Some(AckToken {
-            epoch: line.epoch,
-            seq,
-        })
+        seq
     }
 
-    /// Marks the message finished and releases every acknowledgement that is
-    /// now at the head of the line.
-    #[allow(clippy::needless_pass_by_value)] // a token is spent: completing twice is a bug
-    pub(crate) fn complete(&self, token: AckToken) {
-        let mut line = self.line.lock().expect("ack line poisoned");
-        if token.epoch != line.epoch {
-            return;
-        }
-        // Slots are in seq order, so the position is found from the front.
-        let front = line.slots.front().map_or(0, |slot| slot.seq);
-        let Ok(index) = usize::try_from(token.seq - front) else {
-            return;
+    /// Marks slot `seq` finished and hands every acknowledgement now at the
+    /// head to `release`; returns how many left.
+    pub(crate) fn complete(&mut self, seq: u64, mut release: impl FnMut(AckPacket)) -> usize {
+        // Slots are in sequence order, so the position is an offset from the head.
+        let Some(front) = self.slots.front().map(|slot| slot.seq) else {
+            return 0;
         };
-        if let Some(slot) = line.slots.get_mut(index) {
-            slot.done = true;
+        let Some(slot) = usize::try_from(seq.wrapping_sub(front))
+            .ok()
+            .and_then(|index| self.slots.get_mut(index))
+        else {
+            return 0;
+        };
+        slot.done = true;
+        let mut released = 0;
+        while self.slots.front().is_some_and(|slot| slot.done) {
+            let slot = self.slots.pop_front().expect("front exists");
+            release(slot.packet);
+            released += 1;
         }
-        while line.slots.front().is_some_and(|slot| slot.done) {
-            let slot = line.slots.pop_front().expect("front exists");
-            // The receiver lives as long as the runtime; after shutdown there
-            // is nothing left to acknowledge to.
-            let _ = self.released.send((line.epoch, slot.publish));
-        }
+        released
     }
 
-    /// The current connection's epoch.
-    pub(crate) fn epoch(&self) -> u64 {
-        self.line.lock().expect("ack line poisoned").epoch
+    /// Whether no slot is waiting.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
     }
 
-    /// Forgets the slots of the previous connection.
-    pub(crate) fn new_connection(&self) {
-        let mut line = self.line.lock().expect("ack line poisoned");
-        line.epoch += 1;
-        line.slots.clear();
-    }
-
-    /// How many messages wait for an acknowledgement.
-    #[cfg(test)]
-    pub(crate) fn pending(&self) -> usize {
-        self.line.lock().expect("ack line poisoned").slots.len()
+    /// Forgets every slot (the connection they belong to is gone); returns how
+    /// many of them were finished and only waiting for their turn.
+    pub(crate) fn clear(&mut self) -> usize {
+        let done = self.slots.iter().filter(|slot| slot.done).count();
+        self.slots.clear();
+        done
     }
 }
 
@@ -123,54 +109,54 @@ impl AckSequencer {
 mod tests {
     use super::*;
 
-    fn publish(pkid: u16, qos: QoS) -> Publish {
-        let mut p = Publish::new("t", qos, vec![1, 2, 3]);
-        p.pkid = pkid;
-        p
+    fn packet(pkid: u16) -> AckPacket {
+        AckPacket {
+            pkid,
+            qos: QoS::AtLeastOnce,
+        }
     }
 
-    fn drain(rx: &mut mpsc::UnboundedReceiver<(u64, Publish)>) -> Vec<u16> {
+    fn complete(line: &mut AckLine, seq: u64) -> Vec<u16> {
         let mut out = Vec::new();
-        while let Ok((_, p)) = rx.try_recv() {
-            out.push(p.pkid);
-        }
+        line.complete(seq, |p| out.push(p.pkid));
         out
     }
 
     #[test]
     fn releases_in_arrival_order() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let seq = AckSequencer::new(tx);
-        let a = seq.register(&publish(1, QoS::AtLeastOnce)).unwrap();
-        let b = seq.register(&publish(2, QoS::ExactlyOnce)).unwrap();
-        let c = seq.register(&publish(3, QoS::AtLeastOnce)).unwrap();
-        seq.complete(c);
-        assert!(drain(&mut rx).is_empty(), "3 must wait for 1 and 2");
-        seq.complete(a);
-        assert_eq!(drain(&mut rx), [1]);
-        seq.complete(b);
-        assert_eq!(drain(&mut rx), [2, 3]);
-        assert_eq!(seq.pending(), 0);
+        let mut line = AckLine::default();
+        let a = line.push(packet(1));
+        let b = line.push(packet(2));
+        let c = line.push(packet(3));
+        assert!(complete(&mut line, c).is_empty(), "3 must wait for 1 and 2");
+        assert_eq!(complete(&mut line, a), [1]);
+        assert_eq!(complete(&mut line, b), [2, 3]);
+        assert!(line.is_empty());
     }
 
     #[test]
-    fn qos0_takes_no_slot() {
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let seq = AckSequencer::new(tx);
-        assert!(seq.register(&publish(0, QoS::AtMostOnce)).is_none());
-        assert_eq!(seq.pending(), 0);
+    fn qos0_asks_for_no_acknowledgement() {
+        let publish = Publish::new("t", QoS::AtMostOnce, vec![1]);
+        assert!(AckPacket::of(&publish).is_none());
+        let mut publish = Publish::new("t", QoS::ExactlyOnce, vec![1]);
+        publish.pkid = 7;
+        let packet = AckPacket::of(&publish).unwrap();
+        let back = packet.to_publish();
+        assert_eq!((back.pkid, back.qos), (7, QoS::ExactlyOnce));
+        assert!(back.payload.is_empty());
     }
 
     #[test]
-    fn a_new_connection_forgets_old_slots() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let seq = AckSequencer::new(tx);
-        let old = seq.register(&publish(1, QoS::AtLeastOnce)).unwrap();
-        seq.new_connection();
-        let new = seq.register(&publish(1, QoS::AtLeastOnce)).unwrap();
-        seq.complete(old);
-        assert!(drain(&mut rx).is_empty());
-        seq.complete(new);
-        assert_eq!(drain(&mut rx), [1]);
+    fn clear_counts_the_finished_slots_it_forgets() {
+        let mut line = AckLine::default();
+        let _a = line.push(packet(1));
+        let b = line.push(packet(2));
+        assert!(complete(&mut line, b).is_empty());
+        assert_eq!(line.clear(), 1);
+        assert!(line.is_empty());
+        assert!(
+            complete(&mut line, b).is_empty(),
+            "a forgotten slot stays forgotten"
+        );
     }
 }

@@ -160,8 +160,8 @@ impl Deliveries {
         }
     }
 
-    /// Publishes not yet confirmed.
-    #[cfg(test)]
+    /// Publishes handed to the client and not yet confirmed: while any is,
+    /// the poll loop must keep reading, or its confirmation never arrives.
     pub(crate) fn unconfirmed(&self) -> usize {
         let inner = self.inner.lock().expect("deliveries poisoned");
         inner.unassigned.len() + inner.by_pkid.len()

@@ -8,13 +8,27 @@
 //!   has stayed up; every CONNACK without a session subscribes again to the
 //!   router's filters. The state is observable with [`Client::state`].
 //! - **Dispatch** on its own tasks: the poll loop never waits for a handler.
-//!   Each route has a bounded queue with an [`Overflow`](crate::Overflow)
-//!   policy; a topic's messages run in arrival order; at most
-//!   [`Client::max_in_flight`] run at once.
+//!   Each topic has a FIFO; a topic's messages run in arrival order, topics
+//!   side by side, at most [`Client::max_in_flight`] at once. Each route has
+//!   a capacity with an [`Overflow`](crate::Overflow) policy.
+//! - **A memory bound of its own**: at most `max_pending` messages and
+//!   `max_pending_bytes` payload bytes are held (queued, running, or waiting
+//!   for their acknowledgement's turn). At the limit the poll loop stops
+//!   reading from the broker, so TCP makes the broker wait, and keeps the
+//!   connection alive with PINGREQs; it reads again below three quarters of
+//!   the limit. While a handler's own QoS 1/2 publish awaits its PUBACK the
+//!   poll loop must read on: QoS 0 past the limit is then dropped, and QoS
+//!   1/2 is withheld (not kept, not acknowledged) and taken back by a
+//!   deliberate reconnect once the held messages are done, which a persistent
+//!   session makes lossless; a clean session, which could not deliver them
+//!   again, keeps them instead. [`Stats`] counts every case.
 //! - **Acknowledgement after handling**: QoS 1 and 2 messages are acknowledged
-//!   when their outcome is known (see [`Outcome`]), in the order they
-//!   arrived. With `clean_session = false`, a message whose handler never
-//!   finished (the process died) is delivered again.
+//!   when their outcome is known (see [`Outcome`]), in arrival order within
+//!   each topic (or across the connection: [`AckOrder`](crate::AckOrder)),
+//!   so a slow handler holds back only its own topic. A route can ask for
+//!   acknowledgement on receipt instead ([`Ack`](crate::Ack)). With
+//!   `clean_session = false`, a message whose handler never finished (the
+//!   process died) is delivered again.
 //! - **Health and heartbeat** when enabled in the [`Config`]: retained health
 //!   on connect and shutdown and as the Last Will; a heartbeat that the client
 //!   also subscribes to, so a heartbeat that does not come back within three
@@ -72,10 +86,10 @@ use tracing::{debug, error, info, warn};
 
 pub use self::delivery::DeliveryError;
 use self::{
-    ack::AckSequencer,
+    ack::AckPacket,
     backoff::Backoff,
     delivery::Deliveries,
-    dispatch::{Counters, Dispatcher, Job},
+    dispatch::{Counters, Dispatcher, Limits, OverLimit},
     outbox::{Outbox, OutboxLimits},
 };
 use crate::{
@@ -161,12 +175,52 @@ pub struct Stats {
     /// Dropped by [`Overflow::DropNew`](crate::Overflow::DropNew), or by
     /// [`Overflow::Block`](crate::Overflow::Block) after waiting too long.
     pub dropped_new: u64,
+    /// QoS 0 messages dropped because the pending limits were reached.
+    pub dropped_over_limit: u64,
+    /// QoS 1/2 messages read past the pending limits and withheld: neither
+    /// kept nor acknowledged, so that the persistent session delivers them
+    /// again after the deliberate reconnect counted in `recoveries`.
+    pub withheld: u64,
+    /// QoS 1/2 messages read past the pending limits and kept, because a
+    /// clean session could not deliver them again.
+    pub kept_over_limit: u64,
+    /// Messages larger than `max_packet_size`: acknowledged and dropped.
+    pub oversized: u64,
+    /// Messages whose topic was not a valid topic name: acknowledged and
+    /// dropped.
+    pub invalid_topic: u64,
+    /// Messages held now: queued, running, or handled and waiting for their
+    /// acknowledgement's turn. Bounded by `max_pending`.
+    pub pending: u64,
+    /// The most messages held at once so far.
+    pub peak_pending: u64,
+    /// Payload bytes of queued and running messages now.
+    pub pending_bytes: u64,
+    /// The most payload bytes held at once so far.
+    pub peak_pending_bytes: u64,
+    /// Times the client stopped reading from the broker because the pending
+    /// limits were reached.
+    pub read_pauses: u64,
+    /// Deliberate reconnects that took withheld messages back from the
+    /// broker.
+    pub recoveries: u64,
     /// Connections made (the first one and every reconnect).
     pub connections: u64,
+    /// Connection attempts and connections that failed.
+    pub connection_failures: u64,
+}
+
+/// The runtime's own counters, beside the dispatcher's.
+#[derive(Debug, Default)]
+struct RuntimeCounters {
+    connections: AtomicU64,
+    connection_failures: AtomicU64,
+    read_pauses: AtomicU64,
+    recoveries: AtomicU64,
 }
 
 impl Stats {
-    fn read(counters: &Counters, connections: &AtomicU64) -> Self {
+    fn read(counters: &Counters, runtime: &RuntimeCounters) -> Self {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Self {
             received: get(&counters.received),
@@ -176,7 +230,19 @@ impl Stats {
             unrouted: get(&counters.unrouted),
             dropped_oldest: get(&counters.dropped_oldest),
             dropped_new: get(&counters.dropped_new),
-            connections: get(connections),
+            dropped_over_limit: get(&counters.dropped_over_limit),
+            withheld: get(&counters.withheld),
+            kept_over_limit: get(&counters.kept_over_limit),
+            oversized: get(&counters.oversized),
+            invalid_topic: get(&counters.invalid_topic),
+            pending: get(&counters.pending),
+            peak_pending: get(&counters.peak_pending),
+            pending_bytes: get(&counters.pending_bytes),
+            peak_pending_bytes: get(&counters.peak_pending_bytes),
+            read_pauses: get(&runtime.read_pauses),
+            recoveries: get(&runtime.recoveries),
+            connections: get(&runtime.connections),
+            connection_failures: get(&runtime.connection_failures),
         }
     }
 }
@@ -406,17 +472,17 @@ impl Client {
         let service = layer.layer(router.clone());
         let handle = self.shutdown_handle();
         let state = self.state.subscribe();
-        let connections = Arc::new(AtomicU64::new(0));
+        let runtime_counters = Arc::new(RuntimeCounters::default());
         let counters = Arc::new(Counters::default());
         let publisher = self.publisher.clone();
         let outbound = self.outbound.clone();
         let stats_view = StatsView {
             counters: counters.clone(),
-            connections: connections.clone(),
+            runtime: runtime_counters.clone(),
         };
         let ready = Arc::new(watch::channel(false).0);
         let ready_rx = ready.subscribe();
-        let task = tokio::spawn(self.run(ready, router, service, counters, connections));
+        let task = tokio::spawn(self.run(ready, router, service, counters, runtime_counters));
         Running {
             task,
             ready: ready_rx,
@@ -435,7 +501,7 @@ impl Client {
         router: Router,
         service: S,
         counters: Arc<Counters>,
-        connections: Arc<AtomicU64>,
+        runtime_counters: Arc<RuntimeCounters>,
     ) -> ShutdownReport
     where
         S: Service<Request<Bytes>, Response = Outcome> + Clone + Send + 'static,
@@ -460,36 +526,42 @@ impl Client {
         // Acknowledgements leave through one task, so their order holds; it
         // may wait for room in the request channel, which the poll loop must
         // never do.
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel();
-        let acks = Arc::new(AckSequencer::new(ack_tx));
+        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, AckPacket)>();
+        let dispatcher = Dispatcher::new(
+            router.clone(),
+            service,
+            Limits {
+                max_in_flight,
+                max_pending: config.max_pending,
+                max_pending_bytes: config.max_pending_bytes,
+                max_message_size: config.max_packet_size,
+                ack_order: config.ack_order,
+            },
+            counters.clone(),
+            ack_tx,
+        );
         let ack_client = client.clone();
-        let ack_line = acks.clone();
+        let ack_dispatcher = dispatcher.clone();
         let ack_task = tokio::spawn(async move {
-            while let Some((epoch, publish)) = ack_rx.recv().await {
+            while let Some((epoch, packet)) = ack_rx.recv().await {
                 // An ack of the previous connection would acknowledge a
                 // different message on this one.
-                if epoch != ack_line.epoch() {
+                if epoch != ack_dispatcher.epoch() {
                     continue;
                 }
-                if ack_client.ack(&publish).await.is_err() {
+                if ack_client.ack(&packet.to_publish()).await.is_err() {
                     break;
                 }
             }
         });
 
-        let dispatcher = Dispatcher::new(
-            router.clone(),
-            service,
-            max_in_flight,
-            acks.clone(),
-            counters.clone(),
-        );
-
+        let reading_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let heartbeat = config.enable_heartbeat.then(|| Heartbeat {
             topic: health::heartbeat_topic(&config.client_id),
             interval: config.heartbeat_interval,
             last_echo: Arc::new(Mutex::new(Instant::now())),
             force_reconnect: Arc::new(Notify::new()),
+            reading_paused: reading_paused.clone(),
         });
         let mut filters: Vec<(String, QoS)> = router
             .subscriptions()
@@ -520,12 +592,12 @@ impl Client {
             config: config.clone(),
             filters,
             dispatcher: dispatcher.clone(),
-            acks,
             deliveries: deliveries.clone(),
             outbox: outbox.clone(),
             outbound: outbound.clone(),
             state: state.clone(),
-            connections,
+            counters: runtime_counters,
+            reading_paused,
             heartbeat: heartbeat.clone(),
             stopping: stopping.clone(),
         };
@@ -598,7 +670,7 @@ impl Client {
 #[derive(Clone)]
 struct StatsView {
     counters: Arc<Counters>,
-    connections: Arc<AtomicU64>,
+    runtime: Arc<RuntimeCounters>,
 }
 
 /// A client serving in the background; see [`Client::spawn`].
@@ -632,7 +704,7 @@ impl Running {
     pub async fn join(self) -> ShutdownReport {
         match self.task.await {
             Ok(mut report) => {
-                report.stats = Stats::read(&self.stats.counters, &self.stats.connections);
+                report.stats = Stats::read(&self.stats.counters, &self.stats.runtime);
                 report
             }
             Err(err) => {
@@ -679,7 +751,7 @@ impl Running {
 
     /// The counters so far.
     pub fn stats(&self) -> Stats {
-        Stats::read(&self.stats.counters, &self.stats.connections)
+        Stats::read(&self.stats.counters, &self.stats.runtime)
     }
 }
 
@@ -716,6 +788,9 @@ struct Heartbeat {
     interval: Duration,
     last_echo: Arc<Mutex<Instant>>,
     force_reconnect: Arc<Notify>,
+    /// Set while the poll loop has stopped reading: no echo can come back
+    /// then, and that is not a stall.
+    reading_paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Heartbeat {
@@ -726,6 +801,10 @@ impl Heartbeat {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if self.reading_paused.load(Ordering::Relaxed) {
+                *self.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
+                continue;
+            }
             if !state.borrow_and_update().is_connected() {
                 // Waiting for the connection is not a stall.
                 let _ = state.wait_for(ConnectionState::is_connected).await;
@@ -765,12 +844,12 @@ struct PollLoop<S> {
     config: Config,
     filters: Vec<(String, QoS)>,
     dispatcher: Dispatcher<S>,
-    acks: Arc<AckSequencer>,
     deliveries: Arc<Deliveries>,
     outbox: Arc<Outbox>,
     outbound: Outbound,
     state: Arc<watch::Sender<ConnectionState>>,
-    connections: Arc<AtomicU64>,
+    counters: Arc<RuntimeCounters>,
+    reading_paused: Arc<std::sync::atomic::AtomicBool>,
     heartbeat: Option<Heartbeat>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -778,7 +857,14 @@ struct PollLoop<S> {
 enum Step {
     Event(Event),
     Failed(String),
+    /// Reconnect at once, without a backoff: withheld messages wait in the
+    /// broker's session.
+    Recover,
 }
+
+/// How often a paused poll loop checks whether a publish of the handlers now
+/// needs it to read (for its acknowledgement).
+const PAUSE_CHECK: Duration = Duration::from_millis(20);
 
 impl<S> PollLoop<S>
 where
@@ -798,11 +884,20 @@ where
             .heartbeat
             .as_ref()
             .map_or_else(|| Arc::new(Notify::new()), |hb| hb.force_reconnect.clone());
+        // A clean session cannot deliver a withheld message again.
+        let over_limit = if self.config.clean_session {
+            OverLimit::Keep
+        } else {
+            OverLimit::Withhold
+        };
         info!(broker = %self.config.broker, client_id = %self.config.client_id, "connecting");
         // rumqttc stops taking requests while an outgoing packet id collides
         // and waits for an ack that may never come (the livelock seen after
         // broker restarts): give it one keepalive, then start over.
         let mut collided_since: Option<Instant> = None;
+        // Acknowledgements written on this connection, against those the
+        // dispatcher released: a recovery waits until both agree.
+        let mut acks_written: u64 = 0;
         loop {
             collided_since = match (&self.eventloop.state.collision, collided_since) {
                 (None, _) => None,
@@ -811,6 +906,25 @@ where
             };
             let stuck =
                 collided_since.is_some_and(|since| since.elapsed() > self.config.keep_alive);
+            let connected = self.eventloop.network.is_some();
+            if connected
+                && self.dispatcher.is_withholding()
+                && self.dispatcher.load().pending == 0
+                && acks_written >= self.dispatcher.released_on_connection()
+            {
+                self.goodbye().await;
+                self.finish_connection(Step::Recover, &mut connected_at, &mut backoff)
+                    .await;
+                continue;
+            }
+            if connected
+                && !stuck
+                && self.dispatcher.is_full()
+                && self.deliveries.unconfirmed() == 0
+            {
+                self.pause().await;
+                continue;
+            }
             let step = if stuck {
                 collided_since = None;
                 self.eventloop.clean();
@@ -833,10 +947,11 @@ where
             };
             match step {
                 Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
-                    self.connections.fetch_add(1, Ordering::Relaxed);
+                    self.counters.connections.fetch_add(1, Ordering::Relaxed);
                     connected_at = Some(Instant::now());
                     collided_since = None;
-                    self.acks.new_connection();
+                    acks_written = 0;
+                    self.dispatcher.new_connection();
                     self.deliveries.connected(ack.session_present);
                     self.outbox.connected();
                     self.state.send_replace(ConnectionState::Connected {
@@ -862,18 +977,7 @@ where
                             continue;
                         }
                     }
-                    let ack = self.acks.register(&publish);
-                    match Request::from_publish(&publish) {
-                        Ok(request) => {
-                            self.dispatcher.push(Job { request, ack });
-                        }
-                        Err(err) => {
-                            warn!(topic = %publish.topic, error = %err, "invalid topic; acknowledged and skipped");
-                            if let Some(token) = ack {
-                                self.acks.complete(token);
-                            }
-                        }
-                    }
+                    self.dispatcher.push(&publish, over_limit);
                 }
                 Step::Event(Event::Incoming(Packet::PubAck(ack))) => {
                     self.deliveries.confirmed(ack.pkid);
@@ -897,56 +1001,162 @@ where
                 Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     self.deliveries.written(pkid);
                 }
+                Step::Event(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
+                    acks_written += 1;
+                }
                 Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
                     info!("disconnected cleanly");
                     return true;
                 }
                 Step::Event(_) => {}
-                Step::Failed(reason) => {
+                step @ (Step::Failed(_) | Step::Recover) => {
                     if self.stopping.load(Ordering::SeqCst) {
                         return false;
                     }
-                    if connected_at
-                        .take()
-                        .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+                    if !self
+                        .finish_connection(step, &mut connected_at, &mut backoff)
+                        .await
                     {
-                        backoff.reset();
-                    }
-                    // Acknowledgements still on their way belong to the old
-                    // connection; its packet ids mean nothing to the next one.
-                    self.acks.new_connection();
-                    self.salvage_events();
-                    self.release_collision();
-                    // With a clean session the broker forgets everything; take
-                    // rumqttc's unconfirmed publishes back to send them again.
-                    let reclaim = self
-                        .config
-                        .clean_session
-                        .then_some(&mut self.eventloop.pending);
-                    self.outbox.disconnected(reclaim);
-                    let pending_unassigned = self
-                        .eventloop
-                        .pending
-                        .iter()
-                        .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
-                        .count();
-                    self.deliveries.disconnected(pending_unassigned);
-                    self.ready.send_replace(false);
-                    let delay = backoff.next_delay();
-                    warn!(%reason, retry_in_ms = delay.as_millis(), "connection lost; reconnecting");
-                    self.state.send_replace(ConnectionState::Disconnected {
-                        reason,
-                        retry_in: delay,
-                    });
-                    tokio::time::sleep(delay).await;
-                    if self.stopping.load(Ordering::SeqCst) {
                         return false;
                     }
-                    self.state.send_replace(ConnectionState::Connecting);
-                    info!(broker = %self.config.broker, "reconnecting");
                 }
             }
         }
+    }
+
+    /// Stops reading from the broker until the dispatcher has room again (or
+    /// a publish of the handlers needs an acknowledgement read). Writing goes
+    /// on meanwhile where it must: a PINGREQ every half keep-alive, so the
+    /// broker does not drop the connection while handlers are slow.
+    async fn pause(&mut self) {
+        self.counters.read_pauses.fetch_add(1, Ordering::Relaxed);
+        self.reading_paused.store(true, Ordering::Relaxed);
+        let load = self.dispatcher.load();
+        debug!(
+            pending = load.pending,
+            pending_bytes = load.pending_bytes,
+            "pending limit reached; reading paused"
+        );
+        let mut ping = tokio::time::interval(self.config.keep_alive / 2);
+        ping.tick().await;
+        let dispatcher = self.dispatcher.clone();
+        let room = dispatcher.room();
+        tokio::pin!(room);
+        loop {
+            tokio::select! {
+                () = &mut room => break,
+                _ = ping.tick() => {
+                    if !self.ping().await {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep(PAUSE_CHECK) => {
+                    if self.deliveries.unconfirmed() > 0 || self.stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+            }
+        }
+        self.reading_paused.store(false, Ordering::Relaxed);
+        debug!("reading resumed");
+    }
+
+    /// Writes a PINGREQ past rumqttc, which is not being polled; its PINGRESP
+    /// is read when reading resumes. Returns false when the write failed (the
+    /// next poll then finds the broken connection).
+    async fn ping(&mut self) -> bool {
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return false;
+        };
+        let write = async {
+            network.write(Packet::PingReq).await?;
+            network.flush().await
+        };
+        matches!(
+            tokio::time::timeout(self.config.keep_alive, write).await,
+            Ok(Ok(()))
+        )
+    }
+
+    /// Sends DISCONNECT, so the broker keeps the session and does not publish
+    /// the Last Will for a reconnect of our own choosing.
+    async fn goodbye(&mut self) {
+        info!(
+            withheld = self.dispatcher.load().pending,
+            "taking withheld messages back: reconnecting"
+        );
+        if let Some(network) = self.eventloop.network.as_mut() {
+            let write = async {
+                network.write(Packet::Disconnect).await?;
+                network.flush().await
+            };
+            let _ = tokio::time::timeout(GOODBYE_TIMEOUT, write).await;
+        }
+        self.eventloop.clean();
+        self.eventloop.network = None;
+    }
+
+    /// The connection is gone (`Failed`) or given up on purpose (`Recover`):
+    /// settle what belonged to it, wait the backoff, and let the next poll
+    /// connect. Returns false when shutdown began meanwhile.
+    async fn finish_connection(
+        &mut self,
+        step: Step,
+        connected_at: &mut Option<Instant>,
+        backoff: &mut Backoff,
+    ) -> bool {
+        if connected_at
+            .take()
+            .is_some_and(|at| at.elapsed() >= STABLE_CONNECTION)
+        {
+            backoff.reset();
+        }
+        // Acknowledgements still on their way belong to the old
+        // connection; its packet ids mean nothing to the next one.
+        self.dispatcher.new_connection();
+        self.salvage_events();
+        self.release_collision();
+        // With a clean session the broker forgets everything; take
+        // rumqttc's unconfirmed publishes back to send them again.
+        let reclaim = self
+            .config
+            .clean_session
+            .then_some(&mut self.eventloop.pending);
+        self.outbox.disconnected(reclaim);
+        let pending_unassigned = self
+            .eventloop
+            .pending
+            .iter()
+            .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
+            .count();
+        self.deliveries.disconnected(pending_unassigned);
+        self.ready.send_replace(false);
+        let (reason, delay) = match step {
+            Step::Recover => {
+                self.counters.recoveries.fetch_add(1, Ordering::Relaxed);
+                ("taking withheld messages back".to_owned(), Duration::ZERO)
+            }
+            Step::Failed(reason) => {
+                self.counters
+                    .connection_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let delay = backoff.next_delay();
+                warn!(%reason, retry_in_ms = delay.as_millis(), "connection lost; reconnecting");
+                (reason, delay)
+            }
+            Step::Event(_) => unreachable!("only failures end a connection"),
+        };
+        self.state.send_replace(ConnectionState::Disconnected {
+            reason,
+            retry_in: delay,
+        });
+        tokio::time::sleep(delay).await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.state.send_replace(ConnectionState::Connecting);
+        info!(broker = %self.config.broker, "reconnecting");
+        true
     }
 
     /// Reads the events rumqttc buffered before the connection failed (it
