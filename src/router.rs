@@ -378,6 +378,49 @@ impl RoutesFailed {
     pub fn failures(&self) -> &[(TopicFilter, HandlerError)] {
         &self.failures
     }
+
+    /// The failed routes, for the next attempt: see [`RemainingRoutes`].
+    pub fn remaining(&self) -> RemainingRoutes {
+        RemainingRoutes(
+            self.failures
+                .iter()
+                .map(|(filter, _)| filter.clone())
+                .collect(),
+        )
+    }
+}
+
+/// The routes a message still has to reach, as a request extension: when one
+/// of several matching routes fails, a retry puts this on the next attempt so
+/// that only the failed routes run again (`MessageRetryLayer` does).
+///
+/// ```
+/// use tower::ServiceExt;
+/// use tower_mqtt::{router::RemainingRoutes, Envelope, Outcome, Request, Router, TopicFilter};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// async fn ok(_: Request<Envelope>) {}
+/// let router = Router::new().route("a/#", ok).route("a/b", ok);
+/// let env = Envelope::new("t", serde_json::json!({})).unwrap();
+/// let mut req = Request::builder("a/b").body(env).unwrap();
+/// // Only `a/b` runs: `a/#` already handled the message.
+/// req.extensions_mut().insert(RemainingRoutes::new([TopicFilter::new("a/b").unwrap()]));
+/// assert!(matches!(router.oneshot(req).await.unwrap(), Outcome::Handled));
+/// # }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemainingRoutes(Arc<[TopicFilter]>);
+
+impl RemainingRoutes {
+    /// The routes with these filters.
+    pub fn new(filters: impl IntoIterator<Item = TopicFilter>) -> Self {
+        Self(filters.into_iter().collect())
+    }
+
+    /// Whether the route with `filter` still has to run.
+    pub fn contains(&self, filter: &TopicFilter) -> bool {
+        self.0.contains(filter)
+    }
 }
 
 /// The future of [`Router`]'s `call`.
@@ -393,12 +436,16 @@ impl Service<Request<Envelope>> for Router {
     }
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
+        let remaining = req.extensions().get::<RemainingRoutes>();
         let mut matched: Vec<(TopicFilter, RouteService, TopicParams)> = self
             .inner
             .routes
             .iter()
             .filter_map(|route| {
                 let service = route.service.as_ref()?;
+                if remaining.is_some_and(|only| !only.contains(route.subscription.filter())) {
+                    return None;
+                }
                 let params = route.subscription.filter().captures(req.topic())?;
                 Some((route.subscription.filter().clone(), service.clone(), params))
             })

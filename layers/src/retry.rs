@@ -69,7 +69,7 @@ use tower::{
     util::rng::HasherRng,
     Layer,
 };
-use tower_mqtt::{Envelope, Outcome, Request};
+use tower_mqtt::{router::RoutesFailed, Envelope, Outcome, Request};
 
 /// The first backoff unless configured otherwise: 100 ms.
 pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -215,7 +215,7 @@ impl<E: fmt::Display> Policy<Request<Envelope>, Outcome, E> for MessageRetryPoli
 
     fn retry(
         &mut self,
-        _req: &mut Request<Envelope>,
+        req: &mut Request<Envelope>,
         result: &mut Result<Outcome, E>,
     ) -> Option<Self::Future> {
         if self.attempt == 1 {
@@ -235,6 +235,12 @@ impl<E: fmt::Display> Policy<Request<Envelope>, Outcome, E> for MessageRetryPoli
             return None;
         }
         tracing::warn!(attempt = self.attempt, %error, "message failed, retrying");
+        // Routes that handled the message must not run again.
+        if let Ok(Outcome::Failed(err)) = &*result {
+            if let Some(failed) = err.get_ref().downcast_ref::<RoutesFailed>() {
+                req.extensions_mut().insert(failed.remaining());
+            }
+        }
         self.attempt += 1;
         let backoff = match &mut self.backoff {
             Some(backoff) => backoff,
