@@ -26,7 +26,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use tower::ServiceExt;
 use tower_mqtt::{config::Config, Client, Envelope, Request, Router};
-use tower_mqtt_layers::{outbound::OutboundStack, StandardStack};
+use tower_mqtt::{layers::StandardStack, outbound::OutboundStack};
 
 const ROUNDS: usize = 5;
 const IN_FLIGHT: usize = 100;

@@ -18,7 +18,6 @@ use tower_mqtt::{
     config::Config, embedded::EmbeddedBroker, BoxError, Client, Data, Envelope, QoS, Request,
     Router, Subscription, TopicParams,
 };
-use tower_mqtt_layers::StandardStack;
 
 #[derive(Serialize, Deserialize)]
 struct Say {
@@ -113,8 +112,7 @@ async fn run() -> Result<(), BoxError> {
 
     // Each handler reports what it saw; main prints it.
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<String>();
-    let running =
-        Client::new(config.clone())?.spawn(router(seen_tx), StandardStack::from_config(&config));
+    let running = Client::new(config.clone())?.spawn(router(seen_tx), config.inbound_stack());
     tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
     println!("connected to {} as {}", config.broker, config.client_id);
 

@@ -38,20 +38,20 @@
 //! [tower]: https://docs.rs/tower
 
 pub mod config;
-pub mod correlation;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded;
-pub mod envelope;
-pub mod handler;
 pub mod health;
-pub mod outcome;
+pub mod outbound;
 pub mod publisher;
 pub mod reply;
-pub mod request;
-pub mod router;
 pub mod runtime;
-pub mod subscription;
-pub mod topic;
+
+pub use tower_mqtt_core::{
+    correlation, envelope, handler, outcome, request, router, subscription, topic,
+};
+/// The inbound middleware (decode, dedup, correlation span, isolation, retry,
+/// timeout), re-exported from `tower-mqtt-layers`.
+pub use tower_mqtt_layers as layers;
 
 pub use envelope::{Envelope, EnvelopeError};
 pub use handler::{Data, Handler};

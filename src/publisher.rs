@@ -182,7 +182,7 @@ impl Publisher {
         let (tx, rx) = oneshot::channel();
         let message = Outgoing {
             topic: topic.to_owned(),
-            qos: req.qos().into(),
+            qos: crate::runtime::wire::to_wire(req.qos()),
             retain: req.retain(),
             payload: req.body().clone(),
         };

@@ -15,11 +15,12 @@ use std::{
 use serde_json::json;
 use support::{publish_raw, unique_id, Probe, TestBroker};
 use tower::{layer::layer_fn, ServiceExt};
-use tower_mqtt::{config::Config, reply::Replies, Client, Envelope, Publisher, Request, Router};
-use tower_mqtt_layers::{
-    isolation::DeadLetter,
+use tower_mqtt::{
+    config::Config,
+    layers::{isolation::DeadLetter, StandardStack},
     outbound::{OutboundStack, Reply},
-    StandardStack,
+    reply::Replies,
+    Client, Envelope, Publisher, Request, Router,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -54,7 +55,7 @@ async fn a_reply_through_the_outbound_stack_takes_the_request_id() {
     };
     let responder = responder.spawn(
         Router::new().route("memory/query", respond),
-        StandardStack::from_config(&cfg),
+        cfg.inbound_stack(),
     );
 
     let replies = Replies::new();
@@ -87,7 +88,9 @@ async fn a_failing_message_is_dead_lettered_through_the_outbound_stack() {
     let client = Client::new(cfg.clone())
         .unwrap()
         .publish_layer(OutboundStack::from_config(&cfg));
-    let stack = StandardStack::from_config(&cfg).dead_letter(DeadLetter::new(client.outbound()));
+    let stack = cfg
+        .inbound_stack()
+        .dead_letter(DeadLetter::new(client.outbound()));
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = attempts.clone();
     let fragile = move |_req: Request<Envelope>| {
@@ -169,7 +172,7 @@ async fn raw_python_payloads_and_duplicates_on_the_way_in() {
     let cfg = config(&broker.url(), "stt-consumer");
     let running = Client::new(cfg.clone()).unwrap().spawn(
         Router::new().route("stt/final", record),
-        StandardStack::from_config(&cfg),
+        cfg.inbound_stack(),
     );
     tokio::time::timeout(WAIT, running.ready()).await.unwrap();
 
@@ -253,7 +256,8 @@ async fn bad_input_and_a_panicking_handler_lose_nothing_else() {
         Router::new()
             .route("robust/good", good)
             .route("robust/panic", explode),
-        StandardStack::from_config(&cfg).retry(tower_mqtt_layers::MessageRetryLayer::new(1)),
+        cfg.inbound_stack()
+            .retry(tower_mqtt_layers::MessageRetryLayer::new(1)),
     );
     tokio::time::timeout(WAIT, running.ready()).await.unwrap();
     let url = broker.url();

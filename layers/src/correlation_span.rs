@@ -51,7 +51,7 @@ use std::{
 };
 
 use tower::{Layer, Service};
-use tower_mqtt::{
+use tower_mqtt_core::{
     correlation::{self, CorrelationId},
     Envelope, Request,
 };
@@ -310,7 +310,7 @@ mod tests {
     use crate::test_util::capture;
     use std::{convert::Infallible, time::Duration};
     use tower::{ServiceBuilder, ServiceExt};
-    use tower_mqtt::{Outcome, QoS};
+    use tower_mqtt_core::{Outcome, QoS};
     use tower_test::mock;
 
     const ID: &str = "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19";

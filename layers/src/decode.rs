@@ -66,7 +66,7 @@ use bytes::Bytes;
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
-use tower_mqtt::{
+use tower_mqtt_core::{
     envelope::json_type, Envelope, EnvelopeError, HandlerError, Outcome, Request, TopicName,
 };
 
@@ -425,13 +425,13 @@ mod tests {
         let svc =
             DecodeLayer::default().layer(tower::service_fn(|req: Request<Envelope>| async move {
                 assert_eq!(req.topic(), "a/b");
-                assert_eq!(req.qos(), tower_mqtt::QoS::ExactlyOnce);
+                assert_eq!(req.qos(), tower_mqtt_core::QoS::ExactlyOnce);
                 assert!(req.retain() && req.dup());
                 assert!(req.extensions().get::<Tag>().is_some());
                 Ok::<_, Infallible>(Outcome::Handled)
             }));
         let req = Request::builder("a/b")
-            .qos(tower_mqtt::QoS::ExactlyOnce)
+            .qos(tower_mqtt_core::QoS::ExactlyOnce)
             .retain(true)
             .dup(true)
             .extension(Tag)
@@ -452,7 +452,10 @@ mod tests {
         .unwrap();
         assert_eq!(req.body().event_type(), "system.health.stt");
         assert_eq!(req.body().data()["event"], "ready");
-        assert_eq!(req.body().source(), tower_mqtt::envelope::DEFAULT_SOURCE);
+        assert_eq!(
+            req.body().source(),
+            tower_mqtt_core::envelope::DEFAULT_SOURCE
+        );
         assert_eq!(req.body().id().len(), 32);
         let raw = req.extensions().get::<RawPayload>().expect("marked raw");
         assert_eq!(&raw.payload()[..], br#"{"ok":true,"event":"ready"}"#);

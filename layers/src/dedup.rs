@@ -78,7 +78,7 @@ use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 use tower::{Layer, Service};
-use tower_mqtt::{Envelope, Outcome, Request};
+use tower_mqtt_core::{Envelope, Outcome, Request};
 
 use crate::decode::RawPayload;
 
@@ -563,7 +563,7 @@ mod tests {
         sync::atomic::{AtomicUsize, Ordering},
     };
     use tower::{ServiceBuilder, ServiceExt};
-    use tower_mqtt::HandlerError;
+    use tower_mqtt_core::HandlerError;
     use tower_test::mock;
 
     const ID: &str = "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19";

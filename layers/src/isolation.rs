@@ -68,7 +68,7 @@ use futures_util::future::{CatchUnwind, FutureExt};
 use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tower::{Layer, Service, ServiceExt};
-use tower_mqtt::{
+use tower_mqtt_core::{
     correlation::{self, CorrelationId},
     router::Panicked,
     BoxError, Envelope, HandlerError, IntoOutcome, Outcome, Request, TopicName,
@@ -793,7 +793,7 @@ mod tests {
 
         let letter = letters.recv().await.unwrap();
         assert_eq!(letter.topic(), DEFAULT_DEAD_LETTER_TOPIC);
-        assert_eq!(letter.qos(), tower_mqtt::QoS::AtLeastOnce);
+        assert_eq!(letter.qos(), tower_mqtt_core::QoS::AtLeastOnce);
         let env = letter.body();
         assert_eq!(env.event_type(), DEAD_LETTER_TYPE);
         assert_eq!(env.id(), ID);

@@ -1,9 +1,9 @@
-//! Inbound middleware for [tower-mqtt](tower_mqtt): decode, dedup,
+//! Inbound middleware for [tower-mqtt](tower_mqtt_core): decode, dedup,
 //! correlation spans, error isolation, retry and timeout.
 //!
 //! Each middleware is an ordinary [`tower::Layer`], usable on its own, in any
 //! `ServiceBuilder`, or around a single route with
-//! [`Router::layer`](tower_mqtt::Router::layer). [`StandardStack`] composes
+//! [`Router::layer`](tower_mqtt_core::Router::layer). [`StandardStack`] composes
 //! them in the order the runtime expects:
 //!
 //! | layer | module | what it does |
@@ -15,8 +15,8 @@
 //! | [`MessageRetryLayer`] | [`retry`] | tower's `Retry` with exponential backoff, jitter and a retry budget, for retryable failures |
 //! | [`TimeoutLayer`] | [`timeout`] | tower's timeout, 30 s by default; timeouts are retryable |
 //!
-//! Outgoing publishes have a mirrored stack in [`outbound`]: correlate, encode,
-//! size guard, retry and timeout in front of the runtime's `Publisher`.
+//! Outgoing publishes have a mirrored stack in `tower_mqtt::outbound`, beside
+//! the `Publisher` it wraps.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -40,7 +40,6 @@ pub mod correlation_span;
 pub mod decode;
 pub mod dedup;
 pub mod isolation;
-pub mod outbound;
 pub mod registry;
 pub mod retry;
 pub mod stack;

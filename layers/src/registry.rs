@@ -29,7 +29,7 @@
 
 use std::{borrow::Cow, collections::HashMap, fmt};
 
-use tower_mqtt::TopicName;
+use tower_mqtt_core::TopicName;
 
 /// Event type <-> topic pairs; see the [module docs](self).
 ///

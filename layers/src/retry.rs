@@ -4,10 +4,10 @@
 //! [`MessageRetryPolicy`]:
 //!
 //! - a message is tried again when the inner service answers
-//!   [`Outcome::Failed`] with a [retryable](tower_mqtt::HandlerError::is_retryable) error,
+//!   [`Outcome::Failed`] with a [retryable](tower_mqtt_core::HandlerError::is_retryable) error,
 //!   or fails with an error of its own (such as tower's timeout error; see
 //!   [`timeout`](crate::timeout)). Other outcomes, and permanent failures
-//!   ([`HandlerError::permanent`](tower_mqtt::HandlerError::permanent), decode errors), are final;
+//!   ([`HandlerError::permanent`](tower_mqtt_core::HandlerError::permanent), decode errors), are final;
 //! - at most `max_attempts` times in all, the first included;
 //! - after an exponential backoff with jitter (tower's
 //!   [`ExponentialBackoff`]; by default from 100 ms, doubling, up to 5 s, plus up
@@ -69,7 +69,7 @@ use tower::{
     util::rng::HasherRng,
     Layer,
 };
-use tower_mqtt::{router::RoutesFailed, Envelope, Outcome, Request};
+use tower_mqtt_core::{router::RoutesFailed, Envelope, Outcome, Request};
 
 /// The first backoff unless configured otherwise: 100 ms.
 pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -349,7 +349,7 @@ mod tests {
     };
     use tokio::time::Instant;
     use tower::{Service, ServiceBuilder, ServiceExt};
-    use tower_mqtt::{BoxError, HandlerError};
+    use tower_mqtt_core::{BoxError, HandlerError};
 
     fn msg() -> Request<Envelope> {
         let env = Envelope::new("t", serde_json::json!({"n": 1})).unwrap();

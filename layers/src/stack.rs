@@ -1,8 +1,8 @@
 //! The standard inbound stack: [`StandardStack`].
 //!
 //! One builder composes the inbound middleware in the order the runtime
-//! expects, around a service of [`Request<Envelope>`](tower_mqtt::Request) (usually a
-//! [`Router`](tower_mqtt::Router)):
+//! expects, around a service of [`Request<Envelope>`](tower_mqtt_core::Request) (usually a
+//! [`Router`](tower_mqtt_core::Router)):
 //!
 //! ```text
 //! Request<Bytes>
@@ -35,7 +35,7 @@
 //!
 //! The result is a `Service<Request<Bytes>, Response = Outcome, Error =
 //! Infallible>`: `Clone`, `Send`, `'static`, with a `Send` future, which is what
-//! the runtime drives. Every failure is an [`Outcome`](tower_mqtt::Outcome), never an error.
+//! the runtime drives. Every failure is an [`Outcome`](tower_mqtt_core::Outcome), never an error.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -146,27 +146,6 @@ impl StandardStack {
 impl Default for StandardStack {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-impl StandardStack {
-    /// The stack a service configured from the environment wants: dedup TTL
-    /// and size from `MQTT_DEDUPE_TTL` and `MQTT_DEDUPE_MAX_ENTRIES`, and the
-    /// fleet's event registry for raw payloads.
-    ///
-    /// ```
-    /// use tower_mqtt::config::Config;
-    /// use tower_mqtt_layers::StandardStack;
-    ///
-    /// let config = Config::new("mqtt://localhost:1883").unwrap();
-    /// let stack = StandardStack::from_config(&config);
-    /// # let _ = stack;
-    /// ```
-    pub fn from_config(config: &tower_mqtt::config::Config) -> Self {
-        Self::new()
-            .registry(EventRegistry::fleet())
-            .dedup_ttl(config.dedupe_ttl)
-            .dedup_max_entries(config.dedupe_max_entries)
     }
 }
 
@@ -282,7 +261,7 @@ mod tests {
     };
     use tokio::sync::mpsc;
     use tower::{BoxError, Service, ServiceExt};
-    use tower_mqtt::{
+    use tower_mqtt_core::{
         correlation, correlation::CorrelationId, Data, Envelope, Outcome, Request, Router,
     };
 

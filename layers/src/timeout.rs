@@ -4,7 +4,7 @@
 //! fleet's default, [`DEFAULT_TIMEOUT`] (30 s). A timed-out attempt fails with
 //! tower's [`Elapsed`] error (`request timed out`), which
 //! [`Isolation`](crate::isolation::Isolation) turns into an
-//! [`Outcome::Failed`](tower_mqtt::Outcome::Failed); [`is_timeout`] recognises it.
+//! [`Outcome::Failed`](tower_mqtt_core::Outcome::Failed); [`is_timeout`] recognises it.
 //!
 //! **Timeouts are retryable.** A handler usually times out because something it
 //! waits for is slow or away for a moment, which is what a retry with backoff is
@@ -37,7 +37,7 @@
 use std::time::Duration;
 
 pub use tower::timeout::{error::Elapsed, Timeout, TimeoutLayer};
-use tower_mqtt::HandlerError;
+use tower_mqtt_core::HandlerError;
 
 /// The handler timeout unless configured otherwise: 30 s.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);

@@ -356,7 +356,7 @@ where
             self.ack_now(&mut state, ack);
             return;
         }
-        let request = match Request::from_publish(publish) {
+        let request = match super::wire::request(publish) {
             Ok(request) => request,
             Err(err) => {
                 counters.invalid_topic.fetch_add(1, Ordering::Relaxed);
@@ -379,21 +379,20 @@ where
         let ack_policy = state.routes[route_index].ack;
         let token = ack.and_then(|packet| {
             let line = match limits.ack_order {
-                AckOrder::Topic => &mut state.lanes[lane_id].acks,
                 AckOrder::Global => &mut state.global_acks,
+                _ => &mut state.lanes[lane_id].acks,
             };
             let token = AckToken {
                 epoch: state.epoch,
                 seq: line.push(packet),
             };
-            match ack_policy {
-                Ack::AfterHandling => Some(token),
-                Ack::OnReceipt => {
-                    // Counted as unreleased until `release` lets it go.
-                    state.unreleased += 1;
-                    self.release(state, lane_id, token);
-                    None
-                }
+            if ack_policy == Ack::OnReceipt {
+                // Counted as unreleased until `release` lets it go.
+                state.unreleased += 1;
+                self.release(state, lane_id, token);
+                None
+            } else {
+                Some(token)
             }
         });
         let route = &mut state.routes[route_index];
@@ -464,13 +463,6 @@ where
                     // Kept: the poll loop has stopped reading, and this one
                     // was already read.
                 }
-                Overflow::Block | Overflow::DropNew => {
-                    counters.dropped_new.fetch_add(1, Ordering::Relaxed);
-                    warn!(topic = %topic, "queue full; dropped the new message");
-                    self.ack_now(state, ack);
-                    state.forget_if_idle(lane_id);
-                    return false;
-                }
                 Overflow::DropOldest => {
                     if let Some(oldest) = state.lanes[lane_id].jobs.pop_front() {
                         counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
@@ -489,6 +481,13 @@ where
                         state.forget_if_idle(lane_id);
                         return false;
                     }
+                }
+                _ => {
+                    counters.dropped_new.fetch_add(1, Ordering::Relaxed);
+                    warn!(topic = %topic, "queue full; dropped the new message");
+                    self.ack_now(state, ack);
+                    state.forget_if_idle(lane_id);
+                    return false;
                 }
             }
         }
@@ -529,19 +528,16 @@ where
     /// turn of the line.
     fn ack_now(&self, state: &mut State, ack: Option<AckPacket>) {
         let Some(packet) = ack else { return };
-        match self.shared.limits.ack_order {
+        if self.shared.limits.ack_order == AckOrder::Global {
+            let seq = state.global_acks.push(packet);
+            state.unreleased += 1;
+            let epoch = state.epoch;
+            self.release(state, usize::MAX, AckToken { epoch, seq });
+        } else {
             // The message never joined its topic's line, and nothing of its
             // topic waits in front of it that a redelivery would reorder.
-            AckOrder::Topic => {
-                state.released_on_connection += 1;
-                let _ = self.shared.released.send((state.epoch, packet));
-            }
-            AckOrder::Global => {
-                let seq = state.global_acks.push(packet);
-                state.unreleased += 1;
-                let epoch = state.epoch;
-                self.release(state, usize::MAX, AckToken { epoch, seq });
-            }
+            state.released_on_connection += 1;
+            let _ = self.shared.released.send((state.epoch, packet));
         }
     }
 
@@ -557,8 +553,8 @@ where
         let released = &self.shared.released;
         let epoch = state.epoch;
         let line = match self.shared.limits.ack_order {
-            AckOrder::Topic => &mut state.lanes[lane_id].acks,
             AckOrder::Global => &mut state.global_acks,
+            _ => &mut state.lanes[lane_id].acks,
         };
         let count = line.complete(token.seq, |packet| {
             // The receiver lives as long as the runtime; after shutdown there
@@ -664,9 +660,6 @@ where
     fn count(&self, outcome: Result<Outcome, BoxError>) {
         let counters = &self.shared.counters;
         match outcome {
-            Ok(Outcome::Handled) => {
-                counters.handled.fetch_add(1, Ordering::Relaxed);
-            }
             Ok(Outcome::Duplicate) => {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
                 debug!("duplicate; acknowledged without handling");
@@ -682,6 +675,10 @@ where
             Err(err) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 error!(error = %err, "the service failed; acknowledged");
+            }
+            // Handled, or an outcome added after this was written.
+            Ok(_) => {
+                counters.handled.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

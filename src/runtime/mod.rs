@@ -51,7 +51,7 @@
 //! async fn main() -> Result<(), tower_mqtt::BoxError> {
 //!     let config = Config::from_env()?;
 //!     let router = Router::new().route("tts/say", say);
-//!     let layer = StandardStack::from_config(&config);
+//!     let layer = config.inbound_stack();
 //!     Client::new(config)?.serve(router, layer).await;
 //!     Ok(())
 //! }
@@ -64,6 +64,7 @@ mod backoff;
 pub(crate) mod delivery;
 mod dispatch;
 pub(crate) mod outbox;
+pub(crate) mod wire;
 
 use std::{
     fmt,
@@ -1199,7 +1200,7 @@ where
         let filters: Vec<rumqttc::SubscribeFilter> = self
             .filters
             .iter()
-            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.clone(), (*qos).into()))
+            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.clone(), wire::to_wire(*qos)))
             .collect();
         for (filter, qos) in &self.filters {
             info!(%filter, qos = u8::from(*qos), "subscribing");

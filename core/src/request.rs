@@ -77,26 +77,6 @@ impl From<QoS> for u8 {
     }
 }
 
-impl From<QoS> for rumqttc::QoS {
-    fn from(qos: QoS) -> Self {
-        match qos {
-            QoS::AtMostOnce => Self::AtMostOnce,
-            QoS::AtLeastOnce => Self::AtLeastOnce,
-            QoS::ExactlyOnce => Self::ExactlyOnce,
-        }
-    }
-}
-
-impl From<rumqttc::QoS> for QoS {
-    fn from(qos: rumqttc::QoS) -> Self {
-        match qos {
-            rumqttc::QoS::AtMostOnce => Self::AtMostOnce,
-            rumqttc::QoS::AtLeastOnce => Self::AtLeastOnce,
-            rumqttc::QoS::ExactlyOnce => Self::ExactlyOnce,
-        }
-    }
-}
-
 /// An incoming message: the topic and flags of a PUBLISH around a body `T`.
 ///
 /// `T` is [`Bytes`] off the wire and [`Envelope`](crate::Envelope) after
@@ -263,16 +243,7 @@ impl<T: fmt::Debug> fmt::Debug for Request<T> {
     }
 }
 
-impl Request<Bytes> {
-    /// The request for a PUBLISH packet received by rumqttc.
-    pub fn from_publish(publish: &rumqttc::Publish) -> Result<Self, TopicError> {
-        let mut req = Request::new(TopicName::new(&publish.topic)?, publish.payload.clone());
-        req.qos = publish.qos.into();
-        req.retain = publish.retain;
-        req.dup = publish.dup;
-        Ok(req)
-    }
-}
+impl Request<Bytes> {}
 
 /// Everything of a [`Request`] but its body.
 ///
@@ -364,29 +335,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn from_publish_keeps_flags() {
-        let mut publish = rumqttc::Publish::new("a/b", rumqttc::QoS::ExactlyOnce, b"xy".to_vec());
-        publish.retain = true;
-        publish.dup = true;
-        let req = Request::from_publish(&publish).unwrap();
-        assert_eq!(req.topic(), "a/b");
-        assert_eq!(req.qos(), QoS::ExactlyOnce);
-        assert!(req.retain() && req.dup());
-        assert_eq!(&req.body()[..], b"xy");
-    }
-
-    #[test]
-    fn from_publish_rejects_bad_topics() {
-        let publish = rumqttc::Publish::new("a/+", rumqttc::QoS::AtMostOnce, Vec::new());
-        assert!(Request::from_publish(&publish).is_err());
-    }
-
-    #[test]
-    fn qos_conversions_round_trip() {
+    fn qos_numbers_round_trip() {
         for n in 0..=2u8 {
             let qos = QoS::try_from(n).unwrap();
             assert_eq!(u8::from(qos), n);
-            assert_eq!(QoS::from(rumqttc::QoS::from(qos)), qos);
         }
         assert_eq!(QoS::try_from(3), Err(InvalidQoS(3)));
     }

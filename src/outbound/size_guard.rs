@@ -4,7 +4,7 @@
 //! use bytes::Bytes;
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_mqtt::{BoxError, Request};
-//! use tower_mqtt_layers::outbound::{SizeGuardLayer, TooLarge};
+//! use tower_mqtt::outbound::{SizeGuardLayer, TooLarge};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|_: Request<Bytes>| async { Ok::<_, BoxError>(()) });
@@ -21,10 +21,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use crate::{BoxError, Request};
 use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
-use tower_mqtt::{BoxError, Request};
 
 /// A publish over the size limit; nothing was sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

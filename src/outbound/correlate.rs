@@ -2,14 +2,14 @@
 //!
 //! The fleet correlates by id: a reply reuses the request's id. A publish marked
 //! with [`Reply`] gets the id of the message whose handler is running on this
-//! task ([`tower_mqtt::correlation::current`], set by the inbound
+//! task ([`crate::correlation::current`], set by the inbound
 //! `CorrelationSpanLayer`). [`CorrelateLayer::always`] correlates every publish
 //! made while a message is handled.
 //!
 //! ```
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_mqtt::{correlation::{self, CorrelationId}, Envelope, Request};
-//! use tower_mqtt_layers::outbound::{CorrelateLayer, Reply};
+//! use tower_mqtt::outbound::{CorrelateLayer, Reply};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|req: Request<Envelope>| async move {
@@ -27,8 +27,8 @@
 
 use std::task::{Context, Poll};
 
+use crate::{correlation, Envelope, Request};
 use tower::{Layer, Service};
-use tower_mqtt::{correlation, Envelope, Request};
 
 /// Marks an outgoing request as a reply (or stream chunk) to correlate.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -125,8 +125,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::correlation::CorrelationId;
     use tower::{service_fn, ServiceExt};
-    use tower_mqtt::correlation::CorrelationId;
 
     fn sink(
     ) -> impl Service<Request<Envelope>, Response = String, Error = std::convert::Infallible> + Clone

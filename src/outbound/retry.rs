@@ -14,7 +14,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower_mqtt_layers::outbound::PublishRetryLayer;
+//! use tower_mqtt::outbound::PublishRetryLayer;
 //!
 //! let retry = PublishRetryLayer::new(5).backoff(Duration::from_millis(50), Duration::from_secs(2));
 //! assert_eq!(retry.dropped(), 0);
@@ -28,6 +28,7 @@ use std::{
     time::Duration,
 };
 
+use crate::{BoxError, PublishError, Request};
 use bytes::Bytes;
 use tokio::time::Sleep;
 use tower::{
@@ -38,7 +39,6 @@ use tower::{
     util::rng::HasherRng,
     Layer,
 };
-use tower_mqtt::{BoxError, PublishError, Request};
 
 /// Attempts unless configured otherwise.
 pub const DEFAULT_PUBLISH_ATTEMPTS: u32 = 3;
@@ -164,9 +164,9 @@ impl<S> Layer<S> for PublishRetryLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::DeliveryError;
     use std::sync::atomic::AtomicUsize;
     use tower::{service_fn, ServiceExt};
-    use tower_mqtt::runtime::DeliveryError;
 
     fn failing(
         calls: Arc<AtomicUsize>,

@@ -4,7 +4,7 @@
 //! use bytes::Bytes;
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_mqtt::{Envelope, Request};
-//! use tower_mqtt_layers::outbound::EncodeLayer;
+//! use tower_mqtt::outbound::EncodeLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|req: Request<Bytes>| async move {
@@ -24,9 +24,9 @@ use std::{
     task::{Context, Poll},
 };
 
+use crate::{envelope::DEFAULT_SOURCE, Envelope, Request};
 use bytes::Bytes;
 use tower::{Layer, Service};
-use tower_mqtt::{envelope::DEFAULT_SOURCE, Envelope, Request};
 
 /// Makes [`Encode`] services; see the [module docs](self).
 #[derive(Clone, Debug)]

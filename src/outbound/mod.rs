@@ -10,7 +10,7 @@
 //! | tower's `TimeoutLayer` | each attempt waits at most this long for the broker's confirmation |
 //!
 //! [`OutboundStack`] composes them in that order around a sink, usually the
-//! runtime's [`Publisher`](tower_mqtt::Publisher). Correlation comes first
+//! runtime's [`Publisher`](crate::Publisher). Correlation comes first
 //! because it needs the envelope; the size guard sits outside retry, since
 //! another attempt cannot shrink a payload; the timeout sits inside retry, so
 //! each attempt gets its own.
@@ -19,7 +19,7 @@
 //! use bytes::Bytes;
 //! use tower::{service_fn, ServiceExt};
 //! use tower_mqtt::{BoxError, Envelope, Request};
-//! use tower_mqtt_layers::outbound::OutboundStack;
+//! use tower_mqtt::outbound::OutboundStack;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! // In a service the sink is `client.publisher()`.
@@ -86,13 +86,13 @@ impl OutboundStack {
     ///
     /// ```
     /// use tower_mqtt::config::Config;
-    /// use tower_mqtt_layers::outbound::OutboundStack;
+    /// use tower_mqtt::outbound::OutboundStack;
     ///
     /// let config = Config::new("mqtt://localhost").unwrap().with_source_name("llm-worker");
     /// let stack = OutboundStack::from_config(&config);
     /// # let _ = stack;
     /// ```
-    pub fn from_config(config: &tower_mqtt::config::Config) -> Self {
+    pub fn from_config(config: &crate::config::Config) -> Self {
         Self::new(&config.source_name).max_payload(config.max_packet_size)
     }
 
@@ -147,13 +147,13 @@ impl<S> Layer<S> for OutboundStack {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-    use std::sync::{Arc, Mutex};
-    use tower::{service_fn, ServiceExt};
-    use tower_mqtt::{
+    use crate::{
         correlation::{self, CorrelationId},
         BoxError, Envelope, Request,
     };
+    use bytes::Bytes;
+    use std::sync::{Arc, Mutex};
+    use tower::{service_fn, ServiceExt};
 
     #[tokio::test]
     async fn composes_correlate_encode_and_guard() {
