@@ -204,7 +204,8 @@ pub(crate) struct Sample {
     pub(crate) side: String,
     /// Which run (1-based).
     pub(crate) run: usize,
-    /// `ok`, `timeout`, `stalled`, `error: ...`.
+    /// `ok`, `timeout: <delivered>/<sent> after <s> s`, `stalled: ...`,
+    /// `error: ...`.
     pub(crate) status: String,
     /// Messages the publisher sent (or was to send).
     pub(crate) sent: u64,
@@ -348,8 +349,11 @@ async fn run_case(
                 run,
                 status: match report.status {
                     Status::Ok => "ok".to_owned(),
-                    Status::Timeout => "timeout".to_owned(),
-                    Status::Stalled => "stalled".to_owned(),
+                    Status::Timeout => format!(
+                        "timeout: {}/{sent} after {:.0} s",
+                        report.unique, settings.case_timeout_s
+                    ),
+                    Status::Stalled => format!("stalled: {}/{sent}", report.unique),
                     Status::Error(err) => format!("error: {err}"),
                 },
                 sent,
