@@ -1,0 +1,278 @@
+//! The three consumers under test, all subscribed to `bench/#` and recording
+//! every message in the same [`Recorder`]:
+//!
+//! - [`Consumer::Raw`]: the leanest correct rumqttc loop: manual acks, each
+//!   payload decoded with `serde_json` into a strict five-key envelope, then
+//!   acknowledged, in the order received;
+//! - [`Consumer::Decode`]: a tower-mqtt [`Client`] whose inbound stack only
+//!   decodes (`DecodeLayer`), one route on `bench/#`;
+//! - [`Consumer::Standard`]: the same on `StandardStack::from_config` (decode,
+//!   dedup, span, isolation, retry, timeout).
+//!
+//! Health and heartbeat are off, so every consumer handles the load and
+//! nothing else.
+
+use std::{
+    collections::VecDeque,
+    hint::black_box,
+    sync::{Arc, Mutex},
+};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish};
+use serde::{Deserialize, Serialize};
+use tokio::{sync::watch, task::JoinHandle, time::timeout};
+use tower_mqtt::{config::Config, Client, Envelope, Request, Router, Running, Subscription};
+use tower_mqtt_layers::{decode::DecodeLayer, EventRegistry, StandardStack};
+
+use crate::{
+    broker::HOST,
+    child::{
+        deadline, emit, failed, report_from, say, sent_from_stdin, wait_done, ChildReport,
+        ChildSpec, Mode, CONNECT_LIMIT, DRAIN_IDLE, LIVE_IDLE, READY, STOP_LIMIT,
+    },
+    load::{now_epoch, Recorder, WireEnvelope, FILTER},
+    measure::cpu_seconds,
+};
+
+/// Which consumer runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum Consumer {
+    /// rumqttc with manual acks and a `serde_json` decode.
+    Raw,
+    /// tower-mqtt with only the decode layer.
+    Decode,
+    /// tower-mqtt on the standard stack.
+    Standard,
+}
+
+impl Consumer {
+    /// Every consumer, raw first: the order each scenario runs them in.
+    pub(crate) const ALL: [Self; 3] = [Self::Raw, Self::Decode, Self::Standard];
+
+    /// The name in the table.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Raw => "raw rumqttc + serde",
+            Self::Decode => "tower-mqtt decode only",
+            Self::Standard => "tower-mqtt StandardStack",
+        }
+    }
+}
+
+/// Runs `consumer` in `mode`; returns the report unless it printed it already.
+pub(crate) async fn run(spec: &ChildSpec, consumer: Consumer, mode: Mode) -> Option<ChildReport> {
+    let recorder = Arc::new(Mutex::new(Recorder::new(spec.messages, spec.latency)));
+    match mode {
+        Mode::Prime => {
+            let handle = match Handle::start(consumer, spec, false, &recorder) {
+                Ok(handle) => handle,
+                Err(err) => return Some(failed(err)),
+            };
+            let subscribed = timeout(CONNECT_LIMIT, handle.ready()).await.is_ok();
+            handle.stop().await;
+            Some(if subscribed {
+                ChildReport::default()
+            } else {
+                failed("not subscribed in time")
+            })
+        }
+        Mode::Live => {
+            let sent = sent_from_stdin();
+            let handle = match Handle::start(consumer, spec, true, &recorder) {
+                Ok(handle) => handle,
+                Err(err) => return Some(failed(err)),
+            };
+            if timeout(CONNECT_LIMIT, handle.ready()).await.is_err() {
+                return Some(failed("not subscribed in time"));
+            }
+            let (cpu_start, start_epoch) = (cpu_seconds(), now_epoch());
+            say(READY);
+            let lossy = spec.qos == 0;
+            let status = wait_done(&recorder, sent, LIVE_IDLE, lossy, deadline(spec)).await;
+            let cpu = cpu_seconds() - cpu_start;
+            emit(&report_from(status, &recorder, start_epoch, cpu));
+            let _ = timeout(STOP_LIMIT, handle.stop()).await;
+            None
+        }
+        Mode::Drain => {
+            let (cpu_start, start_epoch) = (cpu_seconds(), now_epoch());
+            let handle = match Handle::start(consumer, spec, false, &recorder) {
+                Ok(handle) => handle,
+                Err(err) => return Some(failed(err)),
+            };
+            let (_total_tx, total) = watch::channel(Some(spec.messages));
+            let status = wait_done(&recorder, total, DRAIN_IDLE, false, deadline(spec)).await;
+            let cpu = cpu_seconds() - cpu_start;
+            emit(&report_from(status, &recorder, start_epoch, cpu));
+            let _ = timeout(STOP_LIMIT, handle.stop()).await;
+            None
+        }
+    }
+}
+
+/// A started consumer.
+enum Handle {
+    /// The rumqttc loop on its own task.
+    Raw {
+        client: AsyncClient,
+        task: JoinHandle<()>,
+        ready: watch::Receiver<bool>,
+    },
+    /// A tower-mqtt client serving in the background.
+    Tower(Running),
+}
+
+impl Handle {
+    /// Starts `consumer` as `spec.client_id`, asking for a clean session or
+    /// not; every message goes to `recorder`.
+    fn start(
+        consumer: Consumer,
+        spec: &ChildSpec,
+        clean_session: bool,
+        recorder: &Arc<Mutex<Recorder>>,
+    ) -> Result<Self, String> {
+        if consumer == Consumer::Raw {
+            let mut options = MqttOptions::new(spec.client_id.clone(), HOST, spec.port);
+            options
+                .set_manual_acks(true)
+                .set_clean_session(clean_session)
+                .set_max_packet_size(1 << 20, 1 << 20)
+                .set_keep_alive(std::time::Duration::from_secs(60));
+            let (client, eventloop) = AsyncClient::new(options, 1024);
+            let (ready_tx, ready) = watch::channel(false);
+            let qos = if spec.qos == 0 {
+                rumqttc::QoS::AtMostOnce
+            } else {
+                rumqttc::QoS::AtLeastOnce
+            };
+            let task = tokio::spawn(raw_loop(
+                client.clone(),
+                eventloop,
+                qos,
+                recorder.clone(),
+                ready_tx,
+            ));
+            return Ok(Self::Raw {
+                client,
+                task,
+                ready,
+            });
+        }
+        let config = Config::new(&format!("mqtt://{HOST}:{}", spec.port))
+            .map_err(|err| err.to_string())?
+            .with_client_id(spec.client_id.clone())
+            .with_health(false)
+            .with_heartbeat(false)
+            .with_clean_session(clean_session);
+        let qos = if spec.qos == 0 {
+            tower_mqtt::QoS::AtMostOnce
+        } else {
+            tower_mqtt::QoS::AtLeastOnce
+        };
+        let rec = recorder.clone();
+        let router = Router::new().route(
+            Subscription::new(FILTER).qos(qos),
+            move |req: Request<Envelope>| {
+                let rec = rec.clone();
+                async move {
+                    let env = req.body();
+                    let seq = env.seq().and_then(|seq| u64::try_from(seq).ok());
+                    rec.lock().expect("recorder poisoned").record(seq, env.ts());
+                }
+            },
+        );
+        let client = Client::new(config.clone()).map_err(|err| err.to_string())?;
+        Ok(Self::Tower(match consumer {
+            Consumer::Decode => client.spawn(router, DecodeLayer::new(EventRegistry::fleet())),
+            Consumer::Raw | Consumer::Standard => {
+                client.spawn(router, StandardStack::from_config(&config))
+            }
+        }))
+    }
+
+    /// Waits until the consumer is connected and subscribed.
+    async fn ready(&self) {
+        match self {
+            Self::Raw { ready, .. } => {
+                let _ = ready.clone().wait_for(|ready| *ready).await;
+            }
+            Self::Tower(running) => running.ready().await,
+        }
+    }
+
+    /// Disconnects cleanly (the broker keeps a persistent session).
+    async fn stop(self) {
+        match self {
+            Self::Raw { client, task, .. } => {
+                let _ = client.try_disconnect();
+                let _ = timeout(STOP_LIMIT, task).await;
+            }
+            Self::Tower(running) => {
+                let _ = timeout(STOP_LIMIT, running.shutdown()).await;
+            }
+        }
+    }
+}
+
+/// The raw consumer: poll, decode, record, acknowledge in order.
+///
+/// Acks go out with `try_ack`, never an awaited `ack`: awaiting the request
+/// channel from the task that polls the event loop can deadlock. An ack that
+/// does not fit waits in `unacked`, and later ones queue behind it, so PUBACKs
+/// keep the order of the PUBLISH packets.
+async fn raw_loop(
+    client: AsyncClient,
+    mut eventloop: EventLoop,
+    qos: rumqttc::QoS,
+    recorder: Arc<Mutex<Recorder>>,
+    ready: watch::Sender<bool>,
+) {
+    let mut unacked: VecDeque<Publish> = VecDeque::new();
+    loop {
+        while let Some(publish) = unacked.front() {
+            if client.try_ack(publish).is_err() {
+                break;
+            }
+            unacked.pop_front();
+        }
+        let event = match eventloop.poll().await {
+            Ok(event) => event,
+            Err(err) => {
+                let mut rec = recorder.lock().expect("recorder poisoned");
+                rec.error
+                    .get_or_insert_with(|| format!("connection: {err}"));
+                return;
+            }
+        };
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if ack.session_present {
+                    ready.send_replace(true);
+                } else if let Err(err) = client.try_subscribe(FILTER, qos) {
+                    let mut rec = recorder.lock().expect("recorder poisoned");
+                    rec.error.get_or_insert_with(|| format!("subscribe: {err}"));
+                    return;
+                }
+            }
+            Event::Incoming(Packet::SubAck(_)) => {
+                ready.send_replace(true);
+            }
+            Event::Incoming(Packet::Publish(publish)) => {
+                if let Ok(env) = serde_json::from_slice::<WireEnvelope>(&publish.payload) {
+                    black_box((&env.id, &env.event_type, &env.source));
+                    let seq = env.seq();
+                    recorder
+                        .lock()
+                        .expect("recorder poisoned")
+                        .record(seq, env.ts);
+                }
+                if !unacked.is_empty() || client.try_ack(&publish).is_err() {
+                    unacked.push_back(publish);
+                }
+            }
+            Event::Outgoing(Outgoing::Disconnect) => return,
+            _ => {}
+        }
+    }
+}
