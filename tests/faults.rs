@@ -191,18 +191,37 @@ async fn publish_many(url: &str, topic: &str, messages: Vec<Vec<u8>>) {
 /// Publishes envelopes `0..total` through tower-mqtt's confirmed `Publisher`
 /// from several tasks, sending the same envelope again (same id, so dedup
 /// recognises it) until the broker confirms it. `confirmed` counts them.
-fn produce(producer: &Running, topic: &'static str, total: usize) -> watch::Receiver<usize> {
+///
+/// While `paused` is true no new publish starts; `in_flight` counts the
+/// publishes started and not yet confirmed.
+fn produce(
+    producer: &Running,
+    topic: &'static str,
+    total: usize,
+    paused: &watch::Sender<bool>,
+    in_flight: &Arc<watch::Sender<usize>>,
+) -> watch::Receiver<usize> {
     let confirmed = Arc::new(watch::Sender::new(0_usize));
     let next = Arc::new(AtomicUsize::new(0));
     let receiver = confirmed.subscribe();
     for _ in 0..16 {
-        let (confirmed, next) = (confirmed.clone(), next.clone());
+        let (confirmed, next, in_flight) = (confirmed.clone(), next.clone(), in_flight.clone());
+        let mut paused = paused.subscribe();
         let publisher = producer.publisher();
         let mut state = producer.state();
         tokio::spawn(async move {
             loop {
+                // Counted before the pause is checked, so a pause that sees
+                // nothing in flight cannot miss a publish about to start.
+                in_flight.send_modify(|n| *n += 1);
+                if *paused.borrow_and_update() {
+                    in_flight.send_modify(|n| *n -= 1);
+                    let _ = paused.wait_for(|paused| !*paused).await;
+                    continue;
+                }
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if seq >= total {
+                    in_flight.send_modify(|n| *n -= 1);
                     return;
                 }
                 let envelope = good(seq);
@@ -227,6 +246,7 @@ fn produce(producer: &Running, topic: &'static str, total: usize) -> watch::Rece
                     }
                 }
                 confirmed.send_modify(|n| *n += 1);
+                in_flight.send_modify(|n| *n -= 1);
             }
         });
     }
@@ -245,6 +265,8 @@ enum Fault {
 /// Streams `total` numbered QoS 1 envelopes from a producer to a consumer, both
 /// with persistent sessions, injecting `fault` `faults` times along the way;
 /// returns after asserting that none was lost and none handled twice.
+// One scenario, read top to bottom: set up, stream with faults, count.
+#[allow(clippy::too_many_lines)]
 async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
     // Saving on every change makes the broker itself durable across kill -9,
     // so a lost message is one the clients lost.
@@ -274,7 +296,9 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
         .expect("producer ready");
 
     let started = Instant::now();
-    let mut confirmed = produce(&producer, topic, total);
+    let paused = watch::Sender::new(false);
+    let in_flight = Arc::new(watch::Sender::new(0_usize));
+    let mut confirmed = produce(&producer, topic, total, &paused, &in_flight);
     for round in 1..=faults {
         let at = total * round / (faults + 1);
         tokio::time::timeout(STREAM_WAIT, confirmed.wait_for(|n| *n >= at))
@@ -283,8 +307,20 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
             .unwrap();
         match fault {
             Fault::KillBroker => {
+                // mosquitto acknowledges a publish before its next save, so a
+                // kill -9 can lose what it acknowledged last: that loss is the
+                // broker's. Kill only once everything it confirmed is saved;
+                // the consumer is still mid-stream.
+                paused.send_replace(true);
+                let mut busy = in_flight.subscribe();
+                tokio::time::timeout(WAIT, busy.wait_for(|n| *n == 0))
+                    .await
+                    .expect("in-flight publishes confirmed")
+                    .unwrap();
+                wait_saved(&broker, std::time::SystemTime::now()).await;
                 broker.kill();
                 broker.restart().await;
+                paused.send_replace(false);
             }
             Fault::CutConnections => proxy.as_ref().expect("a proxy").cut().await,
         }
@@ -298,15 +334,21 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
     // A marker published after everything: once it is handled, a redelivery of
     // anything before it has had its chance to arrive (per-topic order).
     let marker = total + 1_000_000;
-    producer
-        .publisher()
-        .publish(topic, good(marker))
+    let marker_sent = tokio::time::timeout(WAIT, producer.publisher().publish(topic, good(marker)))
         .await
-        .unwrap();
-    assert!(
-        ledger.wait_unique(total + 1, WAIT).await,
-        "the marker is handled"
-    );
+        .is_ok_and(|sent| sent.is_ok());
+    let marker_handled = {
+        let mut unique = ledger.unique.subscribe();
+        let counts = ledger.counts.clone();
+        let marker = u64::try_from(marker).unwrap();
+        let seen = tokio::time::timeout(
+            WAIT,
+            unique.wait_for(|_| counts.lock().unwrap().contains_key(&marker)),
+        )
+        .await
+        .is_ok();
+        seen
+    };
     let elapsed = started.elapsed();
     let (lost, twice) = ledger.tally(total);
     let consumer_stats = consumer.stats();
@@ -323,18 +365,44 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
         consumer_stats.duplicates,
         elapsed.as_millis(),
     );
+    let diagnosis = format!(
+        "consumer {consumer_stats:?} {:?}; producer {producer_stats:?} {:?}; \
+         marker sent {marker_sent}, handled {marker_handled}",
+        *consumer.state().borrow(),
+        *producer.state().borrow(),
+    );
     assert!(
         all_handled && lost.is_empty(),
-        "lost {}: {lost:?}",
-        lost.len()
+        "lost {}: {:?}; {diagnosis}",
+        lost.len(),
+        &lost[..lost.len().min(20)]
     );
     assert!(twice.is_empty(), "handled twice: {twice:?}");
+    assert!(marker_handled, "the marker is handled: {diagnosis}");
     assert!(
         consumer_stats.connections > u64::try_from(faults).unwrap(),
         "every fault hit the consumer: {consumer_stats:?}"
     );
     producer.shutdown().await;
     consumer.shutdown().await;
+}
+
+/// Waits until mosquitto has rewritten its database after `since` (it logs
+/// no event for a save; the file's modification time is the evidence).
+async fn wait_saved(broker: &Mosquitto, since: std::time::SystemTime) {
+    let db = broker.dir().join("mosquitto.db");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let saved = std::fs::metadata(&db)
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| modified > since);
+        if saved {
+            return;
+        }
+        assert!(Instant::now() < deadline, "mosquitto saved within {WAIT:?}");
+        // A file has no change notification here; poll it briefly.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn stream_size() -> (usize, usize) {
