@@ -5,8 +5,8 @@
 //!
 //! - **Reconnection** with exponential backoff and full jitter between
 //!   `reconnect_min_delay` and `reconnect_max_delay`, reset once a connection
-//!   has stayed up; every CONNACK without a session subscribes again to the
-//!   router's filters. The state is observable with [`Client::state`].
+//!   has stayed up; every CONNACK subscribes again to the router's filters,
+//!   even when the broker resumes a session. The state is observable with [`Client::state`].
 //! - **Dispatch** on its own tasks: the poll loop never waits for a handler.
 //!   Each topic has a FIFO; a topic's messages run in arrival order, topics
 //!   side by side, at most [`Client::max_in_flight`] at once. Each route has
@@ -959,10 +959,12 @@ where
                         session_present: ack.session_present,
                     });
                     info!(session_present = ack.session_present, "connected");
-                    if !ack.session_present && !self.filters.is_empty() {
-                        self.subscribe();
-                    } else {
+                    // A resumed session may lack some filters; subscribing is
+                    // idempotent, so always subscribe. Ready comes with the SUBACK.
+                    if self.filters.is_empty() {
                         self.ready.send_replace(true);
+                    } else {
+                        self.subscribe();
                     }
                     if let Some(hb) = &self.heartbeat {
                         *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
