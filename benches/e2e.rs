@@ -15,7 +15,7 @@
 //!
 //! - consumers: raw rumqttc with manual acks and a `serde_json` envelope
 //!   decode; a tower-mqtt service whose inbound stack only decodes; a
-//!   tower-mqtt service on `StandardStack::from_config` (decode, dedup, span,
+//!   tower-mqtt service on `Config::inbound_stack` (decode, dedup, span,
 //!   isolation, retry, timeout). One route (or loop) on `bench/#` records
 //!   each message; health and heartbeat are off;
 //! - publishers: raw rumqttc, tower-mqtt's `Publisher`, and the outbound

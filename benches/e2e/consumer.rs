@@ -6,7 +6,7 @@
 //!   acknowledged, in the order received;
 //! - [`Consumer::Decode`]: a tower-mqtt [`Client`] whose inbound stack only
 //!   decodes (`DecodeLayer`), one route on `bench/#`;
-//! - [`Consumer::Standard`]: the same on `StandardStack::from_config` (decode,
+//! - [`Consumer::Standard`]: the same on `Config::inbound_stack` (decode,
 //!   dedup, span, isolation, retry, timeout).
 //!
 //! Health and heartbeat are off, so every consumer handles the load and
@@ -21,8 +21,8 @@ use std::{
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish};
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle, time::timeout};
+use tower_mqtt::layers::{decode::DecodeLayer, EventRegistry};
 use tower_mqtt::{config::Config, Client, Envelope, Request, Router, Running, Subscription};
-use tower_mqtt_layers::{decode::DecodeLayer, EventRegistry, StandardStack};
 
 use crate::{
     broker::HOST,
@@ -185,9 +185,7 @@ impl Handle {
         let client = Client::new(config.clone()).map_err(|err| err.to_string())?;
         Ok(Self::Tower(match consumer {
             Consumer::Decode => client.spawn(router, DecodeLayer::new(EventRegistry::fleet())),
-            Consumer::Raw | Consumer::Standard => {
-                client.spawn(router, StandardStack::from_config(&config))
-            }
+            Consumer::Raw | Consumer::Standard => client.spawn(router, config.inbound_stack()),
         }))
     }
 

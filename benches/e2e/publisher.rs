@@ -19,7 +19,7 @@ use serde_json::json;
 use tokio::time::timeout;
 use tower::ServiceExt;
 use tower_mqtt::{config::Config, BoxError, Client, Envelope, QoS, Request, Router};
-use tower_mqtt_layers::{outbound::OutboundStack, StandardStack};
+use tower_mqtt::{layers::StandardStack, outbound::OutboundStack};
 
 use crate::{
     broker::HOST,
