@@ -26,9 +26,11 @@ impl Backoff {
     }
 
     /// The delay before the next attempt: uniform between the minimum and
-    /// `min * 2^attempt`, capped at the maximum.
+    /// `min * 2^(attempt + 1)`, capped at the maximum.
     pub(crate) fn next_delay(&mut self) -> Duration {
-        let factor = 2f64.powi(i32::try_from(self.attempt.min(30)).unwrap_or(30));
+        // 2^(attempt + 1): even the first attempt spreads over [min, 2 min],
+        // so clients that lost the same broker do not all return at once.
+        let factor = 2f64.powi(i32::try_from(self.attempt.min(30)).unwrap_or(30) + 1);
         let cap = (self.min.as_secs_f64() * factor).min(self.max.as_secs_f64());
         self.attempt = self.attempt.saturating_add(1);
         let low = self.min.as_secs_f64();
@@ -53,7 +55,7 @@ mod tests {
         let (min, max) = (Duration::from_millis(500), Duration::from_secs(5));
         let mut backoff = Backoff::new(min, max);
         let first = backoff.next_delay();
-        assert!(first >= min && first <= min * 2 / 2 + min, "{first:?}");
+        assert!(first >= min && first <= min * 2, "{first:?}");
         let mut seen_max = Duration::ZERO;
         for _ in 0..200 {
             let delay = backoff.next_delay();
