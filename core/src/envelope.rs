@@ -301,8 +301,16 @@ impl Envelope {
     /// let env = Envelope::from_slice(br#"{"type":"wake.event","data":{"word":"tars"}}"#).unwrap();
     /// assert_eq!(env.source(), "router");
     /// assert!(Envelope::from_slice(br#"{"type":"x","extra":1}"#).is_err());
+    /// assert!(Envelope::from_slice(br#"["3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19","x"]"#).is_err());
     /// ```
     pub fn from_slice(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        // serde's derived decoding also takes a struct written as an array of
+        // its fields; pydantic does not, and neither may we.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            return Err(EnvelopeError::Decode(serde::de::Error::custom(
+                "an envelope is a JSON object, not an array",
+            )));
+        }
         serde_json::from_slice(bytes).map_err(EnvelopeError::Decode)
     }
 }
