@@ -47,14 +47,15 @@ pub mod reply;
 pub mod runtime;
 
 pub use tower_mqtt_core::{
-    correlation, envelope, handler, outcome, request, router, subscription, topic,
+    correlation, envelope, extract, handler, outcome, request, router, subscription, topic,
 };
 /// The inbound middleware (decode, dedup, correlation span, isolation, retry,
 /// timeout), re-exported from `tower-mqtt-layers`.
 pub use tower_mqtt_layers as layers;
 
 pub use envelope::{Envelope, EnvelopeError};
-pub use handler::{Data, Handler};
+pub use extract::{Data, State};
+pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
 pub use publisher::{PublishError, Publisher};
 pub use request::{Extensions, QoS, Request};

@@ -17,7 +17,7 @@
 //! use tower_mqtt::{reply::Replies, Envelope, Router};
 //!
 //! let replies = Replies::new();
-//! let router = Router::new().route_service("memory/results", replies.clone());
+//! let router: Router = Router::new().route_service("memory/results", replies.clone());
 //! let publisher = client.publisher();
 //! // ... client.spawn(router, stack) ...
 //! # let _ = router;

@@ -1,23 +1,27 @@
 //! Async functions as message handlers.
 //!
-//! Three shapes of `async fn` are handlers, each returning anything that is
-//! [`IntoOutcome`] (`()`, `Result<(), E>`, an [`Outcome`]):
+//! A handler is an `async fn` taking up to eight [extractors](crate::extract)
+//! in any combination (the whole message, if taken, last) and returning
+//! anything that is [`IntoOutcome`]: `()`, `Result<(), E>` with `E` any error
+//! ([`HandlerResult`] is the short form), or an [`Outcome`].
 //!
 //! - `async fn(Request<Envelope>)`: the whole message;
 //! - `async fn(Data<T>)`: only `data`, decoded into `T: DeserializeOwned` before
 //!   the function runs;
-//! - `async fn(Request<Envelope>, Data<T>)`: both.
+//! - `async fn(State<Store>, Wildcard<String>, Data<T>)`: the router's state,
+//!   the topic's wildcard value and the data.
 //!
-//! Data that does not decode into `T` never reaches the function: the outcome is
-//! a permanent (not retried) failure that names the type.
+//! An extractor that fails (data that does not decode into `T`, say) keeps the
+//! function from running: the outcome is a permanent (not retried) failure that
+//! names what was wrong.
 //!
-//! Handlers are plain tower services ([`Handler::into_service`]), so they are
+//! Handlers are plain tower services ([`HandlerWithoutStateExt::into_service`], or [`Handler::with_state`]), so they are
 //! tested with `oneshot` and no broker:
 //!
 //! ```
 //! use serde::Deserialize;
 //! use tower::ServiceExt;
-//! use tower_mqtt::{handler::Handler, Data, Envelope, Outcome, Request};
+//! use tower_mqtt::{handler::HandlerWithoutStateExt, Data, Envelope, Outcome, Request};
 //!
 //! #[derive(Deserialize)]
 //! struct Say { text: String }
@@ -44,128 +48,147 @@ use std::{
     task::{Context, Poll},
 };
 
-use serde::de::DeserializeOwned;
 use tower::Service;
 
+pub use crate::extract::Data;
 use crate::{
     envelope::Envelope,
-    outcome::{HandlerError, IntoOutcome, Outcome},
+    extract::{FromMessage, FromMessageParts},
+    outcome::{IntoOutcome, Outcome},
     request::Request,
 };
-
-/// The envelope's `data`, decoded into `T`. Use it as a handler argument.
-///
-/// ```
-/// use tower_mqtt::Data;
-///
-/// #[derive(serde::Deserialize)]
-/// struct Cancel { reason: String }
-///
-/// async fn on_cancel(Data(cancel): Data<Cancel>) {
-///     println!("cancelled: {}", cancel.reason);
-/// }
-/// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Data<T>(pub T);
-
-impl<T: DeserializeOwned> Data<T> {
-    fn extract(req: &Request<Envelope>) -> Result<Self, HandlerError> {
-        req.body().data_as::<T>().map(Data).map_err(|err| {
-            HandlerError::permanent(format!(
-                "data of {:?} on {} is not a {}: {err}",
-                req.body().event_type(),
-                req.topic(),
-                std::any::type_name::<T>()
-            ))
-        })
-    }
-}
 
 /// The boxed future of a handler.
 pub type BoxFuture = Pin<Box<dyn Future<Output = Outcome> + Send + 'static>>;
 
+/// What a handler that fails returns, so that `?` works on any error:
+/// `async fn f(..) -> HandlerResult { store.put(x)?; Ok(()) }`.
+///
+/// ```
+/// use tower_mqtt::{handler::HandlerResult, Data};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Count { n: String }
+///
+/// async fn parse(Data(count): Data<Count>) -> HandlerResult {
+///     let n: u32 = count.n.parse()?;
+///     println!("{n}");
+///     Ok(())
+/// }
+/// ```
+pub type HandlerResult<T = ()> = Result<T, crate::BoxError>;
+
 /// An async function that can handle messages; see the [module docs](self).
 ///
 /// `M` only tells the implementations apart (the function's argument types); it
-/// is inferred.
-pub trait Handler<M>: Clone + Send + Sync + Sized + 'static {
+/// is inferred. `S` is the router's state ([`Router::with_state`](crate::Router::with_state)).
+pub trait Handler<M, S = ()>: Clone + Send + Sync + Sized + 'static {
     /// Handles one message.
-    fn call(self, req: Request<Envelope>) -> BoxFuture;
+    fn call(self, req: Request<Envelope>, state: S) -> BoxFuture;
 
-    /// Turns the handler into a [`tower::Service`].
-    fn into_service(self) -> HandlerService<Self, M> {
+    /// Turns the handler into a [`tower::Service`] that gives it `state`.
+    fn with_state(self, state: S) -> HandlerService<Self, M, S> {
         HandlerService {
             handler: self,
+            state,
             _marker: PhantomData,
         }
     }
 }
 
-impl<F, Fut, R> Handler<(Request<Envelope>,)> for F
-where
-    F: FnOnce(Request<Envelope>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = R> + Send + 'static,
-    R: IntoOutcome,
-{
-    fn call(self, req: Request<Envelope>) -> BoxFuture {
-        Box::pin(async move { self(req).await.into_outcome() })
+/// A [`tower::Service`] from a handler that take no
+/// state.
+///
+/// ```
+/// use tower::ServiceExt;
+/// use tower_mqtt::{handler::HandlerWithoutStateExt, Envelope, Outcome, Request};
+///
+/// async fn noop(_req: Request<Envelope>) {}
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let env = Envelope::new("t", serde_json::json!({})).unwrap();
+/// let req = Request::builder("a").body(env).unwrap();
+/// assert!(matches!(noop.into_service().oneshot(req).await.unwrap(), Outcome::Handled));
+/// # }
+/// ```
+pub trait HandlerWithoutStateExt<M>: Handler<M, ()> {
+    /// Turns the handler into a [`tower::Service`].
+    fn into_service(self) -> HandlerService<Self, M, ()> {
+        self.with_state(())
     }
 }
 
-impl<F, Fut, R, T> Handler<(Data<T>,)> for F
+impl<H: Handler<M, ()>, M> HandlerWithoutStateExt<M> for H {}
+
+impl<F, Fut, R, S> Handler<((),), S> for F
 where
-    F: FnOnce(Data<T>) -> Fut + Clone + Send + Sync + 'static,
+    F: FnOnce() -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = R> + Send + 'static,
     R: IntoOutcome,
-    T: DeserializeOwned + Send + 'static,
 {
-    fn call(self, req: Request<Envelope>) -> BoxFuture {
-        let data = Data::<T>::extract(&req);
-        Box::pin(async move {
-            match data {
-                Ok(data) => self(data).await.into_outcome(),
-                Err(err) => Outcome::Failed(err),
+    fn call(self, _req: Request<Envelope>, _state: S) -> BoxFuture {
+        Box::pin(async move { self().await.into_outcome() })
+    }
+}
+
+macro_rules! handler_for_arguments {
+    ([$($part:ident),*], $last:ident) => {
+        #[allow(non_snake_case, unused_variables)]
+        impl<F, Fut, R, S, M, $($part,)* $last> Handler<(M, $($part,)* $last,), S> for F
+        where
+            F: FnOnce($($part,)* $last) -> Fut + Clone + Send + Sync + 'static,
+            Fut: Future<Output = R> + Send + 'static,
+            R: IntoOutcome,
+            $($part: FromMessageParts<S> + Send + 'static,)*
+            $last: FromMessage<S, M> + Send + 'static,
+        {
+            fn call(self, req: Request<Envelope>, state: S) -> BoxFuture {
+                // Extraction is synchronous: the envelope is already decoded.
+                let extracted = (|| {
+                    $(let $part = $part::from_message_parts(&req, &state)?;)*
+                    let $last = $last::from_message(req, &state)?;
+                    Ok::<_, crate::HandlerError>(($($part,)* $last,))
+                })();
+                match extracted {
+                    Ok(($($part,)* $last,)) => {
+                        Box::pin(async move { self($($part,)* $last).await.into_outcome() })
+                    }
+                    Err(err) => Box::pin(std::future::ready(Outcome::Failed(err))),
+                }
             }
-        })
-    }
+        }
+    };
 }
 
-impl<F, Fut, R, T> Handler<(Request<Envelope>, Data<T>)> for F
-where
-    F: FnOnce(Request<Envelope>, Data<T>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = R> + Send + 'static,
-    R: IntoOutcome,
-    T: DeserializeOwned + Send + 'static,
-{
-    fn call(self, req: Request<Envelope>) -> BoxFuture {
-        let data = Data::<T>::extract(&req);
-        Box::pin(async move {
-            match data {
-                Ok(data) => self(req, data).await.into_outcome(),
-                Err(err) => Outcome::Failed(err),
-            }
-        })
-    }
-}
+handler_for_arguments!([], T1);
+handler_for_arguments!([T1], T2);
+handler_for_arguments!([T1, T2], T3);
+handler_for_arguments!([T1, T2, T3], T4);
+handler_for_arguments!([T1, T2, T3, T4], T5);
+handler_for_arguments!([T1, T2, T3, T4, T5], T6);
+handler_for_arguments!([T1, T2, T3, T4, T5, T6], T7);
+handler_for_arguments!([T1, T2, T3, T4, T5, T6, T7], T8);
 
-/// A [`Handler`] as a [`tower::Service`]; built by [`Handler::into_service`].
+/// A [`Handler`] as a [`tower::Service`]; built by [`Handler::with_state`] or [`HandlerWithoutStateExt::into_service`].
 ///
 /// Always ready; never fails (failures are an [`Outcome`]).
-pub struct HandlerService<H, M> {
+pub struct HandlerService<H, M, S = ()> {
     handler: H,
+    state: S,
     _marker: PhantomData<fn() -> M>,
 }
 
-impl<H: Clone, M> Clone for HandlerService<H, M> {
+impl<H: Clone, M, S: Clone> Clone for HandlerService<H, M, S> {
     fn clone(&self) -> Self {
         Self {
             handler: self.handler.clone(),
+            state: self.state.clone(),
             _marker: PhantomData,
         }
     }
 }
 
-impl<H, M> fmt::Debug for HandlerService<H, M> {
+impl<H, M, S> fmt::Debug for HandlerService<H, M, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandlerService")
             .field("handler", &std::any::type_name::<H>())
@@ -173,9 +196,10 @@ impl<H, M> fmt::Debug for HandlerService<H, M> {
     }
 }
 
-impl<H, M> Service<Request<Envelope>> for HandlerService<H, M>
+impl<H, M, S> Service<Request<Envelope>> for HandlerService<H, M, S>
 where
-    H: Handler<M>,
+    H: Handler<M, S>,
+    S: Clone,
 {
     type Response = Outcome;
     type Error = Infallible;
@@ -187,7 +211,7 @@ where
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         ResponseFuture {
-            inner: self.handler.clone().call(req),
+            inner: self.handler.clone().call(req, self.state.clone()),
         }
     }
 }
@@ -265,7 +289,7 @@ mod tests {
     async fn undecodable_data_is_a_permanent_failure() {
         let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = ran.clone();
-        let handler = move |_req: Request<Envelope>, Data(_chunk): Data<Chunk>| {
+        let handler = move |Data(_chunk): Data<Chunk>, _req: Request<Envelope>| {
             let flag = flag.clone();
             async move { flag.store(true, std::sync::atomic::Ordering::SeqCst) }
         };

@@ -22,6 +22,7 @@
 
 pub mod correlation;
 pub mod envelope;
+pub mod extract;
 pub mod handler;
 pub mod outcome;
 pub mod request;
@@ -30,7 +31,8 @@ pub mod subscription;
 pub mod topic;
 
 pub use envelope::{Envelope, EnvelopeError};
-pub use handler::{Data, Handler};
+pub use extract::{Data, State};
+pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
 pub use request::{Extensions, QoS, Request};
 pub use router::Router;

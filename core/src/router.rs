@@ -45,10 +45,12 @@
 //! # Retries and several routes
 //!
 //! Middleware around the router sees one outcome for all the routes a message
-//! reached; a retry there runs every matching route again. To retry one route
-//! alone, apply the retry to the routes with [`Router::layer`].
+//! reached. When some of them failed, the failure ([`RoutesFailed`]) names
+//! them, and the standard retry runs only those again ([`RemainingRoutes`]).
+//! To give one route a retry or timeout of its own, use [`Router::layer`].
 
 use std::{
+    any::Any,
     convert::Infallible,
     fmt,
     future::Future,
@@ -73,29 +75,129 @@ use crate::{
 /// The type every route is stored as.
 pub type RouteService = BoxCloneSyncService<Request<Envelope>, Outcome, Infallible>;
 
-#[derive(Clone)]
-struct Route {
-    subscription: Subscription,
-    service: Option<RouteService>,
+/// Makes a route's service once the state is known.
+type MakeRoute<S> = Arc<dyn Fn(S) -> RouteService + Send + Sync>;
+
+/// A route's service, or how to make it from the state.
+enum Endpoint<S> {
+    Ready(RouteService),
+    NeedsState(MakeRoute<S>),
 }
 
-#[derive(Clone, Default)]
-struct Inner {
-    routes: Vec<Route>,
-    fallback: Option<RouteService>,
+impl<S> Clone for Endpoint<S> {
+    fn clone(&self) -> Self {
+        match self {
+            Self::Ready(service) => Self::Ready(service.clone()),
+            Self::NeedsState(make) => Self::NeedsState(make.clone()),
+        }
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Endpoint<S> {
+    /// The endpoint of a handler: ready at once when the state is `()`, which
+    /// needs no `with_state`.
+    fn handler<H, M>(handler: H) -> Self
+    where
+        H: Handler<M, S>,
+        M: 'static,
+    {
+        match (&() as &dyn Any).downcast_ref::<S>() {
+            Some(unit) => Self::Ready(into_route(handler.with_state(unit.clone()))),
+            None => Self::NeedsState(Arc::new(move |state| {
+                into_route(handler.clone().with_state(state))
+            })),
+        }
+    }
+
+    fn layer<L>(self, layer: L) -> Self
+    where
+        L: Layer<RouteService> + Clone + Send + Sync + 'static,
+        L::Service: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request<Envelope>>>::Response: IntoOutcome,
+        <L::Service as Service<Request<Envelope>>>::Error: Into<BoxError>,
+        <L::Service as Service<Request<Envelope>>>::Future: Send + 'static,
+    {
+        match self {
+            Self::Ready(service) => Self::Ready(into_route(layer.layer(service))),
+            Self::NeedsState(make) => {
+                Self::NeedsState(Arc::new(move |state| into_route(layer.layer(make(state)))))
+            }
+        }
+    }
+
+    fn with_state<S2>(self, state: &S) -> Endpoint<S2> {
+        match self {
+            Self::Ready(service) => Endpoint::Ready(service),
+            Self::NeedsState(make) => Endpoint::Ready(make(state.clone())),
+        }
+    }
+}
+
+impl Endpoint<()> {
+    fn service(&self) -> RouteService {
+        match self {
+            Self::Ready(service) => service.clone(),
+            Self::NeedsState(make) => make(()),
+        }
+    }
+}
+
+struct Route<S> {
+    subscription: Subscription,
+    endpoint: Option<Endpoint<S>>,
+}
+
+impl<S> Clone for Route<S> {
+    fn clone(&self) -> Self {
+        Self {
+            subscription: self.subscription.clone(),
+            endpoint: self.endpoint.clone(),
+        }
+    }
+}
+
+struct Inner<S> {
+    routes: Vec<Route<S>>,
+    fallback: Option<Endpoint<S>>,
+}
+
+impl<S> Clone for Inner<S> {
+    fn clone(&self) -> Self {
+        Self {
+            routes: self.routes.clone(),
+            fallback: self.fallback.clone(),
+        }
+    }
 }
 
 /// Routes messages to handlers by topic; see the [module docs](self).
 ///
 /// Cheap to clone (an `Arc` inside), always ready, never fails: a failure is an
 /// [`Outcome::Failed`].
-#[derive(Clone, Default)]
+///
+/// `S` is the state its handlers take with [`State`](crate::extract::State):
+/// a `Router<S>` becomes a service once [`Router::with_state`] gives it one;
+/// a `Router<()>` (the default) is one already.
 #[must_use]
-pub struct Router {
-    inner: Arc<Inner>,
+pub struct Router<S = ()> {
+    inner: Arc<Inner<S>>,
 }
 
-impl fmt::Debug for Router {
+impl<S> Clone for Router<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Clone + Send + Sync + 'static> Default for Router<S> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> fmt::Debug for Router<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Router")
             .field(
@@ -112,13 +214,18 @@ impl fmt::Debug for Router {
     }
 }
 
-impl Router {
+impl<S: Clone + Send + Sync + 'static> Router<S> {
     /// An empty router.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            inner: Arc::new(Inner {
+                routes: Vec::new(),
+                fallback: None,
+            }),
+        }
     }
 
-    fn inner_mut(&mut self) -> &mut Inner {
+    fn inner_mut(&mut self) -> &mut Inner<S> {
         Arc::make_mut(&mut self.inner)
     }
 
@@ -133,15 +240,20 @@ impl Router {
     /// use tower_mqtt::{Envelope, Request, Router};
     ///
     /// // panics: invalid route "sport/tennis#": ...
-    /// Router::new().route("sport/tennis#", |_: Request<Envelope>| async {});
+    /// Router::<()>::new().route("sport/tennis#", |_: Request<Envelope>| async {});
     /// ```
     #[track_caller]
-    pub fn route<H, M>(self, subscription: impl IntoSubscription, handler: H) -> Self
+    pub fn route<H, M>(mut self, subscription: impl IntoSubscription, handler: H) -> Self
     where
-        H: Handler<M>,
+        H: Handler<M, S>,
         M: 'static,
     {
-        self.route_service(subscription, handler.into_service())
+        let subscription = subscription.into_subscription();
+        self.inner_mut().routes.push(Route {
+            subscription,
+            endpoint: Some(Endpoint::handler(handler)),
+        });
+        self
     }
 
     /// Adds a route served by any [`tower::Service`] whose response is
@@ -156,20 +268,20 @@ impl Router {
     ///     println!("{}", req.body().event_type());
     ///     Ok::<_, BoxError>(())
     /// });
-    /// let router = Router::new().route_service("system/health/+", svc);
+    /// let router: Router = Router::new().route_service("system/health/+", svc);
     /// ```
     #[track_caller]
-    pub fn route_service<S>(mut self, subscription: impl IntoSubscription, service: S) -> Self
+    pub fn route_service<T>(mut self, subscription: impl IntoSubscription, service: T) -> Self
     where
-        S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
-        S::Response: IntoOutcome,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        T: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+        T::Response: IntoOutcome,
+        T::Error: Into<BoxError>,
+        T::Future: Send + 'static,
     {
         let subscription = subscription.into_subscription();
         self.inner_mut().routes.push(Route {
             subscription,
-            service: Some(into_route(service)),
+            endpoint: Some(Endpoint::Ready(into_route(service))),
         });
         self
     }
@@ -181,30 +293,31 @@ impl Router {
         let subscription = subscription.into_subscription();
         self.inner_mut().routes.push(Route {
             subscription,
-            service: None,
+            endpoint: None,
         });
         self
     }
 
     /// Sets the handler for messages that no route matches. Without one, such a
     /// message is [`Outcome::Unrouted`].
-    pub fn fallback<H, M>(self, handler: H) -> Self
+    pub fn fallback<H, M>(mut self, handler: H) -> Self
     where
-        H: Handler<M>,
+        H: Handler<M, S>,
         M: 'static,
     {
-        self.fallback_service(handler.into_service())
+        self.inner_mut().fallback = Some(Endpoint::handler(handler));
+        self
     }
 
     /// Sets any [`tower::Service`] as the fallback.
-    pub fn fallback_service<S>(mut self, service: S) -> Self
+    pub fn fallback_service<T>(mut self, service: T) -> Self
     where
-        S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
-        S::Response: IntoOutcome,
-        S::Error: Into<BoxError>,
-        S::Future: Send + 'static,
+        T: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
+        T::Response: IntoOutcome,
+        T::Error: Into<BoxError>,
+        T::Future: Send + 'static,
     {
-        self.inner_mut().fallback = Some(into_route(service));
+        self.inner_mut().fallback = Some(Endpoint::Ready(into_route(service)));
         self
     }
 
@@ -216,13 +329,13 @@ impl Router {
     /// use tower::timeout::TimeoutLayer;
     /// use tower_mqtt::{Envelope, Request, Router};
     ///
-    /// let router = Router::new()
+    /// let router: Router = Router::new()
     ///     .route("tts/say", |_: Request<Envelope>| async {})
     ///     .layer(TimeoutLayer::new(Duration::from_secs(5)));
     /// ```
     pub fn layer<L>(mut self, layer: L) -> Self
     where
-        L: Layer<RouteService>,
+        L: Layer<RouteService> + Clone + Send + Sync + 'static,
         L::Service: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
         <L::Service as Service<Request<Envelope>>>::Response: IntoOutcome,
         <L::Service as Service<Request<Envelope>>>::Error: Into<BoxError>,
@@ -230,14 +343,45 @@ impl Router {
     {
         let inner = self.inner_mut();
         for route in &mut inner.routes {
-            if let Some(service) = route.service.take() {
-                route.service = Some(into_route(layer.layer(service)));
-            }
+            route.endpoint = route.endpoint.take().map(|e| e.layer(layer.clone()));
         }
-        if let Some(fallback) = inner.fallback.take() {
-            inner.fallback = Some(into_route(layer.layer(fallback)));
-        }
+        inner.fallback = inner.fallback.take().map(|e| e.layer(layer));
         self
+    }
+
+    /// Gives the handlers their state, which they take with
+    /// [`State`](crate::extract::State): the router becomes a service.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use tower_mqtt::{extract::State, Data, Router};
+    ///
+    /// #[derive(Default)]
+    /// struct Memory { notes: std::sync::Mutex<Vec<String>> }
+    ///
+    /// async fn remember(State(memory): State<Arc<Memory>>, Data(text): Data<String>) {
+    ///     memory.notes.lock().unwrap().push(text);
+    /// }
+    ///
+    /// let router: Router = Router::new()
+    ///     .route("stt/final", remember)
+    ///     .with_state(Arc::new(Memory::default()));
+    /// ```
+    pub fn with_state<S2>(self, state: S) -> Router<S2> {
+        let inner = Arc::unwrap_or_clone(self.inner);
+        Router {
+            inner: Arc::new(Inner {
+                routes: inner
+                    .routes
+                    .into_iter()
+                    .map(|route| Route {
+                        subscription: route.subscription,
+                        endpoint: route.endpoint.map(|e| e.with_state(&state)),
+                    })
+                    .collect(),
+                fallback: inner.fallback.map(|e| e.with_state(&state)),
+            }),
+        }
     }
 
     /// The routes' subscriptions, in the order they were added.
@@ -426,7 +570,7 @@ impl RemainingRoutes {
 /// The future of [`Router`]'s `call`.
 pub type RouterFuture = Pin<Box<dyn Future<Output = Result<Outcome, Infallible>> + Send>>;
 
-impl Service<Request<Envelope>> for Router {
+impl Service<Request<Envelope>> for Router<()> {
     type Response = Outcome;
     type Error = Infallible;
     type Future = RouterFuture;
@@ -442,17 +586,17 @@ impl Service<Request<Envelope>> for Router {
             .routes
             .iter()
             .filter_map(|route| {
-                let service = route.service.as_ref()?;
+                let service = route.endpoint.as_ref()?.service();
                 if remaining.is_some_and(|only| !only.contains(route.subscription.filter())) {
                     return None;
                 }
                 let params = route.subscription.filter().captures(req.topic())?;
-                Some((route.subscription.filter().clone(), service.clone(), params))
+                Some((route.subscription.filter().clone(), service, params))
             })
             .collect();
 
         match matched.len() {
-            0 => match self.inner.fallback.clone() {
+            0 => match self.inner.fallback.as_ref().map(Endpoint::service) {
                 Some(fallback) => Box::pin(fallback.oneshot(req)),
                 None => Box::pin(async { Ok(Outcome::Unrouted) }),
             },
@@ -514,14 +658,16 @@ mod tests {
             .unwrap()
     }
 
-    fn counter() -> (Arc<AtomicUsize>, impl Handler<(Request<Envelope>,)>) {
+    #[allow(clippy::type_complexity)]
+    fn counter() -> (
+        Arc<AtomicUsize>,
+        impl Fn(Request<Envelope>) -> std::future::Ready<()> + Clone + Send + Sync + 'static,
+    ) {
         let count = Arc::new(AtomicUsize::new(0));
         let c = count.clone();
         let handler = move |_req: Request<Envelope>| {
-            let c = c.clone();
-            async move {
-                c.fetch_add(1, Ordering::SeqCst);
-            }
+            c.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(())
         };
         (count, handler)
     }
@@ -642,13 +788,13 @@ mod tests {
     #[should_panic(expected = "invalid route \"a/#/b\"")]
     fn invalid_filters_fail_at_build_time() {
         let (_, h) = counter();
-        let _ = Router::new().route("a/#/b", h);
+        let _: Router = Router::new().route("a/#/b", h);
     }
 
     #[test]
     fn subscriptions_merge_covered_filters() {
         let noop = |_: Request<Envelope>| async {};
-        let router = Router::new()
+        let router: Router = Router::new()
             .route(
                 Subscription::new("sensors/+/temp").qos(QoS::ExactlyOnce),
                 noop,

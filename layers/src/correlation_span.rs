@@ -156,7 +156,7 @@ impl MakeSpan for DefaultMakeSpan {
 /// use tower_mqtt::Router;
 /// use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
 ///
-/// let svc = ServiceBuilder::new().layer(CorrelationSpanLayer::new()).service(Router::new());
+/// let svc = ServiceBuilder::new().layer(CorrelationSpanLayer::new()).service(Router::<()>::new());
 /// ```
 #[derive(Clone, Copy, Debug, Default)]
 #[must_use]

@@ -264,7 +264,7 @@ impl<S> Layer<S> for DecodeLayer {
 /// use tower_mqtt::Router;
 /// use tower_mqtt_layers::{Decode, EventRegistry};
 ///
-/// let svc = Decode::new(Router::new(), EventRegistry::fleet());
+/// let svc = Decode::new(Router::<()>::new(), EventRegistry::fleet());
 /// assert_eq!(svc.get_ref().routes().count(), 0);
 /// ```
 #[derive(Clone, Debug)]

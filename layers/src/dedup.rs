@@ -345,7 +345,7 @@ impl fmt::Debug for Claim {
 ///
 /// let layer = DedupLayer::new();
 /// assert_eq!((layer.ttl(), layer.max_entries()), (DEFAULT_TTL, DEFAULT_MAX_ENTRIES));
-/// let svc = ServiceBuilder::new().layer(layer).service(Router::new());
+/// let svc = ServiceBuilder::new().layer(layer).service(Router::<()>::new());
 /// ```
 #[derive(Clone)]
 #[must_use]
@@ -422,7 +422,7 @@ impl<S> Layer<S> for DedupLayer {
 /// use tower_mqtt::Router;
 /// use tower_mqtt_layers::Dedup;
 ///
-/// let svc = Dedup::with_limits(Router::new(), Duration::from_secs(60), 4096);
+/// let svc = Dedup::with_limits(Router::<()>::new(), Duration::from_secs(60), 4096);
 /// ```
 #[derive(Clone)]
 #[must_use]

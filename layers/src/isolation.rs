@@ -334,7 +334,7 @@ where
 /// use tower_mqtt::Router;
 /// use tower_mqtt_layers::IsolationLayer;
 ///
-/// let svc = ServiceBuilder::new().layer(IsolationLayer::new()).service(Router::new());
+/// let svc = ServiceBuilder::new().layer(IsolationLayer::new()).service(Router::<()>::new());
 /// ```
 #[derive(Clone, Copy, Debug, Default)]
 #[must_use]
@@ -379,7 +379,7 @@ impl<S, D: Clone> Layer<S> for IsolationLayer<D> {
 /// use tower_mqtt_layers::{DeadLetter, Isolation};
 ///
 /// let sink = service_fn(|_: Request<Envelope>| async { Ok::<_, BoxError>(()) });
-/// let svc = Isolation::new(tower_mqtt::Router::new()).dead_letter(DeadLetter::new(sink));
+/// let svc = Isolation::new(tower_mqtt::Router::<()>::new()).dead_letter(DeadLetter::new(sink));
 /// ```
 #[must_use]
 pub struct Isolation<S, D = NoDeadLetters> {

@@ -273,7 +273,7 @@ impl<E: fmt::Display> Policy<Request<Envelope>, Outcome, E> for MessageRetryPoli
 ///     .jitter(0.25)
 ///     .budget(TpsBudget::new(Duration::from_secs(10), 5, 0.1));
 /// assert_eq!(retry.policy().max_attempts(), 5);
-/// let svc = ServiceBuilder::new().layer(retry).service(Router::new());
+/// let svc = ServiceBuilder::new().layer(retry).service(Router::<()>::new());
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]

@@ -116,7 +116,7 @@ pub type StandardService<S, D = NoDeadLetters> =
 ///
 /// let svc = ServiceBuilder::new()
 ///     .layer(StandardStack::new().registry(EventRegistry::fleet()))
-///     .service(Router::new());
+///     .service(Router::<()>::new());
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]
@@ -299,7 +299,7 @@ mod tests {
         Router::new()
             .route(
                 "tts/say",
-                move |req: Request<Envelope>, Data(say): Data<Say>| {
+                move |Data(say): Data<Say>, req: Request<Envelope>| {
                     let (seen, said) = (seen.clone(), said.clone());
                     async move {
                         said.fetch_add(1, Ordering::SeqCst);

@@ -1,0 +1,131 @@
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tower::ServiceExt;
+
+use super::*;
+use crate::{Outcome, Router};
+
+fn msg(topic: &str, data: serde_json::Value) -> Request<Envelope> {
+    Request::builder(topic)
+        .body(Envelope::new("test.event", data).unwrap())
+        .unwrap()
+}
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+#[derive(serde::Deserialize)]
+struct Text {
+    text: String,
+}
+
+async fn run(router: Router, req: Request<Envelope>) -> Outcome {
+    router.oneshot(req).await.unwrap()
+}
+
+#[tokio::test]
+async fn extractors_combine_in_any_order_with_the_message_last() {
+    async fn handler(
+        State(log): State<Log>,
+        Wildcards((room, n)): Wildcards<(String, u32)>,
+        qos: QoS,
+        Data(Text { text }): Data<Text>,
+        req: Request<Envelope>,
+    ) {
+        log.lock().unwrap().push(format!(
+            "{room} {n} {} {text} {}",
+            u8::from(qos),
+            req.topic()
+        ));
+    }
+    let log = Log::default();
+    let router = Router::new()
+        .route("rooms/+/sensors/+", handler)
+        .with_state(log.clone());
+    let outcome = run(router, msg("rooms/hall/sensors/7", json!({"text": "hi"}))).await;
+    assert!(matches!(outcome, Outcome::Handled), "{outcome:?}");
+    assert_eq!(*log.lock().unwrap(), ["hall 7 1 hi rooms/hall/sensors/7"]);
+}
+
+#[tokio::test]
+async fn a_part_of_the_state_is_taken_with_from_ref() {
+    #[derive(Clone)]
+    struct App {
+        log: Log,
+    }
+    impl FromRef<App> for Log {
+        fn from_ref(app: &App) -> Self {
+            app.log.clone()
+        }
+    }
+    async fn handler(State(log): State<Log>, envelope: Envelope) {
+        log.lock().unwrap().push(envelope.event_type().to_owned());
+    }
+    let log = Log::default();
+    let router = Router::new()
+        .route("a", handler)
+        .with_state(App { log: log.clone() });
+    assert!(matches!(
+        run(router, msg("a", json!({}))).await,
+        Outcome::Handled
+    ));
+    assert_eq!(*log.lock().unwrap(), ["test.event"]);
+}
+
+#[tokio::test]
+async fn a_failed_extractor_is_a_permanent_failure_that_names_it() {
+    async fn wants_number(Wildcard(n): Wildcard<u32>) {
+        let _ = n;
+    }
+    async fn wants_extension(Extension(n): Extension<u64>) {
+        let _ = n;
+    }
+    let router = Router::new()
+        .route("n/+", wants_number)
+        .route("ext", wants_extension);
+    let outcome = run(router.clone(), msg("n/seven", json!({}))).await;
+    let err = outcome.error().expect("a failure");
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("\"seven\""), "{err}");
+    let outcome = run(router, msg("ext", json!({}))).await;
+    assert!(outcome.error().unwrap().to_string().contains("u64"));
+}
+
+#[tokio::test]
+async fn wildcard_counts_must_match() {
+    async fn one(Wildcard(_v): Wildcard<String>) {}
+    let router = Router::new().route("a/+/b/+", one);
+    let outcome = run(router, msg("a/x/b/y", json!({}))).await;
+    assert!(outcome.error().unwrap().to_string().contains("exactly one"));
+}
+
+#[tokio::test]
+async fn handlers_without_arguments_and_with_results() {
+    async fn none() {}
+    async fn fails(Data(Text { text }): Data<Text>) -> crate::handler::HandlerResult {
+        let _n: u32 = text.parse()?;
+        Ok(())
+    }
+    let router = Router::new().route("none", none).route("fails", fails);
+    assert!(matches!(
+        run(router.clone(), msg("none", json!({}))).await,
+        Outcome::Handled
+    ));
+    let outcome = run(router, msg("fails", json!({"text": "x"}))).await;
+    assert!(outcome.error().unwrap().is_retryable());
+}
+
+#[tokio::test]
+async fn topic_name_and_params_are_extractors() {
+    async fn handler(State(log): State<Log>, topic: TopicName, params: TopicParams) {
+        log.lock()
+            .unwrap()
+            .push(format!("{topic} {}", params.get(0).unwrap_or_default()));
+    }
+    let log = Log::default();
+    let router = Router::new()
+        .route("cam/#", handler)
+        .with_state(log.clone());
+    run(router, msg("cam/front/frame", json!({}))).await;
+    assert_eq!(*log.lock().unwrap(), ["cam/front/frame front/frame"]);
+}
