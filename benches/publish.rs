@@ -24,9 +24,8 @@ use std::time::{Duration, Instant};
 use futures_util::{stream, StreamExt};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
-use tower::ServiceExt;
+use tower_mqtt::layers::StandardStack;
 use tower_mqtt::{config::Config, Client, Envelope, Request, Router};
-use tower_mqtt::{layers::StandardStack, outbound::OutboundStack};
 
 const ROUNDS: usize = 5;
 const IN_FLIGHT: usize = 100;
@@ -76,10 +75,9 @@ async fn raw_rumqttc(port: u16, messages: usize) -> Duration {
 /// Which way the tower-mqtt side publishes.
 #[derive(Clone, Copy)]
 enum Path {
-    /// `Publisher::publish` directly.
+    /// `Publisher::publish`, the builder (through the outbound stack).
     Publisher,
-    /// Through the outbound stack (correlate, encode, size guard, retry,
-    /// timeout) in front of the `Publisher`.
+    /// `Publisher::send` with a ready request (through the same stack).
     Stack,
 }
 
@@ -87,10 +85,7 @@ async fn tower_mqtt_publisher(url: &str, messages: usize, path: Path) -> Duratio
     let config = Config::new(url)
         .expect("url")
         .with_client_id(support::unique_id("tower"));
-    let client = Client::new(config.clone())
-        .expect("client")
-        .publish_layer(OutboundStack::from_config(&config));
-    let outbound = client.outbound();
+    let client = Client::new(config.clone()).expect("client");
     let running = client.spawn(Router::new(), StandardStack::new());
     running.connected().await;
     let publisher = running.publisher();
@@ -98,17 +93,13 @@ async fn tower_mqtt_publisher(url: &str, messages: usize, path: Path) -> Duratio
     let start = Instant::now();
     stream::iter(0..messages)
         .map(|_| {
-            let (publisher, outbound, envelope) =
-                (publisher.clone(), outbound.clone(), envelope.clone());
+            let (publisher, envelope) = (publisher.clone(), envelope.clone());
             async move {
                 match path {
-                    Path::Publisher => publisher
-                        .publish("bench/tower", envelope)
-                        .await
-                        .map_err(Into::into),
+                    Path::Publisher => publisher.publish("bench/tower", envelope).await,
                     Path::Stack => {
                         let req = Request::builder("bench/tower").body(envelope)?;
-                        outbound.oneshot(req).await
+                        publisher.send(req).await
                     }
                 }
             }
@@ -169,11 +160,11 @@ async fn main() {
     println!("|-----------------------------|----------|-------|");
     println!("| raw rumqttc                 | {raw:>8.0} | 1.00  |");
     println!(
-        "| tower-mqtt Publisher        | {direct:>8.0} | {:.2}  |",
+        "| tower-mqtt publish builder  | {direct:>8.0} | {:.2}  |",
         direct / raw
     );
     println!(
-        "| tower-mqtt outbound stack   | {stacked:>8.0} | {:.2}  |",
+        "| tower-mqtt send (request)   | {stacked:>8.0} | {:.2}  |",
         stacked / raw
     );
 }

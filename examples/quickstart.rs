@@ -148,7 +148,7 @@ async fn run() -> Result<(), BoxError> {
         let req = Request::builder("llm/stream")
             .qos(QoS::AtMostOnce)
             .body(chunk)?;
-        publisher.send_envelope(req).await?;
+        publisher.send(req).await?;
     }
     // The same envelope again: the dedup layer recognises it.
     let twice = Envelope::new(

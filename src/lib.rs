@@ -57,10 +57,38 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use extract::{Data, State};
 pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
-pub use publisher::{PublishError, Publisher};
+pub use publisher::{Publish, PublishError, Published, Publisher, Recorded};
 pub use request::{Extensions, QoS, Request};
 pub use router::Router;
-pub use runtime::{Client, ConnectionState, Running, ShutdownHandle, ShutdownReport};
+pub use runtime::{
+    shutdown_signal, Client, ConnectionState, Running, Serve, ShutdownHandle, ShutdownReport,
+};
+
+/// Serves `router` with the configuration `config`: connects (with
+/// reconnection), subscribes to the router's filters, and runs every message
+/// through the standard inbound stack the configuration asks for into the
+/// router. Await it, or [`Serve::spawn`] it for a handle.
+///
+/// ```no_run
+/// use tower_mqtt::{config::Config, Data, Router};
+///
+/// #[derive(serde::Deserialize)]
+/// struct Say { text: String }
+///
+/// async fn say(Data(say): Data<Say>) { println!("{}", say.text) }
+///
+/// #[tokio::main]
+/// async fn main() -> Result<(), tower_mqtt::BoxError> {
+///     let router = Router::new().route("tts/say", say);
+///     tower_mqtt::serve(Config::from_env()?, router)
+///         .with_graceful_shutdown(tower_mqtt::shutdown_signal())
+///         .await?;
+///     Ok(())
+/// }
+/// ```
+pub fn serve(config: config::Config, router: Router) -> Serve {
+    Serve::new(Client::new(config), router)
+}
 pub use subscription::{Ack, AckOrder, IntoSubscription, Overflow, Subscription, UnknownAckOrder};
 pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};
 

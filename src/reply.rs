@@ -19,7 +19,7 @@
 //! let replies = Replies::new();
 //! let router: Router = Router::new().route_service("memory/results", replies.clone());
 //! let publisher = client.publisher();
-//! // ... client.spawn(router, stack) ...
+//! // ... client.serve(router) ...
 //! # let _ = router;
 //! let query = Envelope::new("memory.query", serde_json::json!({"text": "cats"}))?;
 //! let results = replies
@@ -43,10 +43,7 @@ use tower::Service;
 use tracing::debug;
 
 use crate::{
-    envelope::Envelope,
-    outcome::Outcome,
-    publisher::{PublishError, Publisher},
-    request::Request,
+    envelope::Envelope, outcome::BoxError, outcome::Outcome, publisher::Publisher, request::Request,
 };
 
 /// Why a request got no reply.
@@ -55,7 +52,7 @@ use crate::{
 pub enum RequestError {
     /// The request could not be published.
     #[error("could not publish the request: {0}")]
-    Publish(#[from] PublishError),
+    Publish(#[source] BoxError),
     /// No reply with the request's id arrived in time.
     #[error("no reply to request {id} within {timeout:?}")]
     Timeout {
@@ -135,7 +132,10 @@ impl Replies {
             id: id.clone(),
         };
         let exchange = async {
-            publisher.publish(topic, request).await?;
+            publisher
+                .publish(topic, request)
+                .await
+                .map_err(RequestError::Publish)?;
             rx.await.map_err(|_| RequestError::Timeout {
                 id: id.clone(),
                 timeout,

@@ -230,7 +230,7 @@ fn produce(
                         .await
                     {
                         Ok(Ok(())) => break,
-                        Ok(Err(err)) if !err.is_retryable() => {
+                        Ok(Err(err)) if !tower_mqtt::outbound::is_retryable(&err) => {
                             panic!("publish {seq} failed for good: {err}")
                         }
                         // Retryable, or unconfirmed in time: send it again once

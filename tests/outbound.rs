@@ -5,12 +5,12 @@ mod support;
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::join_all;
 use serde_json::json;
 use support::{MosquittoSub, Probe, Proxy, TestBroker};
 use tower_mqtt::{
-    config::Config, reply::Replies, Client, Envelope, PublishError, QoS, Request, Router, Running,
+    config::Config, outbound::TooLarge, reply::Replies, Client, Envelope, QoS, Request, Router,
+    Running,
 };
 use tower_mqtt_layers::StandardStack;
 
@@ -41,7 +41,7 @@ async fn a_hundred_concurrent_publishes_are_all_confirmed() {
         let publisher = publisher.clone();
         tokio::spawn(async move {
             let env = Envelope::new("load.test", json!({"n": n})).unwrap();
-            publisher.publish(&format!("load/{}", n % 7), env).await
+            publisher.publish(format!("load/{}", n % 7), env).await
         })
     });
     for result in join_all(tasks).await {
@@ -61,14 +61,14 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     let publisher = running.publisher();
     let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
     let err = publisher.publish("big", huge).await.unwrap_err();
-    assert!(
-        matches!(err, PublishError::TooLarge { max: 4096, .. }),
-        "{err}"
-    );
+    let too_large = err
+        .downcast_ref::<TooLarge>()
+        .expect("the size guard's error");
+    assert_eq!(too_large.max, 4096, "{err}");
     assert!(err
         .to_string()
-        .contains("maximum packet size of 4096 bytes; nothing was sent"));
-    assert!(!err.is_retryable());
+        .contains("limit of 4096 bytes; nothing was sent"));
+    assert!(!tower_mqtt::outbound::is_retryable(&err));
     // The connection is fine, and nothing of the big one arrived.
     publisher
         .publish("big", Envelope::new("big.small", json!({})).unwrap())
@@ -267,7 +267,7 @@ async fn mosquitto_sub_sees_exactly_the_five_keys() {
         .retain(true)
         .body(env)
         .unwrap();
-    publisher.send_envelope(req).await.unwrap();
+    publisher.send(req).await.unwrap();
     let captured = sub.wait(WAIT).await;
     assert_eq!(captured.len(), 1);
     assert_eq!(captured[0].payload, expected, "byte for byte");
@@ -282,12 +282,7 @@ async fn mosquitto_sub_sees_exactly_the_five_keys() {
     assert_eq!(keys, ["data", "id", "source", "ts", "type"]);
 
     // Clearing the retained message: an empty retained payload.
-    let clear = Request::builder("wire/check")
-        .qos(QoS::AtLeastOnce)
-        .retain(true)
-        .body(Bytes::new())
-        .unwrap();
-    publisher.send(clear).await.unwrap();
+    publisher.clear_retained("wire/check").await.unwrap();
     let mut late = Probe::subscribe(&broker.url(), "wire/check").await;
     assert!(
         late.collect_for(Duration::from_millis(500))

@@ -18,7 +18,8 @@ use tower::{layer::layer_fn, ServiceExt};
 use tower_mqtt::{
     config::Config,
     layers::{isolation::DeadLetter, StandardStack},
-    outbound::{OutboundStack, Reply},
+    outbound::Reply,
+    publisher::Outbound,
     reply::Replies,
     Client, Envelope, Publisher, Request, Router,
 };
@@ -36,22 +37,16 @@ fn config(url: &str, name: &str) -> Config {
 async fn a_reply_through_the_outbound_stack_takes_the_request_id() {
     let broker = TestBroker::start().await;
     let cfg = config(&broker.url(), "memory-worker");
-    let responder = Client::new(cfg.clone())
-        .unwrap()
-        .publish_layer(OutboundStack::from_config(&cfg));
-    let outbound = responder.outbound();
-    // The handler builds a *new* envelope; the stack gives it the request's id
-    // because the handler runs inside the request's correlation scope.
-    let respond = move |req: Request<Envelope>| {
-        let outbound = outbound.clone();
-        async move {
-            let results =
-                Envelope::new("memory.results", json!({"for": req.body().data()["text"]}))?;
-            let reply = Request::builder("memory/results")
-                .extension(Reply)
-                .body(results)?;
-            outbound.oneshot(reply).await
-        }
+    let responder = Client::new(cfg.clone()).unwrap();
+    // The handler builds a *new* envelope marked `Reply`; the stack gives it
+    // the request's id because the handler runs inside the request's
+    // correlation scope. The publisher is a handler argument.
+    let respond = |publisher: Publisher, req: Request<Envelope>| async move {
+        let results = Envelope::new("memory.results", json!({"for": req.body().data()["text"]}))?;
+        let reply = Request::builder("memory/results")
+            .extension(Reply)
+            .body(results)?;
+        publisher.send(reply).await
     };
     let responder = responder.spawn(
         Router::new().route("memory/query", respond),
@@ -85,12 +80,10 @@ async fn a_failing_message_is_dead_lettered_through_the_outbound_stack() {
     let broker = TestBroker::start().await;
     let mut dead = Probe::subscribe(&broker.url(), "mqtt/dead_letter").await;
     let cfg = config(&broker.url(), "fragile");
-    let client = Client::new(cfg.clone())
-        .unwrap()
-        .publish_layer(OutboundStack::from_config(&cfg));
+    let client = Client::new(cfg.clone()).unwrap();
     let stack = cfg
         .inbound_stack()
-        .dead_letter(DeadLetter::new(client.outbound()));
+        .dead_letter(DeadLetter::new(client.publisher()));
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = attempts.clone();
     let fragile = move |_req: Request<Envelope>| {
@@ -137,12 +130,11 @@ async fn health_goes_through_the_publish_layer() {
     let broker = TestBroker::start().await;
     let through = Arc::new(AtomicUsize::new(0));
     let counter = through.clone();
-    let counting = layer_fn(move |publisher: Publisher| {
+    let counting = layer_fn(move |inner: Outbound| {
         let counter = counter.clone();
         tower::service_fn(move |req: Request<Envelope>| {
             counter.fetch_add(1, Ordering::SeqCst);
-            let publisher = publisher.clone();
-            async move { publisher.send_envelope(req).await }
+            inner.clone().oneshot(req)
         })
     });
     let service = unique_id("svc").replace('-', "");

@@ -17,9 +17,8 @@ use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::timeout;
-use tower::ServiceExt;
+use tower_mqtt::layers::StandardStack;
 use tower_mqtt::{config::Config, BoxError, Client, Envelope, QoS, Request, Router};
-use tower_mqtt::{layers::StandardStack, outbound::OutboundStack};
 
 use crate::{
     broker::HOST,
@@ -53,7 +52,7 @@ impl PublisherKind {
         match self {
             Self::Raw => "raw rumqttc",
             Self::Publisher => "tower-mqtt Publisher",
-            Self::Stack => "tower-mqtt OutboundStack",
+            Self::Stack => "tower-mqtt send (request)",
         }
     }
 }
@@ -106,11 +105,10 @@ async fn tower(spec: &ChildSpec, kind: PublisherKind, limit: Duration) -> ChildR
             .with_heartbeat(false),
         Err(err) => return failed(err.to_string()),
     };
-    let client = match Client::new(config.clone()) {
-        Ok(client) => client.publish_layer(OutboundStack::from_config(&config)),
+    let client = match Client::new(config) {
+        Ok(client) => client,
         Err(err) => return failed(err.to_string()),
     };
-    let outbound = client.outbound();
     let running = client.spawn(Router::new(), StandardStack::new());
     if timeout(CONNECT_LIMIT, running.connected()).await.is_err() {
         return failed("not connected in time");
@@ -122,19 +120,16 @@ async fn tower(spec: &ChildSpec, kind: PublisherKind, limit: Duration) -> ChildR
     let mut error = None;
     let publishing = stream::iter(0..spec.messages)
         .map(|seq| {
-            let (publisher, outbound) = (publisher.clone(), outbound.clone());
+            let publisher = publisher.clone();
             async move {
                 let envelope = Envelope::new(EVENT_TYPE, json!({"seq": seq, "pad": PAD}))?;
                 match kind {
-                    PublisherKind::Publisher => publisher
-                        .publish(PUBLISH_TOPIC, envelope)
-                        .await
-                        .map_err(BoxError::from),
+                    PublisherKind::Publisher => publisher.publish(PUBLISH_TOPIC, envelope).await,
                     PublisherKind::Raw | PublisherKind::Stack => {
                         let req = Request::builder(PUBLISH_TOPIC)
                             .qos(QoS::AtLeastOnce)
                             .body(envelope)?;
-                        outbound.oneshot(req).await
+                        publisher.send(req).await
                     }
                 }
             }

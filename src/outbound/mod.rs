@@ -46,13 +46,13 @@ pub use self::{
     correlate::{Correlate, CorrelateLayer, Reply},
     encode::{Encode, EncodeLayer},
     retry::{is_retryable, PublishRetryLayer, PublishRetryPolicy, DEFAULT_PUBLISH_ATTEMPTS},
-    size_guard::{GuardFuture, SizeGuard, SizeGuardLayer, TooLarge},
+    size_guard::{packet_size, GuardFuture, SizeGuard, SizeGuardLayer, TooLarge},
 };
 
 /// The default limit for a publish attempt's confirmation.
 pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(30);
-/// The default payload limit: 1 MiB, the runtime's default packet size.
-pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+/// The default packet limit: 1 MiB, the runtime's default packet size.
+pub const DEFAULT_MAX_PACKET: usize = 1 << 20;
 
 /// The composed outbound service around a sink `S`.
 pub type OutboundService<S> = Correlate<Encode<SizeGuard<Retry<PublishRetryPolicy, Timeout<S>>>>>;
@@ -63,7 +63,7 @@ pub type OutboundService<S> = Correlate<Encode<SizeGuard<Retry<PublishRetryPolic
 pub struct OutboundStack {
     correlate: CorrelateLayer,
     encode: EncodeLayer,
-    max_payload: usize,
+    max_packet: usize,
     retry: PublishRetryLayer,
     timeout: Duration,
 }
@@ -76,7 +76,7 @@ impl OutboundStack {
         Self {
             correlate: CorrelateLayer::new(),
             encode: EncodeLayer::new(source),
-            max_payload: DEFAULT_MAX_PAYLOAD,
+            max_packet: DEFAULT_MAX_PACKET,
             retry: PublishRetryLayer::default(),
             timeout: DEFAULT_PUBLISH_TIMEOUT,
         }
@@ -93,7 +93,7 @@ impl OutboundStack {
     /// # let _ = stack;
     /// ```
     pub fn from_config(config: &crate::config::Config) -> Self {
-        Self::new(&config.source_name).max_payload(config.max_packet_size)
+        Self::new(&config.source_name).max_packet_size(config.max_packet_size)
     }
 
     /// Correlates every publish made while a message is handled, not only
@@ -103,9 +103,9 @@ impl OutboundStack {
         self
     }
 
-    /// Sets the payload limit in bytes.
-    pub fn max_payload(mut self, bytes: usize) -> Self {
-        self.max_payload = bytes;
+    /// Sets the packet limit in bytes (see [`packet_size`]).
+    pub fn max_packet_size(mut self, bytes: usize) -> Self {
+        self.max_packet = bytes;
         self
     }
 
@@ -139,7 +139,7 @@ impl<S> Layer<S> for OutboundStack {
     fn layer(&self, sink: S) -> Self::Service {
         let timed = Timeout::new(sink, self.timeout);
         let retried = self.retry.layer(timed);
-        let guarded = SizeGuard::new(retried, self.max_payload);
+        let guarded = SizeGuard::new(retried, self.max_packet);
         self.correlate.layer(self.encode.layer(guarded))
     }
 }
@@ -163,7 +163,7 @@ mod tests {
             log.lock().unwrap().push(req.into_body());
             std::future::ready(Ok::<_, BoxError>(()))
         });
-        let stack = OutboundStack::new("me").max_payload(200);
+        let stack = OutboundStack::new("me").max_packet_size(200);
         let svc = stack.service(sink);
 
         let reply = Request::builder("memory/results")

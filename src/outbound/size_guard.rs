@@ -1,4 +1,6 @@
-//! Rejects a payload the broker would refuse, before anything is sent.
+//! Rejects a publish the broker would refuse, before anything is sent: the
+//! whole packet ([`packet_size`]) against the packet limit, as the runtime's
+//! sink and the broker count it.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -26,13 +28,24 @@ use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
+/// Bytes of a PUBLISH packet on the wire for `topic` and a payload of
+/// `payload` bytes, counted the way the broker counts its packet limit:
+/// fixed header (at most 5 bytes), topic length and topic, packet id.
+///
+/// ```
+/// assert_eq!(tower_mqtt::outbound::packet_size("a/b", 10), 5 + 2 + 3 + 2 + 10);
+/// ```
+pub const fn packet_size(topic: &str, payload: usize) -> usize {
+    5 + 2 + topic.len() + 2 + payload
+}
+
 /// A publish over the size limit; nothing was sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("publish to {topic} carries {size} bytes, over the limit of {max} bytes; nothing was sent")]
 pub struct TooLarge {
     /// The topic.
     pub topic: String,
-    /// The payload size.
+    /// The size of the packet, as [`packet_size`] counts it.
     pub size: usize,
     /// The limit.
     pub max: usize,
@@ -45,7 +58,7 @@ pub struct SizeGuardLayer {
 }
 
 impl SizeGuardLayer {
-    /// Payloads larger than `max` bytes are rejected.
+    /// Packets larger than `max` bytes are rejected.
     pub const fn new(max: usize) -> Self {
         Self { max }
     }
@@ -139,7 +152,7 @@ where
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let size = req.body().len();
+        let size = packet_size(req.topic().as_str(), req.body().len());
         if size > self.max {
             return GuardFuture {
                 future: None,

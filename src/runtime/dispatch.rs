@@ -50,6 +50,7 @@ use tracing::{debug, error, warn};
 use super::ack::{AckLine, AckPacket};
 use crate::{
     outcome::{BoxError, Outcome},
+    publisher::Publisher,
     request::Request,
     router::Router,
     subscription::{Ack, AckOrder, Overflow, Subscription, DEFAULT_QUEUE_CAPACITY},
@@ -218,6 +219,8 @@ impl State {
 
 struct Shared<S> {
     router: Router,
+    /// Put into every request, for handlers that publish.
+    publisher: Option<Publisher>,
     /// Behind a lock only so `Shared` is `Sync` for any `Send` service; it is
     /// held just long enough to clone.
     service: Mutex<S>,
@@ -291,6 +294,7 @@ where
         Self {
             shared: Arc::new(Shared {
                 router,
+                publisher: None,
                 service: Mutex::new(service),
                 limits,
                 hasher: DefaultHashBuilder::default(),
@@ -318,6 +322,14 @@ where
                 progress: Notify::new(),
             }),
         }
+    }
+
+    /// Puts `publisher` into every request, where handlers take it.
+    pub(crate) fn with_publisher(mut self, publisher: Publisher) -> Self {
+        Arc::get_mut(&mut self.shared)
+            .expect("set before the dispatcher is shared")
+            .publisher = Some(publisher);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -356,7 +368,7 @@ where
             self.ack_now(&mut state, ack);
             return;
         }
-        let request = match super::wire::request(publish) {
+        let mut request = match super::wire::request(publish) {
             Ok(request) => request,
             Err(err) => {
                 counters.invalid_topic.fetch_add(1, Ordering::Relaxed);
@@ -369,6 +381,9 @@ where
             || state.pending_bytes + bytes > limits.max_pending_bytes;
         if past_limit && !self.admit_past_limit(&mut state, ack, over_limit, &publish.topic) {
             return;
+        }
+        if let Some(publisher) = &self.shared.publisher {
+            request.extensions_mut().insert(publisher.clone());
         }
         let lane_id = self.lane_for(&mut state, request.topic());
         let route_index = state.lanes[lane_id].route;

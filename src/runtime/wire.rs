@@ -1,10 +1,17 @@
-//! Between our types and rumqttc's: no rumqttc type appears in a public
-//! signature, so the conversions live here, beside the runtime that needs them.
+//! Everything that knows rumqttc's insides: conversions between our types and
+//! its (no rumqttc type appears in a public signature), and the workarounds
+//! for what rumqttc 0.25 does not do or does wrong.
+
+use std::time::Duration;
 
 use bytes::Bytes;
+use rumqttc::{Event, EventLoop, Outgoing, Packet};
+use tracing::warn;
 
+use super::delivery::Deliveries;
 use crate::{
     request::{QoS, Request},
+    router::Router,
     topic::{TopicError, TopicName},
 };
 
@@ -33,6 +40,91 @@ pub(crate) fn request(publish: &rumqttc::Publish) -> Result<Request<Bytes>, Topi
     req.set_retain(publish.retain);
     req.set_dup(publish.dup);
     Ok(req)
+}
+
+/// The router's filters with the QoS to subscribe at.
+///
+/// rumqttc forgets which QoS 2 deliveries await PUBREL when a connection
+/// drops, then treats the broker's resent PUBREL in a resumed session as an
+/// error and reconnects, forever. QoS 1 with dedup gives the same guarantee
+/// without that loop, so a persistent session subscribes at QoS 1 instead.
+pub(crate) fn subscriptions(router: &Router, clean_session: bool) -> Vec<(String, QoS)> {
+    router
+        .subscriptions()
+        .into_iter()
+        .map(|(filter, qos)| {
+            let qos = if qos == QoS::ExactlyOnce && !clean_session {
+                warn!(%filter, "QoS 2 with a persistent session is subscribed at QoS 1");
+                QoS::AtLeastOnce
+            } else {
+                qos
+            };
+            (filter.as_str().to_owned(), qos)
+        })
+        .collect()
+}
+
+/// Writes a PINGREQ past rumqttc, which is not being polled (reading is
+/// paused); its PINGRESP is read when reading resumes and clears nothing
+/// rumqttc waits for. Returns false when the write failed (the next poll then
+/// finds the broken connection).
+pub(crate) async fn ping(eventloop: &mut EventLoop, timeout: Duration) -> bool {
+    let Some(network) = eventloop.network.as_mut() else {
+        return false;
+    };
+    let write = async {
+        network.write(Packet::PingReq).await?;
+        network.flush().await
+    };
+    matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
+}
+
+/// Sends DISCONNECT and drops the connection, so that the broker keeps the
+/// session and does not publish the Last Will; the next poll reconnects, and
+/// rumqttc keeps what it had not sent.
+pub(crate) async fn disconnect(eventloop: &mut EventLoop, timeout: Duration) {
+    if let Some(network) = eventloop.network.as_mut() {
+        let write = async {
+            network.write(Packet::Disconnect).await?;
+            network.flush().await
+        };
+        let _ = tokio::time::timeout(timeout, write).await;
+    }
+    eventloop.clean();
+    eventloop.network = None;
+}
+
+/// Reads the events rumqttc buffered before the connection failed (it records
+/// an outgoing publish before writing it, and reads packets in batches): a
+/// publish it reported written and acks that arrived still count, or the
+/// confirmation FIFO would drift by one. Incoming publishes are left
+/// unacknowledged; the broker sends them again if it can.
+pub(crate) fn salvage_events(eventloop: &mut EventLoop, deliveries: &Deliveries) {
+    for event in eventloop.state.events.drain(..) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => deliveries.written(pkid),
+            Event::Incoming(Packet::PubAck(ack)) => deliveries.confirmed(ack.pkid),
+            Event::Incoming(Packet::PubComp(comp)) => deliveries.confirmed(comp.pkid),
+            _ => {}
+        }
+    }
+}
+
+/// rumqttc keeps a publish that collided on a packet id outside its pending
+/// list, and keeps refusing requests while it holds one, even across
+/// reconnects. Put it back where it belongs: before the publishes that came
+/// after it, as the oldest one without a packet id.
+pub(crate) fn release_collision(eventloop: &mut EventLoop) {
+    let Some(mut publish) = eventloop.state.collision.take() else {
+        return;
+    };
+    publish.pkid = 0;
+    let pending = &mut eventloop.pending;
+    let at = pending
+        .iter()
+        .position(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
+        .unwrap_or(pending.len());
+    pending.insert(at, rumqttc::Request::Publish(publish));
 }
 
 #[cfg(test)]

@@ -1,0 +1,340 @@
+//! What a running client reports: its state, its counters, its shutdown.
+
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tracing::error;
+
+use super::dispatch::Counters;
+use crate::publisher::Publisher;
+
+/// Where the connection stands; watch it with [`Running::state`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connecting (first connection or after a delay).
+    Connecting,
+    /// Connected; `session_present` tells whether the broker resumed a session.
+    Connected {
+        /// Whether the broker resumed a persistent session.
+        session_present: bool,
+    },
+    /// The connection was lost; a new attempt follows after `retry_in`.
+    Disconnected {
+        /// Why the connection was lost.
+        reason: String,
+        /// The delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// Shut down; no more attempts.
+    Closed,
+}
+
+impl ConnectionState {
+    /// Whether this is [`ConnectionState::Connected`].
+    pub fn is_connected(&self) -> bool {
+        matches!(self, Self::Connected { .. })
+    }
+}
+
+/// Counts of what the runtime did with incoming messages.
+///
+/// ```
+/// let stats = tower_mqtt::runtime::Stats::default();
+/// assert_eq!(stats.received, 0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Messages received from the broker.
+    pub received: u64,
+    /// Handled ([`Outcome::Handled`](crate::Outcome::Handled)).
+    pub handled: u64,
+    /// Failed ([`Outcome::Failed`](crate::Outcome::Failed) or an error of the service).
+    pub failed: u64,
+    /// Recognised as duplicates.
+    pub duplicates: u64,
+    /// Matched no route and no fallback.
+    pub unrouted: u64,
+    /// Dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
+    pub dropped_oldest: u64,
+    /// Dropped by [`Overflow::DropNew`](crate::Overflow::DropNew), or by
+    /// [`Overflow::Block`](crate::Overflow::Block) after waiting too long.
+    pub dropped_new: u64,
+    /// QoS 0 messages dropped because the pending limits were reached.
+    pub dropped_over_limit: u64,
+    /// QoS 1/2 messages read past the pending limits and withheld: neither
+    /// kept nor acknowledged, so that the persistent session delivers them
+    /// again after the deliberate reconnect counted in `recoveries`.
+    pub withheld: u64,
+    /// QoS 1/2 messages read past the pending limits and kept, because a
+    /// clean session could not deliver them again.
+    pub kept_over_limit: u64,
+    /// Messages larger than `max_packet_size`: acknowledged and dropped.
+    pub oversized: u64,
+    /// Messages whose topic was not a valid topic name: acknowledged and
+    /// dropped.
+    pub invalid_topic: u64,
+    /// Messages held now: queued, running, or handled and waiting for their
+    /// acknowledgement's turn. Bounded by `max_pending`.
+    pub pending: u64,
+    /// The most messages held at once so far.
+    pub peak_pending: u64,
+    /// Payload bytes of queued and running messages now.
+    pub pending_bytes: u64,
+    /// The most payload bytes held at once so far.
+    pub peak_pending_bytes: u64,
+    /// Times the client stopped reading from the broker because the pending
+    /// limits were reached.
+    pub read_pauses: u64,
+    /// Deliberate reconnects that took withheld messages back from the
+    /// broker.
+    pub recoveries: u64,
+    /// Connections made (the first one and every reconnect).
+    pub connections: u64,
+    /// Connection attempts and connections that failed.
+    pub connection_failures: u64,
+}
+
+/// The runtime's own counters, beside the dispatcher's.
+#[derive(Debug, Default)]
+pub(super) struct RuntimeCounters {
+    pub(super) connections: AtomicU64,
+    pub(super) connection_failures: AtomicU64,
+    pub(super) read_pauses: AtomicU64,
+    pub(super) recoveries: AtomicU64,
+}
+
+impl Stats {
+    fn read(counters: &Counters, runtime: &RuntimeCounters) -> Self {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Self {
+            received: get(&counters.received),
+            handled: get(&counters.handled),
+            failed: get(&counters.failed),
+            duplicates: get(&counters.duplicates),
+            unrouted: get(&counters.unrouted),
+            dropped_oldest: get(&counters.dropped_oldest),
+            dropped_new: get(&counters.dropped_new),
+            dropped_over_limit: get(&counters.dropped_over_limit),
+            withheld: get(&counters.withheld),
+            kept_over_limit: get(&counters.kept_over_limit),
+            oversized: get(&counters.oversized),
+            invalid_topic: get(&counters.invalid_topic),
+            pending: get(&counters.pending),
+            peak_pending: get(&counters.peak_pending),
+            pending_bytes: get(&counters.pending_bytes),
+            peak_pending_bytes: get(&counters.peak_pending_bytes),
+            read_pauses: get(&runtime.read_pauses),
+            recoveries: get(&runtime.recoveries),
+            connections: get(&runtime.connections),
+            connection_failures: get(&runtime.connection_failures),
+        }
+    }
+}
+
+/// What shutdown did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Handlers that were running at shutdown and finished in time.
+    pub finished: usize,
+    /// Messages queued but not started, plus handlers still running at the
+    /// drain deadline (aborted). None of them was acknowledged.
+    pub abandoned: usize,
+    /// Whether the final health report was confirmed by the broker.
+    pub health_published: bool,
+    /// Whether DISCONNECT was sent (so the broker does not publish the Will).
+    pub disconnected_cleanly: bool,
+    /// The counters at the end.
+    pub stats: Stats,
+}
+
+/// Asks a running [`Client`](super::Client) to shut down; cheap to clone.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_mqtt::BoxError> {
+/// let client = tower_mqtt::Client::new(tower_mqtt::config::Config::new("mqtt://127.0.0.1:1")?)?;
+/// let handle = client.shutdown_handle();
+/// handle.shutdown();
+/// assert!(handle.is_shutdown());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct ShutdownHandle {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    pub(super) fn new(tx: watch::Sender<bool>) -> Self {
+        Self { tx: Arc::new(tx) }
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<bool> {
+        self.tx.subscribe()
+    }
+
+    /// Starts the shutdown; idempotent.
+    pub fn shutdown(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether shutdown was asked for.
+    pub fn is_shutdown(&self) -> bool {
+        *self.tx.borrow()
+    }
+}
+
+#[derive(Clone)]
+pub(super) struct StatsView {
+    pub(super) counters: Arc<Counters>,
+    pub(super) runtime: Arc<RuntimeCounters>,
+}
+
+/// A client serving in the background: ready, state, stats, publisher and
+/// shutdown. Made by [`Serve::spawn`](super::Serve::spawn).
+///
+/// ```no_run
+/// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
+/// let running = tower_mqtt::serve(config, router).spawn()?;
+/// running.ready().await; // subscribed
+/// println!("{:?}", running.stats());
+/// let report = running.shutdown().await;
+/// assert!(report.disconnected_cleanly);
+/// # Ok(()) }
+/// ```
+pub struct Running {
+    task: JoinHandle<ShutdownReport>,
+    ready: watch::Receiver<bool>,
+    handle: ShutdownHandle,
+    state: watch::Receiver<ConnectionState>,
+    publisher: Publisher,
+    stats: StatsView,
+}
+
+impl fmt::Debug for Running {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Running")
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    pub(super) fn new(
+        task: JoinHandle<ShutdownReport>,
+        ready: watch::Receiver<bool>,
+        handle: ShutdownHandle,
+        state: watch::Receiver<ConnectionState>,
+        publisher: Publisher,
+        view: StatsView,
+    ) -> Self {
+        Self {
+            task,
+            ready,
+            handle,
+            state,
+            publisher,
+            stats: view,
+        }
+    }
+
+    /// Shuts down gracefully and waits for the report; idempotent with other
+    /// shutdown requests.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.handle.shutdown();
+        self.join().await
+    }
+
+    /// Waits until the client has shut down (by a [`ShutdownHandle`]).
+    pub async fn join(self) -> ShutdownReport {
+        match self.task.await {
+            Ok(mut report) => {
+                report.stats = Stats::read(&self.stats.counters, &self.stats.runtime);
+                report
+            }
+            Err(err) => {
+                error!(error = %err, "the runtime task failed");
+                ShutdownReport::default()
+            }
+        }
+    }
+
+    /// A handle that shuts the client down.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.handle.clone()
+    }
+
+    /// The connection state, as it changes.
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
+    /// Waits until the client is connected and the broker has acknowledged
+    /// its subscriptions: from then on, messages on the router's topics reach
+    /// the handlers.
+    pub async fn ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+
+    /// Waits until the client is connected.
+    pub async fn connected(&self) {
+        let mut state = self.state.clone();
+        let _ = state.wait_for(ConnectionState::is_connected).await;
+    }
+
+    /// A handle to publish with.
+    pub fn publisher(&self) -> Publisher {
+        self.publisher.clone()
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> Stats {
+        Stats::read(&self.stats.counters, &self.stats.runtime)
+    }
+}
+
+pub(super) async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM: the usual signal for
+/// [`Serve::with_graceful_shutdown`](super::Serve::with_graceful_shutdown).
+///
+/// ```no_run
+/// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
+/// tower_mqtt::serve(config, router)
+///     .with_graceful_shutdown(tower_mqtt::shutdown_signal())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
