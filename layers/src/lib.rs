@@ -36,6 +36,9 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod macros;
+
 pub mod correlation_span;
 pub mod decode;
 pub mod dedup;
