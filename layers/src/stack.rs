@@ -42,7 +42,7 @@
 //! use std::time::Duration;
 //! use tower::{service_fn, BoxError, ServiceExt};
 //! use tower_mqtt::{correlation, Data, Envelope, Outcome, Request, Router};
-//! use tower_mqtt_layers::{isolation::DeadLetter, retry::MessageRetryLayer, EventRegistry, StandardStack};
+//! use tower_mqtt_layers::{dead_letter::DeadLetter, retry::MessageRetryLayer, EventRegistry, StandardStack};
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Say { text: String }
@@ -83,9 +83,10 @@ use tracing::Level;
 
 use crate::{
     correlation_span::{CorrelationSpan, CorrelationSpanLayer, DefaultMakeSpan},
+    dead_letter::{DeadLetterPolicy, NoDeadLetters},
     decode::{Decode, DecodeLayer},
     dedup::{Dedup, DedupLayer},
-    isolation::{DeadLetterPolicy, Isolation, IsolationLayer, NoDeadLetters},
+    isolation::{Isolation, IsolationLayer},
     registry::EventRegistry,
     retry::{MessageRetry, MessageRetryLayer},
     timeout::{Timeout, TimeoutLayer, DEFAULT_TIMEOUT},
@@ -203,7 +204,7 @@ impl<D> StandardStack<D> {
     }
 
     /// Where failed messages go besides the log, usually a
-    /// [`DeadLetter`](crate::isolation::DeadLetter).
+    /// [`DeadLetter`](crate::dead_letter::DeadLetter).
     pub fn dead_letter<D2: DeadLetterPolicy>(self, dead_letters: D2) -> StandardStack<D2> {
         StandardStack {
             decode: self.decode,
@@ -248,7 +249,7 @@ impl<S, D: DeadLetterPolicy> Layer<S> for StandardStack<D> {
 mod tests {
     use super::*;
     use crate::{
-        decode::DecodeError, isolation::DeadLetter, test_util::capture, timeout::is_timeout,
+        dead_letter::DeadLetter, decode::DecodeError, test_util::capture, timeout::is_timeout,
     };
     use bytes::Bytes;
     use serde_json::json;
