@@ -28,6 +28,17 @@
 //! [`Outcome::Failed`] holding the [`DecodeError`], and the inner service is not
 //! called. Put `Decode` outermost, so that no retry layer ever sees the bytes.
 //!
+//! # Bad input is logged
+//!
+//! Each message that cannot be decoded is logged once, at `WARN`, with its
+//! `topic`, its `size` in bytes, the `reason` ([`DecodeError::reason`]) and the
+//! `error` (its first 160 characters), never the payload. The line is inside an
+//! `mqtt.message` span with the topic, QoS and flags, the span the
+//! [`CorrelationSpan`](crate::correlation_span::CorrelationSpan) layer opens for
+//! messages that do decode. A flood of junk cannot flood the log: at most 10
+//! lines a second are written for each reason, and the next line written says
+//! how many were held back (`suppressed`).
+//!
 //! ```
 //! use bytes::Bytes;
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
@@ -67,10 +78,11 @@ use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
 use tower_mqtt_core::{
-    envelope::json_type, Envelope, EnvelopeError, HandlerError, Outcome, Request, TopicName,
+    envelope::json_type, request::Parts, Envelope, EnvelopeError, HandlerError, Outcome, Request,
+    TopicName,
 };
 
-use crate::registry::EventRegistry;
+use crate::{log_limit::LogLimit, registry::EventRegistry};
 
 /// Why a payload could not be decoded; see the [module docs](self).
 ///
@@ -108,6 +120,39 @@ pub enum DecodeError {
     InvalidEnvelope(#[source] EnvelopeError),
 }
 
+/// How many kinds of [`DecodeError`] there are.
+const REASONS: usize = 5;
+
+impl DecodeError {
+    /// A short name for the kind of error, for logs and metrics: `empty`,
+    /// `not_utf8`, `not_json`, `not_an_object` or `invalid_envelope`.
+    ///
+    /// ```
+    /// use tower_mqtt_layers::DecodeError;
+    ///
+    /// assert_eq!(DecodeError::NotAnObject { found: "array" }.reason(), "not_an_object");
+    /// ```
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::NotUtf8(_) => "not_utf8",
+            Self::NotJson(_) => "not_json",
+            Self::NotAnObject { .. } => "not_an_object",
+            Self::InvalidEnvelope(_) => "invalid_envelope",
+        }
+    }
+
+    fn index(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::NotUtf8(_) => 1,
+            Self::NotJson(_) => 2,
+            Self::NotAnObject { .. } => 3,
+            Self::InvalidEnvelope(_) => 4,
+        }
+    }
+}
+
 /// Marks a request whose payload was a plain JSON object, not an envelope,
 /// and holds the payload as it arrived.
 ///
@@ -140,10 +185,16 @@ impl RawPayload {
 /// The keys of the envelope; an object of these only is meant as one.
 const ENVELOPE_KEYS: [&str; 5] = ["id", "type", "ts", "source", "data"];
 
+/// The longest error text a warning carries: serde's messages can quote a
+/// value from the payload.
+const MAX_ERROR_CHARS: usize = 160;
+
 #[derive(Clone, Debug, Default)]
 struct Config {
     registry: EventRegistry,
     default_type: Option<String>,
+    /// Shared by the layer's services, so the limit holds for all of them.
+    warnings: Arc<LogLimit<REASONS>>,
 }
 
 impl Config {
@@ -152,14 +203,41 @@ impl Config {
         match Envelope::from_slice(&bytes) {
             Ok(envelope) => Ok(Request::from_parts(parts, envelope)),
             Err(not_an_envelope) => {
-                let object = raw_object(&bytes, not_an_envelope).inspect_err(|error| {
-                    tracing::debug!(topic = %parts.topic, %error, "cannot decode message");
-                })?;
+                let object = raw_object(&bytes, not_an_envelope)
+                    .inspect_err(|error| self.warn(&parts, bytes.len(), error))?;
                 let envelope = Envelope::from_map(self.event_type_for(&parts.topic), object);
                 parts.extensions.insert(RawPayload(bytes));
                 Ok(Request::from_parts(parts, envelope))
             }
         }
+    }
+
+    /// Logs a message that cannot be decoded, within the rate limit.
+    fn warn(&self, parts: &Parts, size: usize, error: &DecodeError) {
+        let Some(suppressed) = self.warnings.admit(error.index()) else {
+            return;
+        };
+        let span = tracing::info_span!(
+            "mqtt.message",
+            topic = %parts.topic,
+            qos = u8::from(parts.qos),
+            retain = parts.retain,
+            dup = parts.dup,
+        );
+        let _entered = span.enter();
+        let mut text = error.to_string();
+        if let Some((cut, _)) = text.char_indices().nth(MAX_ERROR_CHARS) {
+            text.truncate(cut);
+            text.push('…');
+        }
+        tracing::warn!(
+            topic = %parts.topic,
+            size,
+            reason = error.reason(),
+            error = %text,
+            suppressed,
+            "dropping a message that cannot be decoded",
+        );
     }
 
     fn event_type_for(&self, topic: &TopicName) -> String {
@@ -217,6 +295,7 @@ impl DecodeLayer {
             config: Arc::new(Config {
                 registry,
                 default_type: None,
+                warnings: Arc::default(),
             }),
         }
     }
@@ -352,7 +431,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::convert::Infallible;
+    use std::{convert::Infallible, time::Duration};
     use tower::ServiceExt;
     use tower_test::mock;
 
@@ -576,5 +655,80 @@ mod tests {
             call
         );
         assert_eq!(result.unwrap_err().to_string(), "boom");
+    }
+
+    #[tokio::test]
+    async fn bad_input_is_one_warning_with_topic_size_and_reason_never_the_payload() {
+        let (logs, _guard) = crate::test_util::capture();
+        let layer = DecodeLayer::new(EventRegistry::fleet());
+        let secret = br#"["password: hunter2"]"#;
+        let err = decode(&layer, "tts/say", secret).await.unwrap_err();
+        assert!(matches!(
+            decode_error(&err),
+            DecodeError::NotAnObject { .. }
+        ));
+
+        let events = logs.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let warning = &events[0];
+        assert_eq!(warning.level, tracing::Level::WARN);
+        assert_eq!(
+            warning.message(),
+            "dropping a message that cannot be decoded"
+        );
+        assert_eq!(warning.fields["topic"], "tts/say");
+        assert_eq!(warning.fields["size"], secret.len().to_string());
+        assert_eq!(warning.fields["reason"], "not_an_object");
+        assert_eq!(
+            warning.fields["error"],
+            "payload is a JSON array, not an object"
+        );
+        assert_eq!(warning.fields["suppressed"], "0");
+        let span = warning
+            .span("mqtt.message")
+            .expect("inside the message's span");
+        assert_eq!(span["topic"], "tts/say");
+        assert_eq!(span["qos"], "1");
+        let everything = format!("{events:?}");
+        assert!(!everything.contains("hunter2"), "{everything}");
+
+        // A long error text is cut.
+        let long = format!(r#"{{"type":"t","ts":"{}"}}"#, "x".repeat(1000));
+        let req = Request::builder("a").body(Bytes::from(long)).unwrap();
+        let svc = layer.layer(tower::service_fn(|_: Request<Envelope>| async {
+            Ok::<_, Infallible>(Outcome::Handled)
+        }));
+        assert!(svc.oneshot(req).await.unwrap().is_failed());
+        let error = &logs.events()[1].fields["error"];
+        assert!(error.chars().count() <= MAX_ERROR_CHARS + 1, "{error}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_junk_is_rate_limited_per_reason_and_counted() {
+        let (logs, _guard) = crate::test_util::capture();
+        let layer = DecodeLayer::default();
+        for _ in 0..100 {
+            decode(&layer, "junk", b"not json").await.unwrap_err();
+        }
+        decode(&layer, "junk", b"[]").await.unwrap_err();
+        let warnings = logs.at(tracing::Level::WARN);
+        let reasons: Vec<&str> = warnings
+            .iter()
+            .map(|w| w.fields["reason"].as_str())
+            .collect();
+        let per_second = crate::log_limit::DEFAULT_PER_SECOND as usize;
+        assert_eq!(reasons.len(), per_second + 1, "{reasons:?}");
+        assert!(reasons[..per_second].iter().all(|r| *r == "not_json"));
+        assert_eq!(
+            reasons[per_second], "not_an_object",
+            "another reason has its own limit"
+        );
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        decode(&layer, "junk", b"not json").await.unwrap_err();
+        let warnings = logs.at(tracing::Level::WARN);
+        let last = warnings.last().unwrap();
+        assert_eq!(last.fields["reason"], "not_json");
+        assert_eq!(last.fields["suppressed"], (100 - per_second).to_string());
     }
 }

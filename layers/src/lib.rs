@@ -44,6 +44,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod dedup;
 pub mod isolation;
+mod log_limit;
 pub mod registry;
 pub mod retry;
 pub mod stack;

@@ -24,8 +24,11 @@
 //!   second time in parallel; and the dedup key is released only when the last
 //!   attempt has failed, so a later redelivery of a failed message runs again.
 //! - **The span outside isolation**, so the error isolation logs is inside the
-//!   message's span, with its correlation id, topic and type; the dedup and
-//!   decode layers log at `DEBUG` only.
+//!   message's span, with its correlation id, topic and type. Dedup logs at
+//!   `DEBUG` only. A payload that cannot be decoded has no envelope to make
+//!   that span from: decode logs its `WARN` (rate-limited, with topic, size and
+//!   reason) inside an `mqtt.message` span of its own, with the topic and
+//!   flags, so both kinds of line are found under one span name.
 //! - **Isolation outside retry**, so it sees the final error, after the last
 //!   attempt: a failed message is logged and dead-lettered once, not once per
 //!   attempt.
@@ -103,7 +106,8 @@ pub type StandardService<S, D = NoDeadLetters> =
 /// Builds the standard inbound stack; see the [module docs](self).
 ///
 /// Defaults: an empty [`EventRegistry`] (raw payloads take their topic as
-/// type), dedup for 30 s and 2048 entries, spans at `INFO`, no dead letters,
+/// type), dedup for 30 s and 2048 entries (off with a TTL of zero, or
+/// [`without_dedup`](Self::without_dedup)), spans at `INFO`, no dead letters,
 /// [`DEFAULT_MAX_ATTEMPTS`] attempts with the default backoff and budget, and a
 /// 30 s timeout per attempt.
 ///
@@ -166,6 +170,10 @@ impl<D> StandardStack<D> {
 
     /// How long a handled message is remembered (default 30 s). Starts a new
     /// dedup cache.
+    ///
+    /// Zero turns dedup off, as the fleet's `MQTT_DEDUPE_TTL=0` does: the
+    /// setting can be passed through as it is configured. See
+    /// [`without_dedup`](Self::without_dedup).
     pub fn dedup_ttl(mut self, ttl: Duration) -> Self {
         self.dedup = DedupLayer::with_limits(ttl, self.dedup.max_entries());
         self
@@ -175,6 +183,32 @@ impl<D> StandardStack<D> {
     /// a new dedup cache.
     pub fn dedup_max_entries(mut self, max_entries: u64) -> Self {
         self.dedup = DedupLayer::with_limits(self.dedup.ttl(), max_entries);
+        self
+    }
+
+    /// Lets every message through, copies included: no dedup cache is kept.
+    /// The same as [`dedup_ttl(Duration::ZERO)`](Self::dedup_ttl).
+    ///
+    /// For services whose handlers are idempotent, or that deduplicate on
+    /// their own. The `Dedup` layer stays in the stack's type, as a pass-through.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower::ServiceExt;
+    /// use tower_mqtt::{Envelope, Outcome, Request, Router};
+    /// use tower_mqtt_layers::StandardStack;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let router = Router::new().route("tts/say", |_: Request<Envelope>| async {});
+    /// let svc = StandardStack::new().without_dedup().service(router);
+    /// let bytes = Envelope::new("tts.say", serde_json::json!({})).unwrap().to_bytes();
+    /// let msg = Request::builder("tts/say").body(bytes).unwrap();
+    /// assert!(matches!(svc.clone().oneshot(msg.clone()).await.unwrap(), Outcome::Handled));
+    /// assert!(matches!(svc.oneshot(msg).await.unwrap(), Outcome::Handled));
+    /// # }
+    /// ```
+    pub fn without_dedup(mut self) -> Self {
+        self.dedup = DedupLayer::with_limits(Duration::ZERO, self.dedup.max_entries());
         self
     }
 
@@ -602,5 +636,34 @@ mod tests {
         ));
         assert!(matches!(b.oneshot(msg).await.unwrap(), Outcome::Duplicate));
         assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn dedup_can_be_turned_off() {
+        for stack in [
+            StandardStack::new().without_dedup(),
+            StandardStack::new().dedup_ttl(Duration::ZERO),
+            StandardStack::new()
+                .dedup_ttl(Duration::ZERO)
+                .dedup_max_entries(10),
+        ] {
+            assert!(!stack.dedup.is_enabled());
+            let (count, counted) = counter();
+            let svc = stack.service(tower::service_fn(move |_req: Request<Envelope>| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, Infallible>(Outcome::Handled) }
+            }));
+            let msg = envelope("a", "t", json!({}));
+            for _ in 0..3 {
+                let outcome = svc.clone().oneshot(msg.clone()).await.unwrap();
+                assert!(matches!(outcome, Outcome::Handled));
+            }
+            assert_eq!(count.load(Ordering::SeqCst), 3);
+        }
+        // A TTL again turns it back on.
+        let stack = StandardStack::new()
+            .without_dedup()
+            .dedup_ttl(Duration::from_secs(1));
+        assert!(stack.dedup.is_enabled());
     }
 }
