@@ -2,9 +2,11 @@
 
 use std::{
     fmt,
-    hash::{BuildHasher, Hash, Hasher, RandomState},
+    hash::{BuildHasher, Hash, Hasher},
     sync::OnceLock,
 };
+
+use foldhash::quality::{FoldHasher, RandomState};
 
 use serde_json::{Map, Value};
 use tower_mqtt_core::Envelope;
@@ -81,8 +83,12 @@ impl fmt::Debug for DedupKey {
     }
 }
 
-/// Two `SipHash` streams with independent random keys, read as one 128-bit hash.
-pub(crate) struct Fingerprint<H = std::hash::DefaultHasher> {
+/// Two hash streams with independent random seeds, read as one 128-bit hash.
+///
+/// foldhash rather than the standard library's `SipHash`: the key is built for
+/// every message, and two `SipHash` passes over the data cost about as much as
+/// decoding it.
+pub(crate) struct Fingerprint<H = FoldHasher> {
     high: H,
     low: H,
 }
@@ -90,10 +96,9 @@ pub(crate) struct Fingerprint<H = std::hash::DefaultHasher> {
 impl Fingerprint {
     fn new() -> Self {
         static KEYS: OnceLock<(RandomState, RandomState)> = OnceLock::new();
-        let (high, low) = KEYS.get_or_init(|| (RandomState::new(), RandomState::new()));
+        let (high, low) = KEYS.get_or_init(|| (RandomState::default(), RandomState::default()));
         let mut low = low.build_hasher();
-        // `RandomState`s made one after the other differ in one key by one:
-        // a domain byte keeps the two streams apart whatever the keys.
+        // A domain byte keeps the two streams apart, whatever their seeds.
         low.write_u8(0xa5);
         Self {
             high: high.build_hasher(),
