@@ -5,7 +5,7 @@
 //! subscription, and overlapping subscriptions can bring two copies. [`Dedup`]
 //! remembers each envelope it let through, for a time-to-live (default 30 s) and
 //! up to a number of entries (default 2048, least recently used evicted first),
-//! and answers a copy with [`Outcome::Duplicate`] without calling the inner
+//! and answers a copy with [`Outcome::Duplicate`](tower_mqtt_core::Outcome::Duplicate) without calling the inner
 //! service.
 //!
 //! # The key
@@ -18,7 +18,7 @@
 //! 128-bit keyed hash of those parts rather than their text: a fixed-size key,
 //! built without allocating.
 //!
-//! Requests marked [`RawPayload`] (plain JSON objects wrapped by
+//! Requests marked [`RawPayload`](crate::decode::RawPayload) (plain JSON objects wrapped by
 //! [`Decode`](crate::decode::Decode)) are never duplicates: their id was made up
 //! on arrival, so two copies cannot be told apart from two messages.
 //!
@@ -28,7 +28,7 @@
 //! copies arriving together exactly one reaches the handler; the other is a
 //! duplicate at once, even while the first is still running.
 //!
-//! If handling **fails** (the inner service answers [`Outcome::Failed`] or an
+//! If handling **fails** (the inner service answers [`Outcome::Failed`](tower_mqtt_core::Outcome::Failed) or an
 //! error, or its future is dropped before it finishes), the claim is released:
 //! a redelivery of the message is handled again instead of being dropped as a
 //! duplicate of a message that was never handled. A copy that arrived while the
