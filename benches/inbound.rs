@@ -13,6 +13,13 @@
 //! installed, so spans and logs cost only their disabled-callsite check.
 //!
 //! Run with `cargo bench --bench inbound`.
+//!
+//! Where the time goes (medians, 2-core development machine, one run): a new
+//! dedup key costs about 0.95 µs over `layers/1_decode_router`, nearly all of
+//! it moka's `insert` into a full cache (it evicts one entry per insert); the
+//! retry about 0.4 µs (the request clone tower's `Retry` makes before the first
+//! attempt, and the budget's deposit); span, isolation and timeout together
+//! about 0.15 µs.
 
 // `criterion_group!` defines a public function without docs.
 #![allow(missing_docs)]

@@ -198,7 +198,7 @@ impl<S, M: Clone> Layer<S> for CorrelationSpanLayer<M> {
 /// use tower_mqtt::Router;
 /// use tower_mqtt_layers::CorrelationSpan;
 ///
-/// let svc = CorrelationSpan::new(Router::new());
+/// let svc = CorrelationSpan::new(Router::<()>::new());
 /// let router: &Router = svc.get_ref();
 /// ```
 #[derive(Clone, Copy, Debug)]
@@ -232,20 +232,7 @@ impl<S, M> CorrelationSpan<S, M> {
         }
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self` and returns the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S, M> Service<Request<Envelope>> for CorrelationSpan<S, M>

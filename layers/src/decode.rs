@@ -28,6 +28,17 @@
 //! [`Outcome::Failed`] holding the [`DecodeError`], and the inner service is not
 //! called. Put `Decode` outermost, so that no retry layer ever sees the bytes.
 //!
+//! # Bad input is logged
+//!
+//! Each message that cannot be decoded is logged once, at `WARN`, with its
+//! `topic`, its `size` in bytes, the `reason` ([`DecodeError::reason`]) and the
+//! `error` (its first 160 characters), never the payload. The line is inside an
+//! `mqtt.message` span with the topic, QoS and flags, the span the
+//! [`CorrelationSpan`](crate::correlation_span::CorrelationSpan) layer opens for
+//! messages that do decode. A flood of junk cannot flood the log: at most 10
+//! lines a second are written for each reason, and the next line written says
+//! how many were held back (`suppressed`).
+//!
 //! ```
 //! use bytes::Bytes;
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
@@ -67,10 +78,11 @@ use pin_project_lite::pin_project;
 use serde_json::{Map, Value};
 use tower::{Layer, Service};
 use tower_mqtt_core::{
-    envelope::json_type, Envelope, EnvelopeError, HandlerError, Outcome, Request, TopicName,
+    envelope::json_type, request::Parts, Envelope, EnvelopeError, HandlerError, Outcome, Request,
+    TopicName,
 };
 
-use crate::registry::EventRegistry;
+use crate::{log_limit::LogLimit, registry::EventRegistry};
 
 /// Why a payload could not be decoded; see the [module docs](self).
 ///
@@ -108,6 +120,39 @@ pub enum DecodeError {
     InvalidEnvelope(#[source] EnvelopeError),
 }
 
+/// How many kinds of [`DecodeError`] there are.
+const REASONS: usize = 5;
+
+impl DecodeError {
+    /// A short name for the kind of error, for logs and metrics: `empty`,
+    /// `not_utf8`, `not_json`, `not_an_object` or `invalid_envelope`.
+    ///
+    /// ```
+    /// use tower_mqtt_layers::DecodeError;
+    ///
+    /// assert_eq!(DecodeError::NotAnObject { found: "array" }.reason(), "not_an_object");
+    /// ```
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::NotUtf8(_) => "not_utf8",
+            Self::NotJson(_) => "not_json",
+            Self::NotAnObject { .. } => "not_an_object",
+            Self::InvalidEnvelope(_) => "invalid_envelope",
+        }
+    }
+
+    fn index(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::NotUtf8(_) => 1,
+            Self::NotJson(_) => 2,
+            Self::NotAnObject { .. } => 3,
+            Self::InvalidEnvelope(_) => 4,
+        }
+    }
+}
+
 /// Marks a request whose payload was a plain JSON object, not an envelope,
 /// and holds the payload as it arrived.
 ///
@@ -140,10 +185,16 @@ impl RawPayload {
 /// The keys of the envelope; an object of these only is meant as one.
 const ENVELOPE_KEYS: [&str; 5] = ["id", "type", "ts", "source", "data"];
 
+/// The longest error text a warning carries: serde's messages can quote a
+/// value from the payload.
+const MAX_ERROR_CHARS: usize = 160;
+
 #[derive(Clone, Debug, Default)]
 struct Config {
     registry: EventRegistry,
     default_type: Option<String>,
+    /// Shared by the layer's services, so the limit holds for all of them.
+    warnings: Arc<LogLimit<REASONS>>,
 }
 
 impl Config {
@@ -152,14 +203,41 @@ impl Config {
         match Envelope::from_slice(&bytes) {
             Ok(envelope) => Ok(Request::from_parts(parts, envelope)),
             Err(not_an_envelope) => {
-                let object = raw_object(&bytes, not_an_envelope).inspect_err(|error| {
-                    tracing::debug!(topic = %parts.topic, %error, "cannot decode message");
-                })?;
+                let object = raw_object(&bytes, not_an_envelope)
+                    .inspect_err(|error| self.warn(&parts, bytes.len(), error))?;
                 let envelope = Envelope::from_map(self.event_type_for(&parts.topic), object);
                 parts.extensions.insert(RawPayload(bytes));
                 Ok(Request::from_parts(parts, envelope))
             }
         }
+    }
+
+    /// Logs a message that cannot be decoded, within the rate limit.
+    fn warn(&self, parts: &Parts, size: usize, error: &DecodeError) {
+        let Some(suppressed) = self.warnings.admit(error.index()) else {
+            return;
+        };
+        let span = tracing::info_span!(
+            "mqtt.message",
+            topic = %parts.topic,
+            qos = u8::from(parts.qos),
+            retain = parts.retain,
+            dup = parts.dup,
+        );
+        let _entered = span.enter();
+        let mut text = error.to_string();
+        if let Some((cut, _)) = text.char_indices().nth(MAX_ERROR_CHARS) {
+            text.truncate(cut);
+            text.push('…');
+        }
+        tracing::warn!(
+            topic = %parts.topic,
+            size,
+            reason = error.reason(),
+            error = %text,
+            suppressed,
+            "dropping a message that cannot be decoded",
+        );
     }
 
     fn event_type_for(&self, topic: &TopicName) -> String {
@@ -217,6 +295,7 @@ impl DecodeLayer {
             config: Arc::new(Config {
                 registry,
                 default_type: None,
+                warnings: Arc::default(),
             }),
         }
     }
@@ -285,20 +364,7 @@ impl<S> Decode<S> {
         DecodeLayer::new(registry)
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self` and returns the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    define_inner_service_accessors!();
 }
 
 impl<S> Service<Request<Bytes>> for Decode<S>
@@ -363,231 +429,4 @@ where
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::convert::Infallible;
-    use tower::ServiceExt;
-    use tower_test::mock;
-
-    fn request(topic: &str, payload: &'static [u8]) -> Request<Bytes> {
-        Request::builder(topic)
-            .body(Bytes::from_static(payload))
-            .unwrap()
-    }
-
-    /// Decodes through the layer with a handler that hands back what it got.
-    async fn decode(
-        layer: &DecodeLayer,
-        topic: &str,
-        payload: &'static [u8],
-    ) -> Result<Request<Envelope>, HandlerError> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let svc = layer.layer(tower::service_fn(move |req: Request<Envelope>| {
-            tx.send(req).unwrap();
-            async { Ok::<_, Infallible>(Outcome::Handled) }
-        }));
-        match svc.oneshot(request(topic, payload)).await.unwrap() {
-            Outcome::Handled => Ok(rx.try_recv().unwrap()),
-            Outcome::Failed(err) => {
-                assert!(rx.try_recv().is_err(), "the handler must not run");
-                Err(err)
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    fn decode_error(err: &HandlerError) -> &DecodeError {
-        assert!(!err.is_retryable(), "decode errors are permanent");
-        err.get_ref().downcast_ref().expect("a DecodeError")
-    }
-
-    #[tokio::test]
-    async fn envelopes_decode_as_they_are() {
-        let layer = DecodeLayer::new(EventRegistry::fleet());
-        let req = decode(
-            &layer,
-            "stt/final",
-            br#"{"id":"3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19","type":"stt.final","ts":1732650123.5,"source":"stt-worker","data":{"text":"hi"}}"#,
-        )
-        .await
-        .unwrap();
-        let env = req.body();
-        assert_eq!(env.id(), "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
-        assert_eq!(env.source(), "stt-worker");
-        assert_eq!(env.data()["text"], "hi");
-        assert!(req.extensions().get::<RawPayload>().is_none());
-    }
-
-    #[tokio::test]
-    async fn decoding_keeps_topic_flags_and_extensions() {
-        #[derive(Clone)]
-        struct Tag;
-        let svc =
-            DecodeLayer::default().layer(tower::service_fn(|req: Request<Envelope>| async move {
-                assert_eq!(req.topic(), "a/b");
-                assert_eq!(req.qos(), tower_mqtt_core::QoS::ExactlyOnce);
-                assert!(req.retain() && req.dup());
-                assert!(req.extensions().get::<Tag>().is_some());
-                Ok::<_, Infallible>(Outcome::Handled)
-            }));
-        let req = Request::builder("a/b")
-            .qos(tower_mqtt_core::QoS::ExactlyOnce)
-            .retain(true)
-            .dup(true)
-            .extension(Tag)
-            .body(Bytes::from_static(br#"{"type":"x"}"#))
-            .unwrap();
-        assert!(matches!(svc.oneshot(req).await.unwrap(), Outcome::Handled));
-    }
-
-    #[tokio::test]
-    async fn raw_objects_take_the_registered_type() {
-        let layer = DecodeLayer::new(EventRegistry::fleet());
-        let req = decode(
-            &layer,
-            "system/health/stt",
-            br#"{"ok":true,"event":"ready"}"#,
-        )
-        .await
-        .unwrap();
-        assert_eq!(req.body().event_type(), "system.health.stt");
-        assert_eq!(req.body().data()["event"], "ready");
-        assert_eq!(
-            req.body().source(),
-            tower_mqtt_core::envelope::DEFAULT_SOURCE
-        );
-        assert_eq!(req.body().id().len(), 32);
-        let raw = req.extensions().get::<RawPayload>().expect("marked raw");
-        assert_eq!(&raw.payload()[..], br#"{"ok":true,"event":"ready"}"#);
-    }
-
-    #[tokio::test]
-    async fn unregistered_topics_use_the_default_type_or_the_topic() {
-        let derived = DecodeLayer::new(EventRegistry::fleet());
-        let req = decode(&derived, "camera/front/frame", br#"{"n":1}"#)
-            .await
-            .unwrap();
-        assert_eq!(req.body().event_type(), "camera.front.frame");
-
-        let fixed = derived.clone().default_type("raw.json");
-        let req = decode(&fixed, "camera/front/frame", br#"{"n":1}"#)
-            .await
-            .unwrap();
-        assert_eq!(req.body().event_type(), "raw.json");
-        // The registry still wins, and the clone kept its own setting.
-        let req = decode(&fixed, "tts/say", br#"{"text":"x"}"#).await.unwrap();
-        assert_eq!(req.body().event_type(), "tts.say");
-        let req = decode(&derived, "x/y", br"{}").await.unwrap();
-        assert_eq!(req.body().event_type(), "x.y");
-    }
-
-    #[tokio::test]
-    async fn an_object_with_an_extra_key_is_raw_like_in_python() {
-        let layer = DecodeLayer::new(EventRegistry::fleet());
-        let payload =
-            br#"{"id":"a","type":"tts.say","ts":1.0,"source":"s","data":{},"correlation_id":"x"}"#;
-        let req = decode(&layer, "tts/say", payload).await.unwrap();
-        assert!(req.extensions().get::<RawPayload>().is_some());
-        assert_eq!(req.body().event_type(), "tts.say");
-        assert_eq!(req.body().data()["correlation_id"], "x");
-        assert_ne!(req.body().id(), "a");
-    }
-
-    #[tokio::test]
-    async fn malformed_payloads_are_typed_permanent_errors() {
-        let layer = DecodeLayer::new(EventRegistry::fleet());
-        let err = decode(&layer, "a", b"").await.unwrap_err();
-        assert!(matches!(decode_error(&err), DecodeError::Empty));
-        let err = decode(&layer, "a", b"{\"text\":\"\xff\"}")
-            .await
-            .unwrap_err();
-        assert!(matches!(decode_error(&err), DecodeError::NotUtf8(_)));
-        let err = decode(&layer, "a", b"not json").await.unwrap_err();
-        assert!(matches!(decode_error(&err), DecodeError::NotJson(_)));
-        let err = decode(&layer, "a", b"{\"a\":1").await.unwrap_err();
-        assert!(matches!(decode_error(&err), DecodeError::NotJson(_)));
-        for (payload, found) in [
-            (&b"[1,2,3]"[..], "array"),
-            (b"\"text\"", "string"),
-            (b"42", "number"),
-            (b"null", "null"),
-            (b"true", "boolean"),
-        ] {
-            let svc = layer.layer(tower::service_fn(|_: Request<Envelope>| async {
-                Ok::<_, Infallible>(Outcome::Handled)
-            }));
-            let req = Request::builder("a")
-                .body(Bytes::copy_from_slice(payload))
-                .unwrap();
-            let outcome = svc.oneshot(req).await.unwrap();
-            let err = outcome.error().unwrap();
-            match decode_error(err) {
-                DecodeError::NotAnObject { found: got } => assert_eq!(*got, found),
-                other => panic!("{other:?}"),
-            }
-            assert_eq!(
-                err.to_string(),
-                format!("payload is a JSON {found}, not an object")
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn broken_envelopes_are_errors_not_raw_payloads() {
-        let layer = DecodeLayer::new(EventRegistry::fleet());
-        for payload in [
-            &br#"{"id":"a","type":"t","ts":1.0,"source":"s","data":[1,2]}"#[..],
-            br#"{"type":"t","data":"text"}"#,
-            br#"{"type":"t","ts":"yesterday"}"#,
-            br#"{"type":7}"#,
-            br#"{"id":1,"type":"t"}"#,
-        ] {
-            let svc = layer.layer(tower::service_fn(|_: Request<Envelope>| async {
-                Ok::<_, Infallible>(Outcome::Handled)
-            }));
-            let req = Request::builder("a")
-                .body(Bytes::copy_from_slice(payload))
-                .unwrap();
-            let outcome = svc.oneshot(req).await.unwrap();
-            let err = outcome.error().expect("a failure");
-            assert!(
-                matches!(decode_error(err), DecodeError::InvalidEnvelope(_)),
-                "{}",
-                String::from_utf8_lossy(payload)
-            );
-            assert!(err.to_string().starts_with("invalid envelope"), "{err}");
-        }
-    }
-
-    #[tokio::test]
-    async fn decode_errors_never_reach_the_inner_service() {
-        let (mock, mut handle) = mock::pair::<Request<Envelope>, Outcome>();
-        let mut svc = DecodeLayer::default().layer(mock);
-        handle.allow(1);
-        std::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
-        let outcome = svc.call(request("a", b"[]")).await.unwrap();
-        assert!(outcome.is_failed());
-        // The readiness is kept for the next message, which does get through.
-        let call = svc.call(request("a", br#"{"type":"x"}"#));
-        let (req, respond) = handle.next_request().await.unwrap();
-        assert_eq!(req.body().event_type(), "x");
-        respond.send_response(Outcome::Handled);
-        assert!(matches!(call.await.unwrap(), Outcome::Handled));
-    }
-
-    #[tokio::test]
-    async fn inner_errors_pass_through() {
-        let (mock, mut handle) = mock::pair::<Request<Envelope>, Outcome>();
-        let svc = Decode::new(mock, EventRegistry::new());
-        handle.allow(1);
-        let call = svc.oneshot(request("a", br#"{"type":"x"}"#));
-        let ((), result) = tokio::join!(
-            async {
-                let (_, respond) = handle.next_request().await.unwrap();
-                respond.send_error(std::io::Error::other("boom"));
-            },
-            call
-        );
-        assert_eq!(result.unwrap_err().to_string(), "boom");
-    }
-}
+mod tests;

@@ -11,7 +11,7 @@
 //! | [`DecodeLayer`] | [`decode`] | `Request<Bytes>` to `Request<Envelope>`; raw JSON objects wrapped with a type from the [`EventRegistry`]; typed, permanent decode errors |
 //! | [`DedupLayer`] | [`dedup`] | copies of handled envelopes answered with `Outcome::Duplicate` (TTL cache keyed like the fleet) |
 //! | [`CorrelationSpanLayer`] | [`correlation_span`] | a `mqtt.message` span per message; the correlation id in the extensions and in `correlation::current()` |
-//! | [`IsolationLayer`] | [`isolation`] | errors, panics and timeouts become `Outcome::Failed`, logged once; optional dead-letter topic |
+//! | [`IsolationLayer`] | [`isolation`] | errors, panics and timeouts become `Outcome::Failed`, logged once; a failed message goes to a [`dead_letter`] hook (a topic, a closure, or nothing) |
 //! | [`MessageRetryLayer`] | [`retry`] | tower's `Retry` with exponential backoff, jitter and a retry budget, for retryable failures |
 //! | [`TimeoutLayer`] | [`timeout`] | tower's timeout, 30 s by default; timeouts are retryable |
 //!
@@ -36,10 +36,15 @@
 //! # }
 //! ```
 
+#[macro_use]
+mod macros;
+
 pub mod correlation_span;
+pub mod dead_letter;
 pub mod decode;
 pub mod dedup;
 pub mod isolation;
+mod log_limit;
 pub mod registry;
 pub mod retry;
 pub mod stack;
@@ -49,9 +54,10 @@ pub mod timeout;
 mod test_util;
 
 pub use correlation_span::{CorrelationSpan, CorrelationSpanLayer};
+pub use dead_letter::{DeadLetter, DeadLetterPolicy, NoDeadLetters};
 pub use decode::{Decode, DecodeError, DecodeLayer, RawPayload};
 pub use dedup::{Dedup, DedupKey, DedupLayer};
-pub use isolation::{DeadLetter, Isolation, IsolationLayer};
+pub use isolation::{Isolation, IsolationLayer};
 pub use registry::EventRegistry;
 pub use retry::{MessageRetry, MessageRetryLayer, MessageRetryPolicy};
 pub use stack::{StandardService, StandardStack};
