@@ -47,7 +47,8 @@ pub mod reply;
 pub mod runtime;
 
 pub use tower_mqtt_core::{
-    correlation, envelope, extract, handler, outcome, request, router, subscription, topic,
+    correlation, envelope, extract, handler, log_limit, outcome, request, router, subscription,
+    topic,
 };
 /// The inbound middleware (decode, dedup, correlation span, isolation, retry,
 /// timeout), re-exported from `tower-mqtt-layers`.

@@ -750,6 +750,19 @@ async fn bad_payloads_interleaved_with_good_ones_leave_the_good_ones_handled_onc
             .all(|seq| *seq < 1_000_000),
         "no bad payload reached the handler as a good envelope"
     );
+    // Each failure is counted by its reason.
+    let reasons = stats.decode_failures;
+    assert_eq!(
+        (
+            reasons.empty,
+            reasons.not_utf8,
+            reasons.not_json,
+            reasons.not_an_object,
+            reasons.invalid_envelope
+        ),
+        (1, 1, 2, 2, 3),
+        "{reasons:?}"
+    );
     // Every bad payload but the one with an extra key (wrapped as a raw JSON
     // object, as the fleet's receivers do) is a decode failure.
     assert_eq!(

@@ -24,6 +24,7 @@ pub mod correlation;
 pub mod envelope;
 pub mod extract;
 pub mod handler;
+pub mod log_limit;
 pub mod outcome;
 pub mod request;
 pub mod router;

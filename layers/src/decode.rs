@@ -82,7 +82,9 @@ use tower_mqtt_core::{
     TopicName,
 };
 
-use crate::{log_limit::LogLimit, registry::EventRegistry};
+use tower_mqtt_core::log_limit::LogLimit;
+
+use crate::registry::EventRegistry;
 
 /// Why a payload could not be decoded; see the [module docs](self).
 ///

@@ -44,7 +44,6 @@ pub mod dead_letter;
 pub mod decode;
 pub mod dedup;
 pub mod isolation;
-mod log_limit;
 pub mod registry;
 pub mod retry;
 pub mod stack;

@@ -47,6 +47,9 @@ use tokio::{sync::Notify, task::JoinSet, time::Instant};
 use tower::{Service, ServiceExt};
 use tracing::{debug, error, warn};
 
+use tower_mqtt_core::log_limit::LogLimit;
+use tower_mqtt_layers::DecodeError;
+
 use super::ack::{AckLine, AckPacket};
 use crate::{
     outcome::{BoxError, Outcome},
@@ -100,10 +103,34 @@ pub(crate) struct Counters {
     pub(crate) kept_over_limit: AtomicU64,
     pub(crate) oversized: AtomicU64,
     pub(crate) invalid_topic: AtomicU64,
+    pub(crate) decode_failures: DecodeCounters,
     pub(crate) pending: AtomicU64,
     pub(crate) pending_bytes: AtomicU64,
     pub(crate) peak_pending: AtomicU64,
     pub(crate) peak_pending_bytes: AtomicU64,
+}
+
+/// Messages that could not be decoded, by reason.
+#[derive(Debug, Default)]
+pub(crate) struct DecodeCounters {
+    pub(crate) empty: AtomicU64,
+    pub(crate) not_utf8: AtomicU64,
+    pub(crate) not_json: AtomicU64,
+    pub(crate) not_an_object: AtomicU64,
+    pub(crate) invalid_envelope: AtomicU64,
+}
+
+impl DecodeCounters {
+    fn count(&self, error: &DecodeError) {
+        let counter = match error.reason() {
+            "empty" => &self.empty,
+            "not_utf8" => &self.not_utf8,
+            "not_json" => &self.not_json,
+            "not_an_object" => &self.not_an_object,
+            _ => &self.invalid_envelope,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How much the dispatcher holds right now.
@@ -217,8 +244,18 @@ impl State {
     }
 }
 
+/// What the dispatcher warns about, each with its own rate limit.
+#[derive(Clone, Copy)]
+enum Warning {
+    Dropped,
+    Oversized,
+    InvalidTopic,
+}
+
 struct Shared<S> {
     router: Router,
+    /// Input can trigger these lines: a flood must not flood the log.
+    warnings: LogLimit<3>,
     /// Put into every request, for handlers that publish.
     publisher: Option<Publisher>,
     /// Behind a lock only so `Shared` is `Sync` for any `Send` service; it is
@@ -294,6 +331,7 @@ where
         Self {
             shared: Arc::new(Shared {
                 router,
+                warnings: LogLimit::default(),
                 publisher: None,
                 service: Mutex::new(service),
                 limits,
@@ -359,12 +397,15 @@ where
         }
         if bytes > limits.max_message_size {
             counters.oversized.fetch_add(1, Ordering::Relaxed);
-            error!(
-                topic = %publish.topic,
-                size = bytes,
-                limit = limits.max_message_size,
-                "message larger than the limit; acknowledged and dropped"
-            );
+            if let Some(suppressed) = self.shared.warnings.admit(Warning::Oversized as usize) {
+                error!(
+                    topic = %publish.topic,
+                    size = bytes,
+                    limit = limits.max_message_size,
+                    suppressed,
+                    "message larger than the limit; acknowledged and dropped"
+                );
+            }
             self.ack_now(&mut state, ack);
             return;
         }
@@ -372,7 +413,10 @@ where
             Ok(request) => request,
             Err(err) => {
                 counters.invalid_topic.fetch_add(1, Ordering::Relaxed);
-                warn!(topic = %publish.topic, error = %err, "invalid topic; acknowledged and skipped");
+                if let Some(suppressed) = self.shared.warnings.admit(Warning::InvalidTopic as usize)
+                {
+                    warn!(topic = %publish.topic, error = %err, suppressed, "invalid topic; acknowledged and skipped");
+                }
                 self.ack_now(&mut state, ack);
                 return;
             }
@@ -481,7 +525,10 @@ where
                 Overflow::DropOldest => {
                     if let Some(oldest) = state.lanes[lane_id].jobs.pop_front() {
                         counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
-                        warn!(topic = %topic, "queue full; dropped the oldest message on the topic");
+                        self.warn_dropped(
+                            topic,
+                            "queue full; dropped the oldest message on the topic",
+                        );
                         state.queued -= 1;
                         state.pending_bytes -= oldest.bytes;
                         state.routes[route_index].queued -= 1;
@@ -491,7 +538,10 @@ where
                         }
                     } else {
                         counters.dropped_new.fetch_add(1, Ordering::Relaxed);
-                        warn!(topic = %topic, "queue full with other topics; dropped the new message");
+                        self.warn_dropped(
+                            topic,
+                            "queue full with other topics; dropped the new message",
+                        );
                         self.ack_now(state, ack);
                         state.forget_if_idle(lane_id);
                         return false;
@@ -499,7 +549,7 @@ where
                 }
                 _ => {
                     counters.dropped_new.fetch_add(1, Ordering::Relaxed);
-                    warn!(topic = %topic, "queue full; dropped the new message");
+                    self.warn_dropped(topic, "queue full; dropped the new message");
                     self.ack_now(state, ack);
                     state.forget_if_idle(lane_id);
                     return false;
@@ -507,6 +557,13 @@ where
             }
         }
         true
+    }
+
+    /// A WARN for a dropped message, within the rate limit.
+    fn warn_dropped(&self, topic: &TopicName, what: &'static str) {
+        if let Some(suppressed) = self.shared.warnings.admit(Warning::Dropped as usize) {
+            warn!(%topic, suppressed, "{what}");
+        }
     }
 
     /// The lane of `topic`, made when the topic is new; the topic is hashed
@@ -685,6 +742,9 @@ where
             }
             Ok(Outcome::Failed(err)) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
+                if let Some(decode) = err.get_ref().downcast_ref::<DecodeError>() {
+                    counters.decode_failures.count(decode);
+                }
                 debug!(error = %err, "failed; acknowledged");
             }
             Err(err) => {

@@ -75,5 +75,8 @@ pub(crate) mod wire;
 pub use self::{
     client::{Client, Serve, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_IN_FLIGHT},
     delivery::DeliveryError,
-    running::{shutdown_signal, ConnectionState, Running, ShutdownHandle, ShutdownReport, Stats},
+    running::{
+        shutdown_signal, ConnectionState, DecodeFailures, Running, ShutdownHandle, ShutdownReport,
+        Stats,
+    },
 };

@@ -68,6 +68,9 @@ pub struct Stats {
     /// Dropped by [`Overflow::DropNew`](crate::Overflow::DropNew), or by
     /// [`Overflow::Block`](crate::Overflow::Block) after waiting too long.
     pub dropped_new: u64,
+    /// Messages that could not be decoded into an envelope, by reason
+    /// (each also counted in `failed`).
+    pub decode_failures: DecodeFailures,
     /// QoS 0 messages dropped because the pending limits were reached.
     pub dropped_over_limit: u64,
     /// QoS 1/2 messages read past the pending limits and withheld: neither
@@ -103,6 +106,35 @@ pub struct Stats {
     pub connection_failures: u64,
 }
 
+/// Messages that could not be decoded, by the reason the decode layer gives
+/// (`DecodeError::reason`).
+///
+/// ```
+/// let failures = tower_mqtt::runtime::DecodeFailures::default();
+/// assert_eq!(failures.total(), 0);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DecodeFailures {
+    /// An empty payload.
+    pub empty: u64,
+    /// Not UTF-8.
+    pub not_utf8: u64,
+    /// Not JSON.
+    pub not_json: u64,
+    /// JSON, but not an object.
+    pub not_an_object: u64,
+    /// An object of envelope keys that is not a valid envelope.
+    pub invalid_envelope: u64,
+}
+
+impl DecodeFailures {
+    /// All of them.
+    pub fn total(&self) -> u64 {
+        self.empty + self.not_utf8 + self.not_json + self.not_an_object + self.invalid_envelope
+    }
+}
+
 /// The runtime's own counters, beside the dispatcher's.
 #[derive(Debug, Default)]
 pub(super) struct RuntimeCounters {
@@ -124,6 +156,13 @@ impl Stats {
             dropped_oldest: get(&counters.dropped_oldest),
             dropped_new: get(&counters.dropped_new),
             dropped_over_limit: get(&counters.dropped_over_limit),
+            decode_failures: DecodeFailures {
+                empty: get(&counters.decode_failures.empty),
+                not_utf8: get(&counters.decode_failures.not_utf8),
+                not_json: get(&counters.decode_failures.not_json),
+                not_an_object: get(&counters.decode_failures.not_an_object),
+                invalid_envelope: get(&counters.decode_failures.invalid_envelope),
+            },
             withheld: get(&counters.withheld),
             kept_over_limit: get(&counters.kept_over_limit),
             oversized: get(&counters.oversized),

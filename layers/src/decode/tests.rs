@@ -284,7 +284,7 @@ async fn a_flood_of_junk_is_rate_limited_per_reason_and_counted() {
         .iter()
         .map(|w| w.fields["reason"].as_str())
         .collect();
-    let per_second = crate::log_limit::DEFAULT_PER_SECOND as usize;
+    let per_second = tower_mqtt_core::log_limit::DEFAULT_PER_SECOND as usize;
     assert_eq!(reasons.len(), per_second + 1, "{reasons:?}");
     assert!(reasons[..per_second].iter().all(|r| *r == "not_json"));
     assert_eq!(

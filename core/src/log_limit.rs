@@ -16,11 +16,22 @@ use tokio::time::Instant;
 const WINDOW: Duration = Duration::from_secs(1);
 
 /// Lines per second and reason unless configured otherwise.
-pub(crate) const DEFAULT_PER_SECOND: u32 = 10;
+pub const DEFAULT_PER_SECOND: u32 = 10;
 
 /// At most `per_second` lines per second for each of `N` reasons.
+///
+/// ```
+/// use tower_mqtt::log_limit::LogLimit;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let limit = LogLimit::<1>::new(2);
+/// assert_eq!(limit.admit(0), Some(0));
+/// assert_eq!(limit.admit(0), Some(0));
+/// assert_eq!(limit.admit(0), None); // held back, and counted
+/// # }
+/// ```
 #[derive(Debug)]
-pub(crate) struct LogLimit<const N: usize> {
+pub struct LogLimit<const N: usize> {
     per_second: u32,
     windows: Mutex<[Window; N]>,
 }
@@ -39,7 +50,8 @@ struct Window {
 }
 
 impl<const N: usize> LogLimit<N> {
-    pub(crate) fn new(per_second: u32) -> Self {
+    /// A limit of `per_second` lines per second for each reason.
+    pub fn new(per_second: u32) -> Self {
         Self {
             per_second,
             windows: Mutex::new([Window::default(); N]),
@@ -48,7 +60,11 @@ impl<const N: usize> LogLimit<N> {
 
     /// Whether a line for `reason` may be logged now; if so, how many lines
     /// for it were held back since the last one logged.
-    pub(crate) fn admit(&self, reason: usize) -> Option<u64> {
+    ///
+    /// # Panics
+    ///
+    /// When `reason` is not below `N`.
+    pub fn admit(&self, reason: usize) -> Option<u64> {
         let mut windows = self.windows.lock().unwrap_or_else(PoisonError::into_inner);
         let window = &mut windows[reason];
         let now = Instant::now();
