@@ -74,9 +74,13 @@ tokio::task_local! {
 ///
 /// The id is visible to everything the future polls on this task; a task
 /// spawned from it does not inherit it (pass the [`CorrelationId`] along).
-pub fn scope<F: Future>(id: CorrelationId, future: F) -> impl Future<Output = F::Output> {
+pub fn scope<F: Future>(id: CorrelationId, future: F) -> Scoped<F> {
     CURRENT.scope(id, future)
 }
+
+/// The future [`scope`] returns: nameable, so middleware can hold it without
+/// boxing.
+pub type Scoped<F> = tokio::task::futures::TaskLocalFuture<CorrelationId, F>;
 
 /// The correlation id of the message being handled on this task, if any.
 pub fn current() -> Option<CorrelationId> {

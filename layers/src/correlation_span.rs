@@ -50,9 +50,10 @@ use std::{
     task::{Context, Poll},
 };
 
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_mqtt_core::{
-    correlation::{self, CorrelationId},
+    correlation::{self, CorrelationId, Scoped},
     Envelope, Request,
 };
 use tracing::{Level, Span};
@@ -243,7 +244,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Response, S::Error>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -258,32 +259,33 @@ where
             self.inner.call(req)
         };
         ResponseFuture {
-            // `correlation::scope` returns an unnameable future: boxing it is
-            // the only way to name this future's type.
-            inner: Box::pin(correlation::scope(id, future)),
+            inner: correlation::scope(id, future),
             span,
         }
     }
 }
 
-/// The future of [`CorrelationSpan`]: the inner future in the correlation
-/// scope, polled inside the span.
-pub struct ResponseFuture<T, E> {
-    inner: Pin<Box<dyn Future<Output = Result<T, E>> + Send>>,
-    span: Span,
-}
-
-impl<T, E> Future for ResponseFuture<T, E> {
-    type Output = Result<T, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let _entered = this.span.enter();
-        this.inner.as_mut().poll(cx)
+pin_project! {
+    /// The future of [`CorrelationSpan`]: the inner future in the correlation
+    /// scope, polled inside the span.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: Scoped<F>,
+        span: Span,
     }
 }
 
-impl<T, E> fmt::Debug for ResponseFuture<T, E> {
+impl<F: Future> Future for ResponseFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.inner.poll(cx)
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseFuture")
             .field("span", &self.span)
