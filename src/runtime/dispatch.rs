@@ -216,6 +216,8 @@ struct State {
     pending_bytes: usize,
     /// Block routes at their capacity.
     blocking_routes: usize,
+    /// Messages queued on unordered routes, which may run side by side.
+    unordered_queued: usize,
     /// Withholding QoS 1/2 messages until the next connection.
     withholding: bool,
     /// Acknowledgements released on this connection.
@@ -350,6 +352,7 @@ where
                     unreleased: 0,
                     pending_bytes: 0,
                     blocking_routes: 0,
+                    unordered_queued: 0,
                     withholding: false,
                     released_on_connection: 0,
                     workers: 0,
@@ -467,7 +470,13 @@ where
             bytes,
         });
         self.note_load(state);
-        self.schedule(state, lane_id);
+        if state.routes[route_index].ordered {
+            self.schedule(state, lane_id);
+        } else {
+            state.unordered_queued += 1;
+            self.schedule(state, lane_id);
+            self.spawn_workers(state);
+        }
     }
 
     /// A message past the pending limits: whether it is queued all the same
@@ -532,6 +541,9 @@ where
                         state.queued -= 1;
                         state.pending_bytes -= oldest.bytes;
                         state.routes[route_index].queued -= 1;
+                        if !state.routes[route_index].ordered {
+                            state.unordered_queued -= 1;
+                        }
                         if let Some(token) = oldest.ack {
                             state.unreleased += 1;
                             self.release(state, lane_id, token);
@@ -660,8 +672,17 @@ where
         }
         lane.scheduled = true;
         state.ready.push_back(lane_id);
-        let idle_workers = state.workers - state.running;
-        if state.ready.len() > idle_workers && state.workers < self.shared.limits.max_in_flight {
+        self.spawn_workers(state);
+    }
+
+    /// Starts workers while the work that could start now outnumbers the
+    /// workers about to take some: a ready lane is one message, an unordered
+    /// lane as many as it holds.
+    fn spawn_workers(&self, state: &mut State) {
+        let startable = state.ready.len() + state.unordered_queued;
+        while state.workers - state.running < startable
+            && state.workers < self.shared.limits.max_in_flight
+        {
             state.workers += 1;
             // Reap finished workers so the set does not grow.
             while state.tasks.try_join_next().is_some() {}
@@ -702,6 +723,9 @@ where
             state.blocking_routes -= 1;
         }
         route.queued -= 1;
+        if !route.ordered {
+            state.unordered_queued -= 1;
+        }
         state.queued -= 1;
         state.running += 1;
         // An unordered lane stays ready while it has work; an ordered one
@@ -880,6 +904,7 @@ where
             }
             state.queued = 0;
             state.blocking_routes = 0;
+            state.unordered_queued = 0;
             self.note_load(state);
             (state.running, queued)
         };

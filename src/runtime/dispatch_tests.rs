@@ -387,3 +387,24 @@ async fn workers_never_exceed_the_in_flight_limit() {
     assert_eq!(get(&counters.handled), 2000);
     assert!(peak.load(Ordering::SeqCst) <= 8);
 }
+
+#[tokio::test]
+async fn an_unordered_topic_fills_every_worker() {
+    let service = Recorder::new(&["t"]);
+    let router = Router::new().subscribe(Subscription::new("t").unordered());
+    let (d, _, _rx) = dispatcher(router, service.clone(), limits(100));
+    for pkid in 1..=20 {
+        d.push(&qos1("t", pkid), OverLimit::Withhold);
+    }
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        d.load().running,
+        8,
+        "one topic, as many at once as the limit"
+    );
+    service.gate.add_permits(20);
+    settle(&d).await;
+    assert_eq!(service.seen().len(), 20);
+}
