@@ -39,6 +39,7 @@
 #[macro_use]
 mod macros;
 
+pub mod batch;
 pub mod correlation_span;
 pub mod dead_letter;
 pub mod decode;
@@ -52,6 +53,7 @@ pub mod timeout;
 #[cfg(test)]
 mod test_util;
 
+pub use batch::{Batch, BatchLayer, Batching};
 pub use correlation_span::{CorrelationSpan, CorrelationSpanLayer};
 pub use dead_letter::{DeadLetter, DeadLetterPolicy, NoDeadLetters};
 pub use decode::{Decode, DecodeError, DecodeLayer, RawPayload};

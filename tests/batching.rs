@@ -1,0 +1,132 @@
+//! The batching layer through the real client: every message is handled in a
+//! batch of at most N and acknowledged once its batch is done.
+
+mod support;
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use support::{unique_id, Mosquitto, QoS as WireQoS};
+use tower::{service_fn, Layer, ServiceBuilder};
+use tower_mqtt::{
+    config::Config,
+    layers::batch::{Batch, BatchLayer},
+    BoxError, Envelope, Router, Subscription,
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+const MAX: usize = 50;
+const MAX_WAIT: Duration = Duration::from_millis(100);
+
+/// Publishes `total` readings at QoS 1 from one client, 100 in flight, so
+/// they arrive together.
+async fn publish_fast(url: &str, total: u64) {
+    let (host, port) = support::host_port(url);
+    let mut options = rumqttc::MqttOptions::new(unique_id("readings"), host, port);
+    options.set_inflight(100);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 2000);
+    for n in 0..total {
+        let env = Envelope::new("reading", json!({ "n": n })).unwrap();
+        let topic = format!("readings/{}", n % 5);
+        client
+            .publish(topic, WireQoS::AtLeastOnce, false, env.to_vec())
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < total {
+        match tokio::time::timeout(WAIT, eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("publisher failed after {acked}: {err}"),
+            Err(elapsed) => panic!("publisher stalled after {acked}: {elapsed}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_messages_arrive_in_batches_and_are_all_acknowledged() {
+    let broker = Mosquitto::start_with_config("max_queued_messages 0\nlog_type error\n").await;
+    let url = broker.url();
+    let client_id = unique_id("batching");
+    let config = || {
+        Config::new(&url)
+            .unwrap()
+            .with_client_id(&client_id)
+            .with_clean_session(false)
+    };
+    let batches: Arc<Mutex<Vec<(Vec<u64>, Duration)>>> = Arc::default();
+    let log = batches.clone();
+    let store = service_fn(move |batch: Batch| {
+        // How long the batch's first message waited for the batch.
+        let waited = batch
+            .iter()
+            .filter_map(|req| req.extensions().get::<Instant>())
+            .min()
+            .map_or(Duration::ZERO, Instant::elapsed);
+        let ns = batch
+            .iter()
+            .map(|req| req.body().data()["n"].as_u64().unwrap())
+            .collect();
+        log.lock().unwrap().push((ns, waited));
+        std::future::ready(Ok::<_, BoxError>(()))
+    });
+    let batched = ServiceBuilder::new()
+        .map_request(|mut req: tower_mqtt::Request<Envelope>| {
+            req.extensions_mut().insert(Instant::now());
+            req
+        })
+        .service(BatchLayer::new(MAX, MAX_WAIT).layer(store));
+    let router = Router::new().route_service(Subscription::new("readings/+").unordered(), batched);
+    let running = tower_mqtt::serve(config(), router.clone()).spawn().unwrap();
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+
+    let total: u64 = 1000;
+    publish_fast(&url, total).await;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let stats = running.stats();
+            if stats.handled >= total && stats.pending == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("every message handled and acknowledged");
+    let stats = running.shutdown().await.stats;
+    assert_eq!((stats.handled, stats.failed), (total, 0), "{stats:?}");
+
+    let batches = batches.lock().unwrap().clone();
+    let seen: HashSet<u64> = batches.iter().flat_map(|(ns, _)| ns.clone()).collect();
+    assert_eq!(
+        seen.len(),
+        usize::try_from(total).unwrap(),
+        "each message once"
+    );
+    assert!(batches.iter().all(|(ns, _)| ns.len() <= MAX));
+    let largest = batches.iter().map(|(ns, _)| ns.len()).max().unwrap_or(0);
+    let longest = batches.iter().map(|(_, w)| *w).max().unwrap_or_default();
+    eprintln!(
+        "FIGURES batching: messages={total} batches={} largest={largest} longest_wait_ms={}",
+        batches.len(),
+        longest.as_millis()
+    );
+
+    // Everything was acknowledged: the session gives nothing back.
+    let again = Arc::new(Mutex::new(0usize));
+    let counted = again.clone();
+    let router = Router::new().route("readings/+", move |_req: tower_mqtt::Request<Envelope>| {
+        *counted.lock().unwrap() += 1;
+        std::future::ready(())
+    });
+    let running = tower_mqtt::serve(config(), router).spawn().unwrap();
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    running.shutdown().await;
+    assert_eq!(*again.lock().unwrap(), 0, "nothing was left unacknowledged");
+}
