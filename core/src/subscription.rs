@@ -83,8 +83,8 @@ impl std::str::FromStr for Overflow {
 pub struct Subscription {
     filter: TopicFilter,
     qos: QoS,
-    capacity: usize,
-    overflow: Overflow,
+    capacity: Option<usize>,
+    overflow: Option<Overflow>,
     ordered: bool,
     ack: Ack,
 }
@@ -115,8 +115,8 @@ impl Subscription {
         Self {
             filter,
             qos: QoS::AtLeastOnce,
-            capacity: DEFAULT_QUEUE_CAPACITY,
-            overflow: Overflow::Block,
+            capacity: None,
+            overflow: None,
             ordered: true,
             ack: Ack::AfterHandling,
         }
@@ -130,13 +130,13 @@ impl Subscription {
 
     /// Sets how many messages may wait for this route (at least 1).
     pub fn capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity.max(1);
+        self.capacity = Some(capacity.max(1));
         self
     }
 
     /// Sets what happens when the queue is full.
     pub fn overflow(mut self, overflow: Overflow) -> Self {
-        self.overflow = overflow;
+        self.overflow = Some(overflow);
         self
     }
 
@@ -177,13 +177,41 @@ impl Subscription {
         self.qos
     }
 
-    /// The queue capacity.
+    /// The queue capacity: the one set with [`Subscription::capacity`], else
+    /// [`DEFAULT_QUEUE_CAPACITY`].
     pub fn get_capacity(&self) -> usize {
+        self.capacity.unwrap_or(DEFAULT_QUEUE_CAPACITY)
+    }
+
+    /// The queue capacity if this route set one; the runtime otherwise takes
+    /// the service's default (`MQTT_QUEUE_SIZE`).
+    ///
+    /// ```
+    /// use tower_mqtt::Subscription;
+    ///
+    /// assert_eq!(Subscription::new("a").capacity_setting(), None);
+    /// assert_eq!(Subscription::new("a").capacity(8).capacity_setting(), Some(8));
+    /// ```
+    pub fn capacity_setting(&self) -> Option<usize> {
         self.capacity
     }
 
-    /// The overflow policy.
+    /// The overflow policy: the one set with [`Subscription::overflow`], else
+    /// [`Overflow::Block`].
     pub fn get_overflow(&self) -> Overflow {
+        self.overflow.unwrap_or_default()
+    }
+
+    /// The overflow policy if this route set one; the runtime otherwise takes
+    /// the service's default (`MQTT_QUEUE_OVERFLOW`).
+    ///
+    /// ```
+    /// use tower_mqtt::{Overflow, Subscription};
+    ///
+    /// let fft = Subscription::new("audio/fft").overflow(Overflow::DropOldest);
+    /// assert_eq!(fft.overflow_setting(), Some(Overflow::DropOldest));
+    /// ```
+    pub fn overflow_setting(&self) -> Option<Overflow> {
         self.overflow
     }
 

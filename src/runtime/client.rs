@@ -21,7 +21,7 @@ use tracing::{info, warn};
 use super::{
     ack::AckPacket,
     delivery::Deliveries,
-    dispatch::{Counters, Dispatcher, Limits},
+    dispatch::{Counters, Dispatcher, Limits, QueueDefaults},
     heartbeat::Heartbeat,
     outbox::{Outbox, OutboxLimits},
     poll::{OnConnect, PollLoop},
@@ -290,6 +290,7 @@ impl Client {
                 max_pending_bytes: config.max_pending_bytes,
                 max_message_size: config.max_packet_size,
                 ack_order: config.ack_order,
+                queues: QueueDefaults::default(),
             },
             counters.clone(),
             ack_tx,

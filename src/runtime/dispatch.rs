@@ -74,6 +74,23 @@ pub(crate) struct Limits {
     /// and dropped.
     pub(crate) max_message_size: usize,
     pub(crate) ack_order: AckOrder,
+    pub(crate) queues: QueueDefaults,
+}
+
+/// A route's queue settings where the route sets none.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct QueueDefaults {
+    pub(crate) capacity: usize,
+    pub(crate) overflow: Overflow,
+}
+
+impl Default for QueueDefaults {
+    fn default() -> Self {
+        Self {
+            capacity: DEFAULT_QUEUE_CAPACITY,
+            overflow: Overflow::Block,
+        }
+    }
 }
 
 /// What a QoS 1/2 message that arrives past the limit becomes.
@@ -166,10 +183,17 @@ struct RouteQueue {
 }
 
 impl RouteQueue {
-    fn new(sub: Option<&Subscription>) -> Self {
+    /// The queue of route `sub` (`None`: the fallback's), with the
+    /// service's defaults for what the route did not set.
+    fn new(sub: Option<&Subscription>, defaults: QueueDefaults) -> Self {
         Self {
-            capacity: sub.map_or(DEFAULT_QUEUE_CAPACITY, Subscription::get_capacity),
-            overflow: sub.map_or(Overflow::Block, Subscription::get_overflow),
+            capacity: sub
+                .and_then(Subscription::capacity_setting)
+                .unwrap_or(defaults.capacity)
+                .max(1),
+            overflow: sub
+                .and_then(Subscription::overflow_setting)
+                .unwrap_or(defaults.overflow),
             ordered: sub.is_none_or(Subscription::is_ordered),
             ack: sub.map_or(Ack::AfterHandling, Subscription::get_ack),
             queued: 0,
@@ -321,9 +345,9 @@ where
         // route matches (they go to the fallback).
         let mut queues: Vec<RouteQueue> = router
             .routes()
-            .map(|sub| RouteQueue::new(Some(sub)))
+            .map(|sub| RouteQueue::new(Some(sub), limits.queues))
             .collect();
-        queues.push(RouteQueue::new(None));
+        queues.push(RouteQueue::new(None, limits.queues));
         let limits = Limits {
             max_in_flight: limits.max_in_flight.max(1),
             max_pending: limits.max_pending.max(1),

@@ -18,6 +18,7 @@ fn limits(max_pending: usize) -> Limits {
         max_pending_bytes: usize::MAX / 2,
         max_message_size: 1024,
         ack_order: AckOrder::Topic,
+        queues: QueueDefaults::default(),
     }
 }
 
