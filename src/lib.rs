@@ -97,3 +97,8 @@ pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};
 #[doc = include_str!("../README.md")]
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
+
+/// The testing guide's examples, compiled and run as doctests.
+#[doc = include_str!("../docs/TESTING.md")]
+#[cfg(doctest)]
+pub struct TestingDoctests;
