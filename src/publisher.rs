@@ -61,7 +61,6 @@ use crate::{
     outbound::OutboundStack,
     outcome::{BoxError, HandlerError},
     request::{QoS, Request},
-    runtime::delivery::DeliveryError,
     topic::{TopicError, TopicName},
 };
 
@@ -91,7 +90,45 @@ pub enum PublishError {
     Closed,
 }
 
-pub use crate::runtime::outbox::OfflineOverflow;
+/// What a full offline buffer does with one more publish.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OfflineOverflow {
+    /// Reject the new publish with [`DeliveryError::BufferFull`].
+    #[default]
+    Reject,
+    /// Evict the oldest buffered publish ([`DeliveryError::Evicted`]).
+    DropOldest,
+}
+
+/// Why a publish was not confirmed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeliveryError {
+    /// The connection dropped and the broker started a clean session: the
+    /// publish may or may not have reached it, and rumqttc will not resend it.
+    #[error("the connection was lost before the broker confirmed the publish, and the session did not survive")]
+    SessionLost,
+    /// The runtime stopped before the publish was confirmed.
+    #[error("the MQTT runtime stopped before the publish was confirmed")]
+    Closed,
+    /// Disconnected, and the offline buffer already holds its limit.
+    #[error("disconnected and the offline buffer is full ({limit} publishes); nothing was sent")]
+    BufferFull {
+        /// The buffer's limit.
+        limit: usize,
+    },
+    /// Evicted from a full offline buffer by a newer publish.
+    #[error("evicted from the full offline buffer by a newer publish; nothing was sent")]
+    Evicted,
+    /// Waited longer than the offline limit while disconnected.
+    #[error("waited longer than {max_age:?} for the connection; nothing was sent")]
+    Expired {
+        /// The limit.
+        max_age: std::time::Duration,
+    },
+}
+
 
 impl PublishError {
     /// Whether sending again might succeed (a lost session, a full offline

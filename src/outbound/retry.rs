@@ -164,7 +164,7 @@ impl<S> Layer<S> for PublishRetryLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::DeliveryError;
+    use crate::publisher::DeliveryError;
     use std::sync::atomic::AtomicUsize;
     use tower::{service_fn, ServiceExt};
 

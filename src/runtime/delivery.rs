@@ -19,33 +19,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-/// Why a publish was not confirmed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DeliveryError {
-    /// The connection dropped and the broker started a clean session: the
-    /// publish may or may not have reached it, and rumqttc will not resend it.
-    #[error("the connection was lost before the broker confirmed the publish, and the session did not survive")]
-    SessionLost,
-    /// The runtime stopped before the publish was confirmed.
-    #[error("the MQTT runtime stopped before the publish was confirmed")]
-    Closed,
-    /// Disconnected, and the offline buffer already holds its limit.
-    #[error("disconnected and the offline buffer is full ({limit} publishes); nothing was sent")]
-    BufferFull {
-        /// The buffer's limit.
-        limit: usize,
-    },
-    /// Evicted from a full offline buffer by a newer publish.
-    #[error("evicted from the full offline buffer by a newer publish; nothing was sent")]
-    Evicted,
-    /// Waited longer than the offline limit while disconnected.
-    #[error("waited longer than {max_age:?} for the connection; nothing was sent")]
-    Expired {
-        /// The limit.
-        max_age: std::time::Duration,
-    },
-}
+use crate::publisher::DeliveryError;
 
 pub(crate) type Waiter = Option<oneshot::Sender<Result<(), DeliveryError>>>;
 

@@ -72,9 +72,10 @@ mod running;
 mod sink;
 pub(crate) mod wire;
 
+pub use crate::publisher::DeliveryError;
+
 pub use self::{
     client::{Client, Serve, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_IN_FLIGHT},
-    delivery::DeliveryError,
     running::{
         shutdown_signal, ConnectionState, DecodeFailures, Running, ShutdownHandle, ShutdownReport,
         Stats,

@@ -27,18 +27,8 @@ use rumqttc::{AsyncClient, Publish};
 use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, warn};
 
-use super::delivery::{Deliveries, DeliveryError, Waiter};
-
-/// What a full offline buffer does with one more publish.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OfflineOverflow {
-    /// Reject the new publish with [`DeliveryError::BufferFull`].
-    #[default]
-    Reject,
-    /// Evict the oldest buffered publish ([`DeliveryError::Evicted`]).
-    DropOldest,
-}
+use super::delivery::{Deliveries, Waiter};
+use crate::publisher::{DeliveryError, OfflineOverflow};
 
 /// Bounds of the offline buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
