@@ -230,5 +230,31 @@ fn parts(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, inbound, layers, parts);
+/// 100 routes with wildcards, as a large service has: what finding the
+/// matching ones costs per message (issue target: at most 300 ns).
+fn routing(c: &mut Criterion) {
+    let mut router: Router = Router::new();
+    for n in 0..100 {
+        let filter = match n % 4 {
+            0 => format!("svc{n}/+/state"),
+            1 => format!("svc{n}/#"),
+            2 => format!("svc{n}/events/+"),
+            _ => format!("svc{n}/exact/topic"),
+        };
+        router = router.subscribe(filter.as_str());
+    }
+    let topics: Vec<tower_mqtt::TopicName> = (0..100)
+        .map(|n| tower_mqtt::TopicName::new(format!("svc{n}/kitchen/state")).unwrap())
+        .collect();
+    let mut next = 0;
+    c.bench_function("routing/100_routes_match", |b| {
+        b.iter(|| {
+            next += 1;
+            let topic = &topics[next % topics.len()];
+            black_box(router.matching(topic).count())
+        });
+    });
+}
+
+criterion_group!(benches, inbound, layers, parts, routing);
 criterion_main!(benches);

@@ -51,12 +51,13 @@
 
 use std::{
     any::Any,
+    collections::HashMap,
     convert::Infallible,
     fmt,
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, OnceLock},
     task::{Context, Poll},
 };
 
@@ -159,6 +160,8 @@ impl<S> Clone for Route<S> {
 struct Inner<S> {
     routes: Vec<Route<S>>,
     fallback: Option<Endpoint<S>>,
+    /// Built at the first lookup; a change makes a new `Inner` without one.
+    index: OnceLock<RouteIndex>,
 }
 
 impl<S> Clone for Inner<S> {
@@ -166,7 +169,68 @@ impl<S> Clone for Inner<S> {
         Self {
             routes: self.routes.clone(),
             fallback: self.fallback.clone(),
+            index: OnceLock::new(),
         }
+    }
+}
+
+impl<S> Inner<S> {
+    fn index(&self) -> &RouteIndex {
+        self.index.get_or_init(|| {
+            RouteIndex::new(self.routes.iter().map(|route| route.subscription.filter()))
+        })
+    }
+
+    /// The positions of the routes whose filters match `topic`, in the order
+    /// the routes were added.
+    fn matching(&self, topic: &TopicName) -> impl Iterator<Item = usize> + '_ {
+        let topic = topic.clone();
+        self.index()
+            .candidates(&topic)
+            .into_iter()
+            .filter(move |&i| self.routes[i].subscription.filter().matches(&topic))
+    }
+}
+
+/// Routes by the first level of their filter, so a message is matched only
+/// against routes that can match it: those whose first level is its own,
+/// and those that start with a wildcard.
+#[derive(Debug, Default)]
+struct RouteIndex {
+    by_first_level: HashMap<Box<str>, Vec<usize>>,
+    wildcard_first: Vec<usize>,
+}
+
+impl RouteIndex {
+    fn new<'a>(filters: impl Iterator<Item = &'a TopicFilter>) -> Self {
+        let mut index = Self::default();
+        for (i, filter) in filters.enumerate() {
+            let first = filter.pattern().split('/').next().unwrap_or_default();
+            if first == "+" || first == "#" {
+                index.wildcard_first.push(i);
+            } else {
+                index
+                    .by_first_level
+                    .entry(first.into())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        index
+    }
+
+    fn candidates(&self, topic: &TopicName) -> Vec<usize> {
+        let first = topic.as_str().split('/').next().unwrap_or_default();
+        let literal = self
+            .by_first_level
+            .get(first)
+            .map_or(&[][..], Vec::as_slice);
+        if self.wildcard_first.is_empty() {
+            return literal.to_vec();
+        }
+        let mut all = [literal, &self.wildcard_first].concat();
+        all.sort_unstable();
+        all
     }
 }
 
@@ -221,6 +285,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
             inner: Arc::new(Inner {
                 routes: Vec::new(),
                 fallback: None,
+                index: OnceLock::new(),
             }),
         }
     }
@@ -380,6 +445,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                     })
                     .collect(),
                 fallback: inner.fallback.map(|e| e.with_state(&state)),
+                index: OnceLock::new(),
             }),
         }
     }
@@ -392,7 +458,28 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     /// The first route (in the order added) whose filter matches `topic`: the
     /// runtime queues the message by that route's settings.
     pub fn subscription_for(&self, topic: &TopicName) -> Option<&Subscription> {
-        self.routes().find(|sub| sub.filter().matches(topic))
+        let first = self.inner.matching(topic).next()?;
+        Some(&self.inner.routes[first].subscription)
+    }
+
+    /// The routes whose filters match `topic`, in the order they were added:
+    /// those a message on `topic` reaches.
+    ///
+    /// ```
+    /// use tower_mqtt::{Router, TopicName};
+    ///
+    /// let router: Router = Router::new().subscribe("a/+").subscribe("b/#").subscribe("#");
+    /// let topic = TopicName::new("a/x").unwrap();
+    /// let filters: Vec<_> = router.matching(&topic).map(|s| s.filter().as_str()).collect();
+    /// assert_eq!(filters, ["a/+", "#"]);
+    /// ```
+    pub fn matching<'a>(
+        &'a self,
+        topic: &TopicName,
+    ) -> impl Iterator<Item = &'a Subscription> + 'a {
+        self.inner
+            .matching(topic)
+            .map(|i| &self.inner.routes[i].subscription)
     }
 
     /// The filters to subscribe to, each with its QoS: one per route, except that
@@ -581,17 +668,21 @@ impl Service<Request<Envelope>> for Router<()> {
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         let remaining = req.extensions().get::<RemainingRoutes>();
+        let routes = &self.inner.routes;
         let mut matched: Vec<(TopicFilter, RouteService, TopicParams)> = self
             .inner
-            .routes
-            .iter()
-            .filter_map(|route| {
-                let service = route.endpoint.as_ref()?.service();
-                if remaining.is_some_and(|only| !only.contains(route.subscription.filter())) {
+            .index()
+            .candidates(req.topic())
+            .into_iter()
+            .filter_map(|i| {
+                let route = &routes[i];
+                let endpoint = route.endpoint.as_ref()?;
+                let filter = route.subscription.filter();
+                if remaining.is_some_and(|only| !only.contains(filter)) {
                     return None;
                 }
-                let params = route.subscription.filter().captures(req.topic())?;
-                Some((route.subscription.filter().clone(), service, params))
+                let params = filter.captures(req.topic())?;
+                Some((filter.clone(), endpoint.service(), params))
             })
             .collect();
 
@@ -840,5 +931,38 @@ mod tests {
     fn router_is_send_sync_and_cheap_to_clone() {
         fn assert_send_sync<T: Send + Sync + Clone>() {}
         assert_send_sync::<Router>();
+    }
+
+    #[test]
+    fn the_index_finds_exactly_what_matching_every_route_finds() {
+        let filters = [
+            "a/+",
+            "#",
+            "+/b",
+            "a/#",
+            "$share/g/a/b",
+            "b",
+            "+",
+            "$SYS/#",
+            "a/b/c",
+            "+/+/c",
+        ];
+        let mut router: Router = Router::new();
+        for filter in filters {
+            router = router.subscribe(filter);
+        }
+        for topic in ["a/b", "b", "$SYS/x", "a", "c/b", "a/b/c", "x/y/c", "a/"] {
+            let topic = TopicName::new(topic).unwrap();
+            let indexed: Vec<&str> = router
+                .matching(&topic)
+                .map(|s| s.filter().as_str())
+                .collect();
+            let naive: Vec<&str> = router
+                .routes()
+                .filter(|s| s.filter().matches(&topic))
+                .map(|s| s.filter().as_str())
+                .collect();
+            assert_eq!(indexed, naive, "{topic}");
+        }
     }
 }
