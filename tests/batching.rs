@@ -130,3 +130,72 @@ async fn a_thousand_messages_arrive_in_batches_and_are_all_acknowledged() {
     running.shutdown().await;
     assert_eq!(*again.lock().unwrap(), 0, "nothing was left unacknowledged");
 }
+
+#[tokio::test]
+async fn a_consumer_killed_mid_batch_gets_the_batch_again() {
+    let broker = Mosquitto::start_with_config("max_queued_messages 0\nlog_type error\n").await;
+    let url = broker.url();
+    let proxy = support::Proxy::start(broker.addr()).await;
+    let client_id = unique_id("mid-batch");
+    let config = |url: &str| {
+        Config::new(url)
+            .unwrap()
+            .with_client_id(&client_id)
+            .with_clean_session(false)
+    };
+    // A batch that waits for ten messages or a minute: five stay pending.
+    let handled = Arc::new(Mutex::new(0usize));
+    let counted = handled.clone();
+    let store = service_fn(move |batch: Batch| {
+        *counted.lock().unwrap() += batch.len();
+        std::future::ready(Ok::<_, BoxError>(()))
+    });
+    let router = Router::new().route_service(
+        Subscription::new("readings/+").unordered(),
+        BatchLayer::new(10, Duration::from_secs(60)).layer(store),
+    );
+    let running = tower_mqtt::serve(config(&proxy.url()), router)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    publish_fast(&url, 5).await;
+    tokio::time::timeout(WAIT, async {
+        while running.stats().received < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the five arrived");
+    // The process "dies" mid-batch: cut off, never to return.
+    proxy.refuse();
+    proxy.cut().await;
+    let report = tokio::time::timeout(WAIT, running.shutdown())
+        .await
+        .unwrap();
+    assert_eq!(
+        *handled.lock().unwrap(),
+        0,
+        "the batch was never handed over"
+    );
+    assert_eq!(report.stats.handled, 0);
+
+    // The same session again: the whole batch comes back.
+    let again = Arc::new(Mutex::new(HashSet::new()));
+    let seen = again.clone();
+    let router = Router::new().route("readings/+", move |req: tower_mqtt::Request<Envelope>| {
+        seen.lock()
+            .unwrap()
+            .insert(req.body().data()["n"].as_u64().unwrap());
+        std::future::ready(())
+    });
+    let running = tower_mqtt::serve(config(&url), router).spawn().unwrap();
+    tokio::time::timeout(WAIT, async {
+        while again.lock().unwrap().len() < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the batch came back");
+    running.shutdown().await;
+    assert_eq!(*again.lock().unwrap(), (0..5).collect::<HashSet<u64>>());
+}
