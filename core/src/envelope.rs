@@ -33,7 +33,10 @@
 //! # Ok::<(), tower_mqtt::EnvelopeError>(())
 //! ```
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -79,8 +82,10 @@ pub struct Envelope {
     ts: f64,
     #[serde(default = "default_source")]
     source: String,
+    /// Shared, so that cloning a request (retry keeps a copy of every
+    /// message) does not copy its data.
     #[serde(default)]
-    data: Map<String, Value>,
+    data: Arc<Map<String, Value>>,
 }
 
 fn default_source() -> String {
@@ -164,7 +169,7 @@ impl Envelope {
             event_type: event_type.into(),
             ts: now(),
             source: default_source(),
-            data,
+            data: Arc::new(data),
         }
     }
 
@@ -243,12 +248,12 @@ impl Envelope {
 
     /// The payload object, mutably.
     pub fn data_mut(&mut self) -> &mut Map<String, Value> {
-        &mut self.data
+        Arc::make_mut(&mut self.data)
     }
 
     /// Consumes the envelope and returns its payload object.
     pub fn into_data(self) -> Map<String, Value> {
-        self.data
+        Arc::unwrap_or_clone(self.data)
     }
 
     /// `data.seq` when it is an integer: the position of a stream chunk.
@@ -269,7 +274,7 @@ impl Envelope {
     /// assert!(env.data_as::<Vec<u8>>().is_err());
     /// ```
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T, EnvelopeError> {
-        T::deserialize(&self.data).map_err(EnvelopeError::Data)
+        T::deserialize(&*self.data).map_err(EnvelopeError::Data)
     }
 
     /// Encodes the envelope as JSON: exactly the five keys.
