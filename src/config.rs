@@ -16,7 +16,7 @@
 //! | `MQTT_ENABLE_HEALTH` | publish retained health on `system/health/<service>` | `false` |
 //! | `MQTT_ENABLE_HEARTBEAT` | publish heartbeats on `system/keepalive/<client id>` | `false` |
 //! | `MQTT_HEARTBEAT_INTERVAL` | seconds between heartbeats | `5` |
-//! | `MQTT_DEDUPE_TTL` | seconds a delivery is remembered for deduplication | `30` |
+//! | `MQTT_DEDUPE_TTL` | seconds a delivery is remembered for deduplication; `0` turns dedup off | `30` |
 //! | `MQTT_DEDUPE_MAX_ENTRIES` | deliveries remembered for deduplication | `2048` |
 //! | `MQTT_RECONNECT_MIN_DELAY` | first delay before reconnecting, seconds | `0.5` |
 //! | `MQTT_RECONNECT_MAX_DELAY` | longest delay before reconnecting, seconds, at least the minimum | `5` |
@@ -26,6 +26,10 @@
 //! | `MQTT_MAX_PENDING` | messages held at once (queued, running, or waiting for their acknowledgement's turn) before the client stops reading | `4096` |
 //! | `MQTT_MAX_PENDING_BYTES` | payload bytes of queued and running messages before the client stops reading | `67108864` (64 MiB) |
 //! | `MQTT_ACK_ORDER` | acknowledgement order: `topic` (per topic) or `global` (the whole connection) | `topic` |
+//! | `MQTT_HEALTH_NAME` | the name health is published under, `system/health/<name>` | the source name |
+//! | `MQTT_QUEUE_SIZE` | a route's queue capacity, unless the route sets its own | `256` |
+//! | `MQTT_QUEUE_OVERFLOW` | a full route queue: `block`, `drop_oldest` or `drop_new`, unless the route sets its own | `block` |
+//! | `MQTT_HANDLER_TIMEOUT` | seconds a handler may run in the standard stack | `30` |
 //! | `MQTT_REQUEST_CHANNEL_CAPACITY` | capacity of rumqttc's request channel | `1024` |
 //! | `MQTT_OFFLINE_BUFFER` | publishes kept while disconnected | `1000` |
 //! | `MQTT_OFFLINE_MAX_AGE` | seconds a publish may wait while disconnected | `60` |
@@ -103,7 +107,7 @@ use percent_encoding::percent_decode_str;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
 use crate::publisher::OfflineOverflow;
-use crate::subscription::AckOrder;
+use crate::subscription::{AckOrder, Overflow};
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
 /// Names of the environment variables.
@@ -130,12 +134,19 @@ mod var {
     pub(super) const MAX_PENDING: &str = "MQTT_MAX_PENDING";
     pub(super) const MAX_PENDING_BYTES: &str = "MQTT_MAX_PENDING_BYTES";
     pub(super) const ACK_ORDER: &str = "MQTT_ACK_ORDER";
+    pub(super) const HEALTH_NAME: &str = "MQTT_HEALTH_NAME";
+    pub(super) const QUEUE_SIZE: &str = "MQTT_QUEUE_SIZE";
+    pub(super) const QUEUE_OVERFLOW: &str = "MQTT_QUEUE_OVERFLOW";
+    pub(super) const HANDLER_TIMEOUT: &str = "MQTT_HANDLER_TIMEOUT";
 }
 
 /// What each variable must look like; quoted in errors.
 mod expect {
     pub(super) const OFFLINE_OVERFLOW: &str = "reject or drop_oldest";
     pub(super) const ACK_ORDER: &str = "topic or global";
+    pub(super) const QUEUE_OVERFLOW: &str = "block, drop_oldest or drop_new";
+    pub(super) const DEDUPE_TTL: &str = "0 (dedup off) or a number of seconds greater than 0 and \
+                                         at most 86400, such as 30 or 0.5";
     pub(super) const URL: &str = "a broker URL such as mqtt://host:1883, mqtts://host:8883 \
                                   or mqtt://user:password@host:1883";
     pub(super) const SCHEME: &str = "a URL starting with mqtt:// or mqtts:// \
@@ -183,6 +194,7 @@ const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
 const DEFAULT_REQUEST_CHANNEL_CAPACITY: usize = 1024;
 const DEFAULT_MAX_PENDING: usize = 4096;
+const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 const MQTT_PORT: u16 = 1883;
@@ -268,6 +280,20 @@ pub struct Config {
     pub offline_max_age: Duration,
     /// What a full offline buffer does (`MQTT_OFFLINE_OVERFLOW`), default reject.
     pub offline_overflow: OfflineOverflow,
+    /// The name health is published under, `system/health/<name>`
+    /// (`MQTT_HEALTH_NAME`), when it differs from the source name; see
+    /// [`health_name`](Self::health_name).
+    pub health_name: Option<String>,
+    /// A route's queue capacity unless it sets its own (`MQTT_QUEUE_SIZE`),
+    /// default 256.
+    pub queue_capacity: usize,
+    /// What a route's full queue does unless it sets its own
+    /// (`MQTT_QUEUE_OVERFLOW`: `block`, `drop_oldest` or `drop_new`), default
+    /// block.
+    pub queue_overflow: Overflow,
+    /// How long a handler may run before it fails, in the standard stack
+    /// (`MQTT_HANDLER_TIMEOUT`), default 30 s.
+    pub handler_timeout: Duration,
     /// Whether `client_id` was generated from `source_name` (and follows it).
     client_id_origin: ClientIdOrigin,
 }
@@ -295,8 +321,61 @@ impl Config {
             var: var::URL,
             expected: expect::URL,
         })?;
-        let mut config = Config::new(&url)?;
+        Self::apply(Config::new(&url)?, &vars)
+    }
 
+    /// This configuration with every `MQTT_*` variable that is set in the
+    /// process environment on top (`MQTT_URL` too): the service's defaults in
+    /// code, the deployment's in the environment, in one expression.
+    ///
+    /// ```no_run
+    /// use tower_mqtt::config::Config;
+    ///
+    /// # fn main() -> Result<(), tower_mqtt::config::ConfigError> {
+    /// let config = Config::new("mqtt://localhost:1883")?
+    ///     .with_source_name("memory-worker")
+    ///     .with_health_name("memory")
+    ///     .with_health(true)
+    ///     .with_env()?; // MQTT_URL, MQTT_ENABLE_HEALTH, ... win
+    /// # Ok(()) }
+    /// ```
+    pub fn with_env(self) -> Result<Config, ConfigError> {
+        self.with_lookup(|name| {
+            std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+        })
+    }
+
+    /// [`with_env`](Self::with_env) with the variables read through `lookup`.
+    ///
+    /// ```
+    /// use tower_mqtt::config::Config;
+    ///
+    /// let config = Config::new("mqtt://localhost:1883")?
+    ///     .with_source_name("memory-worker")
+    ///     .with_lookup(|var| (var == "MQTT_SOURCE_NAME").then(|| "memory-canary".to_owned()))?;
+    /// assert_eq!(config.source_name, "memory-canary");
+    /// assert_eq!(config.broker.port, 1883);
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    pub fn with_lookup<F: Fn(&str) -> Option<String>>(
+        mut self,
+        lookup: F,
+    ) -> Result<Config, ConfigError> {
+        let vars = Vars(lookup);
+        if let Some(url) = vars.get(var::URL) {
+            let (broker, credentials) = parse_url(url.trim())?;
+            self.broker = broker;
+            self.credentials = credentials;
+        }
+        Self::apply(self, &vars)
+    }
+
+    /// Puts the variables that are set on top of `config`, and validates.
+    #[allow(clippy::too_many_lines)] // one field per variable, nothing else
+    fn apply<F: Fn(&str) -> Option<String>>(
+        mut config: Config,
+        vars: &Vars<F>,
+    ) -> Result<Config, ConfigError> {
         if let Some(ca_file) = vars.get(var::CA_FILE) {
             if let Some(tls) = &mut config.broker.tls {
                 tls.ca_file = Some(PathBuf::from(ca_file));
@@ -326,7 +405,25 @@ impl Config {
             heartbeat_interval: vars
                 .seconds(var::HEARTBEAT_INTERVAL)?
                 .unwrap_or(base.heartbeat_interval),
-            dedupe_ttl: vars.seconds(var::DEDUPE_TTL)?.unwrap_or(base.dedupe_ttl),
+            dedupe_ttl: vars
+                .parse(var::DEDUPE_TTL, expect::DEDUPE_TTL, parse_dedupe_ttl)?
+                .unwrap_or(base.dedupe_ttl),
+            health_name: vars
+                .parse(var::HEALTH_NAME, expect::NAME, parse_name)?
+                .or(base.health_name.clone()),
+            queue_capacity: vars
+                .parse(var::QUEUE_SIZE, expect::POSITIVE, |raw| {
+                    parse_usize(raw).filter(|n| *n > 0)
+                })?
+                .unwrap_or(base.queue_capacity),
+            queue_overflow: vars
+                .parse(var::QUEUE_OVERFLOW, expect::QUEUE_OVERFLOW, |raw| {
+                    raw.to_ascii_lowercase().parse().ok()
+                })?
+                .unwrap_or(base.queue_overflow),
+            handler_timeout: vars
+                .seconds(var::HANDLER_TIMEOUT)?
+                .unwrap_or(base.handler_timeout),
             dedupe_max_entries: vars
                 .parse(var::DEDUPE_MAX_ENTRIES, expect::POSITIVE, parse_positive)?
                 .unwrap_or(base.dedupe_max_entries),
@@ -415,6 +512,10 @@ impl Config {
             offline_buffer: 1000,
             offline_max_age: Duration::from_secs(60),
             offline_overflow: OfflineOverflow::Reject,
+            health_name: None,
+            queue_capacity: crate::subscription::DEFAULT_QUEUE_CAPACITY,
+            queue_overflow: Overflow::Block,
+            handler_timeout: DEFAULT_HANDLER_TIMEOUT,
             client_id_origin: ClientIdOrigin::Generated,
         })
     }
@@ -553,6 +654,75 @@ impl Config {
         self
     }
 
+    /// Sets the name health is published under, `system/health/<name>`, when
+    /// it differs from the source name.
+    ///
+    /// ```
+    /// let config = tower_mqtt::config::Config::new("mqtt://localhost")?
+    ///     .with_source_name("memory-worker")
+    ///     .with_health_name("memory");
+    /// assert_eq!(config.health_name(), "memory");
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_health_name(mut self, name: impl Into<String>) -> Self {
+        self.health_name = Some(name.into());
+        self
+    }
+
+    /// The name health is published under: the health name if set, else the
+    /// source name.
+    pub fn health_name(&self) -> &str {
+        self.health_name.as_deref().unwrap_or(&self.source_name)
+    }
+
+    /// Whether dedup is on: `MQTT_DEDUPE_TTL=0` turns it off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let config = tower_mqtt::config::Config::new("mqtt://localhost")?;
+    /// assert!(config.dedup_enabled());
+    /// assert!(!config.with_dedupe(Duration::ZERO, 2048).dedup_enabled());
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    pub fn dedup_enabled(&self) -> bool {
+        !self.dedupe_ttl.is_zero()
+    }
+
+    /// Sets the defaults of every route's queue: capacity and overflow
+    /// policy, for routes that do not set their own.
+    ///
+    /// ```
+    /// use tower_mqtt::{config::Config, Overflow};
+    ///
+    /// let config = Config::new("mqtt://localhost")?.with_queue(64, Overflow::DropOldest);
+    /// assert_eq!((config.queue_capacity, config.queue_overflow), (64, Overflow::DropOldest));
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_queue(mut self, capacity: usize, overflow: Overflow) -> Self {
+        self.queue_capacity = capacity;
+        self.queue_overflow = overflow;
+        self
+    }
+
+    /// Sets how long a handler may run in the standard stack.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let config = tower_mqtt::config::Config::new("mqtt://localhost")?
+    ///     .with_handler_timeout(Duration::from_secs(120));
+    /// assert_eq!(config.handler_timeout, Duration::from_secs(120));
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = timeout;
+        self
+    }
+
     /// Sets the capacity of rumqttc's request channel.
     #[must_use]
     pub fn with_request_channel_capacity(mut self, capacity: usize) -> Self {
@@ -560,8 +730,25 @@ impl Config {
         self
     }
 
-    /// The checks of the read and pending limits.
+    /// The checks of the read and pending limits, the queues and the names
+    /// added beside the fleet's variables.
     fn validate_limits(&self) -> Result<(), ConfigError> {
+        if !self.dedupe_ttl.is_zero() && !seconds_ok(self.dedupe_ttl) {
+            let value = seconds(self.dedupe_ttl);
+            return Err(invalid(var::DEDUPE_TTL, value, expect::DEDUPE_TTL));
+        }
+        if !seconds_ok(self.handler_timeout) {
+            let value = seconds(self.handler_timeout);
+            return Err(invalid(var::HANDLER_TIMEOUT, value, expect::SECONDS));
+        }
+        if self.queue_capacity == 0 {
+            return Err(invalid(var::QUEUE_SIZE, "0".to_owned(), expect::POSITIVE));
+        }
+        if let Some(name) = &self.health_name {
+            if !name_ok(name) {
+                return Err(invalid(var::HEALTH_NAME, name.clone(), expect::NAME));
+            }
+        }
         if !packet_size_ok(self.max_incoming_packet_size) {
             let value = self.max_incoming_packet_size.to_string();
             return Err(invalid(
@@ -598,6 +785,7 @@ impl Config {
             .registry(tower_mqtt_layers::EventRegistry::fleet())
             .dedup_ttl(self.dedupe_ttl)
             .dedup_max_entries(self.dedupe_max_entries)
+            .timeout(self.handler_timeout)
     }
 
     /// Checks every setting, as [`from_lookup`](Self::from_lookup) does for the
@@ -649,7 +837,6 @@ impl Config {
         }
         for (name, value) in [
             (var::HEARTBEAT_INTERVAL, self.heartbeat_interval),
-            (var::DEDUPE_TTL, self.dedupe_ttl),
             (var::RECONNECT_MIN_DELAY, self.reconnect_min_delay),
             (var::RECONNECT_MAX_DELAY, self.reconnect_max_delay),
         ] {
@@ -1056,6 +1243,14 @@ fn parse_seconds(raw: &str) -> Option<Duration> {
         .filter(|d| seconds_ok(*d))
 }
 
+/// `MQTT_DEDUPE_TTL=0` is the fleet's way to turn dedup off.
+fn parse_dedupe_ttl(raw: &str) -> Option<Duration> {
+    if raw.parse::<f64>().ok() == Some(0.0) {
+        return Some(Duration::ZERO);
+    }
+    parse_seconds(raw)
+}
+
 fn seconds_ok(duration: Duration) -> bool {
     !duration.is_zero() && duration <= MAX_SECONDS
 }
@@ -1353,6 +1548,61 @@ qks9u1Y+c9BgpjniPzSfCbxCdYPgoikijKG+kw0UTi18C90r92kxraKt
     }
 
     #[test]
+    fn code_defaults_then_the_environment_on_top() {
+        let base = Config::new("mqtt://code-default:1883")
+            .unwrap()
+            .with_source_name("memory-worker")
+            .with_health_name("memory")
+            .with_health(true);
+        let config = base
+            .clone()
+            .with_lookup(env(&[
+                ("MQTT_ENABLE_HEALTH", "false"),
+                ("MQTT_DEDUPE_TTL", "0"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            config.broker.host, "code-default",
+            "unset variables keep the code's"
+        );
+        assert_eq!(config.source_name, "memory-worker");
+        assert_eq!(config.health_name(), "memory");
+        assert!(!config.enable_health, "the environment wins");
+        assert!(!config.dedup_enabled());
+        let config = base
+            .with_lookup(env(&[
+                ("MQTT_URL", "mqtt://deployed:1884"),
+                ("MQTT_HEALTH_NAME", "memory-b"),
+                ("MQTT_QUEUE_SIZE", "32"),
+                ("MQTT_QUEUE_OVERFLOW", "drop_oldest"),
+                ("MQTT_HANDLER_TIMEOUT", "120"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (config.broker.host.as_str(), config.broker.port),
+            ("deployed", 1884)
+        );
+        assert_eq!(config.health_name(), "memory-b");
+        assert_eq!(config.queue_capacity, 32);
+        assert_eq!(config.queue_overflow, Overflow::DropOldest);
+        assert_eq!(config.handler_timeout, Duration::from_secs(120));
+        for (var, raw) in [
+            ("MQTT_QUEUE_SIZE", "0"),
+            ("MQTT_QUEUE_OVERFLOW", "spill"),
+            ("MQTT_HANDLER_TIMEOUT", "0"),
+            ("MQTT_HEALTH_NAME", "a/b"),
+            ("MQTT_DEDUPE_TTL", "-1"),
+            ("MQTT_URL", "http://x"),
+        ] {
+            let error = Config::new("mqtt://h")
+                .unwrap()
+                .with_lookup(env(&[(var, raw)]))
+                .unwrap_err();
+            assert_eq!(error.var(), var, "{var}={raw}");
+        }
+    }
+
+    #[test]
     fn pending_limits_ack_order_and_incoming_size_come_from_the_environment() {
         let config = with_url(&[]).unwrap();
         assert_eq!(config.max_pending, 4096);
@@ -1602,9 +1852,11 @@ qks9u1Y+c9BgpjniPzSfCbxCdYPgoikijKG+kw0UTi18C90r92kxraKt
 
     #[test]
     fn seconds_variables_accept_decimals_and_reject_nonsense() {
+        // MQTT_DEDUPE_TTL also takes 0 (dedup off); see
+        // `code_defaults_then_the_environment_on_top`.
         for name in [
             "MQTT_HEARTBEAT_INTERVAL",
-            "MQTT_DEDUPE_TTL",
+            "MQTT_HANDLER_TIMEOUT",
             "MQTT_RECONNECT_MIN_DELAY",
             "MQTT_RECONNECT_MAX_DELAY",
         ] {
