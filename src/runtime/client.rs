@@ -37,7 +37,7 @@ use crate::{
     envelope::Envelope,
     health::{self, Health},
     outbound::OutboundStack,
-    outcome::{BoxError, Outcome},
+    outcome::{BoxError, IntoOutcome, Outcome},
     publisher::{Outbound, Publisher, RawSink},
     request::{QoS, Request},
     router::Router,
@@ -96,9 +96,9 @@ impl Client {
         let mut options = config.mqtt_options()?;
         options.set_manual_acks(true);
         if config.enable_health {
-            let will = Health::offline().envelope(&config.source_name);
+            let will = Health::offline().envelope(config.health_name());
             options.set_last_will(LastWill::new(
-                health::health_topic(&config.source_name),
+                health::health_topic(config.health_name()),
                 will.to_vec(),
                 rumqttc::QoS::AtLeastOnce,
                 true,
@@ -121,7 +121,7 @@ impl Client {
             Outbound::new(stack.map_err(Into::into)),
             RawSink::new(sink.clone().map_err(Into::into)),
             &config.source_name,
-            &config.source_name,
+            config.health_name(),
         );
         let (shutdown_tx, _) = watch::channel(false);
         Ok(Self {
@@ -290,7 +290,10 @@ impl Client {
                 max_pending_bytes: config.max_pending_bytes,
                 max_message_size: config.max_packet_size,
                 ack_order: config.ack_order,
-                queues: QueueDefaults::default(),
+                queues: QueueDefaults {
+                    capacity: config.queue_capacity,
+                    overflow: config.queue_overflow,
+                },
             },
             counters.clone(),
             ack_tx,
@@ -531,17 +534,17 @@ impl Serve {
     /// and each reconnect), with the publisher: to re-publish retained state
     /// the broker may have lost, or to announce the service.
     ///
-    /// ```no_run
-    /// use tower_mqtt::QoS;
+    /// The hook returns `()` or a `Result`; a failure is logged at WARN.
     ///
+    /// ```no_run
     /// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
     /// tower_mqtt::serve(config, router)
     ///     .on_connect(|publisher| async move {
     ///         let character = serde_json::json!({"name": "TARS", "humor": 75});
-    ///         let _ = publisher
+    ///         publisher
     ///             .publish("system/character/current", character)
     ///             .retain(true)
-    ///             .await;
+    ///             .await
     ///     })
     ///     .await?;
     /// # Ok(()) }
@@ -549,10 +552,17 @@ impl Serve {
     pub fn on_connect<F, Fut>(mut self, hook: F) -> Self
     where
         F: Fn(Publisher) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
+        Fut: Future + Send + 'static,
+        Fut::Output: IntoOutcome,
     {
-        self.on_connect
-            .push(Arc::new(move |publisher| Box::pin(hook(publisher))));
+        self.on_connect.push(Arc::new(move |publisher| {
+            let run = hook(publisher);
+            Box::pin(async move {
+                if let Outcome::Failed(err) = run.await.into_outcome() {
+                    warn!(error = %err, "the on-connect hook failed");
+                }
+            })
+        }));
         self
     }
 
