@@ -22,6 +22,9 @@ const WAIT: Duration = Duration::from_secs(60);
 const MAX: usize = 50;
 const MAX_WAIT: Duration = Duration::from_millis(100);
 
+/// Each batch's `n`s, and how long its first message waited.
+type Batches = Arc<Mutex<Vec<(Vec<u64>, Duration)>>>;
+
 /// Publishes `total` readings at QoS 1 from one client, 100 in flight, so
 /// they arrive together.
 async fn publish_fast(url: &str, total: u64) {
@@ -59,7 +62,7 @@ async fn a_thousand_messages_arrive_in_batches_and_are_all_acknowledged() {
             .with_client_id(&client_id)
             .with_clean_session(false)
     };
-    let batches: Arc<Mutex<Vec<(Vec<u64>, Duration)>>> = Arc::default();
+    let batches: Batches = Arc::default();
     let log = batches.clone();
     let store = service_fn(move |batch: Batch| {
         // How long the batch's first message waited for the batch.
@@ -75,13 +78,13 @@ async fn a_thousand_messages_arrive_in_batches_and_are_all_acknowledged() {
         log.lock().unwrap().push((ns, waited));
         std::future::ready(Ok::<_, BoxError>(()))
     });
-    let batched = ServiceBuilder::new()
+    let stamped = ServiceBuilder::new()
         .map_request(|mut req: tower_mqtt::Request<Envelope>| {
             req.extensions_mut().insert(Instant::now());
             req
         })
         .service(BatchLayer::new(MAX, MAX_WAIT).layer(store));
-    let router = Router::new().route_service(Subscription::new("readings/+").unordered(), batched);
+    let router = Router::new().route_service(Subscription::new("readings/+").unordered(), stamped);
     let running = tower_mqtt::serve(config(), router.clone()).spawn().unwrap();
     tokio::time::timeout(WAIT, running.ready()).await.unwrap();
 

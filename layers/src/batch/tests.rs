@@ -11,12 +11,14 @@ fn msg(n: u64) -> Request<Envelope> {
         .unwrap()
 }
 
+type Batches = Arc<Mutex<Vec<Vec<u64>>>>;
+
 /// A batch service that records the `n`s of each batch it gets.
 fn recorder() -> (
-    Arc<Mutex<Vec<Vec<u64>>>>,
+    Batches,
     impl Service<Batch, Response = (), Error = BoxError, Future: Send> + Clone + Send + 'static,
 ) {
-    let batches: Arc<Mutex<Vec<Vec<u64>>>> = Arc::default();
+    let batches: Batches = Arc::default();
     let log = batches.clone();
     let svc = service_fn(move |batch: Batch| {
         let ns = batch
