@@ -297,7 +297,11 @@ impl Publisher {
         let req = Request::builder(health::health_topic(&self.health_name))
             .qos(QoS::AtLeastOnce)
             .retain(true)
-            .body(health.envelope(&self.health_name).with_source(&*self.source))?;
+            .body(
+                health
+                    .envelope(&self.health_name)
+                    .with_source(&*self.source),
+            )?;
         self.send(req).await
     }
 }

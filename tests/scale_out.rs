@@ -46,7 +46,10 @@ async fn a_shared_subscription_splits_the_load_and_nothing_is_handled_twice() {
     let publisher = a.publisher();
     for n in 0..total {
         let env = Envelope::new("job", json!({ "n": n })).unwrap();
-        publisher.publish(format!("jobs/{}", n % 3), env).await.unwrap();
+        publisher
+            .publish(format!("jobs/{}", n % 3), env)
+            .await
+            .unwrap();
     }
     tokio::time::timeout(WAIT, async {
         while seen.lock().unwrap().len() < usize::try_from(total).unwrap() {
@@ -63,7 +66,10 @@ async fn a_shared_subscription_splits_the_load_and_nothing_is_handled_twice() {
     let by_a = seen.values().filter(|by| by[0] == "a").count();
     let by_b = seen.len() - by_a;
     eprintln!("FIGURES scale-out: jobs={total} by_a={by_a} by_b={by_b}");
-    assert!(by_a > 0 && by_b > 0, "both instances took a share: a={by_a} b={by_b}");
+    assert!(
+        by_a > 0 && by_b > 0,
+        "both instances took a share: a={by_a} b={by_b}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::json;
-use support::{TestBroker, QoS as WireQoS};
+use support::{QoS as WireQoS, TestBroker};
 use tower::{
     buffer::BufferLayer, limit::ConcurrencyLimitLayer, limit::RateLimitLayer,
     load_shed::LoadShedLayer, timeout::TimeoutLayer, ServiceBuilder,
