@@ -11,65 +11,42 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tower_mqtt::{
-    config::Config, embedded::EmbeddedBroker, BoxError, Client, Data, Envelope, QoS, Request,
-    Router, Subscription, TopicParams,
+    config::Config, embedded::EmbeddedBroker, extract::Wildcard, BoxError, Data, Envelope, QoS,
+    Request, Router, State, Subscription,
 };
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Say {
     text: String,
 }
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Chunk {
     seq: u32,
     delta: String,
 }
 
-/// Three routes; each handler reports what it saw to `seen_tx`.
-fn router(seen_tx: mpsc::UnboundedSender<String>) -> Router {
-    let on_say = {
-        let seen = seen_tx.clone();
-        move |Data(say): Data<Say>| {
-            let _ = seen.send(format!("tts/say        -> say {:?}", say.text));
-            std::future::ready(())
-        }
-    };
-    let on_frame = {
-        let seen = seen_tx.clone();
-        move |req: Request<Envelope>| {
-            let camera = req
-                .extensions()
-                .get::<TopicParams>()
-                .and_then(|p| p.get(0))
-                .unwrap_or("?")
-                .to_owned();
-            let _ = seen.send(format!(
-                "camera/+/frame -> frame from camera {camera:?}, id {}",
-                req.body().id()
-            ));
-            std::future::ready(())
-        }
-    };
-    let on_chunk = move |Data(chunk): Data<Chunk>| {
-        let _ = seen_tx.send(format!(
-            "llm/stream     -> chunk {} {:?}",
-            chunk.seq, chunk.delta
-        ));
-        std::future::ready(())
-    };
+/// Where handlers report what they saw; `main` prints it.
+type Seen = State<mpsc::UnboundedSender<String>>;
 
-    Router::new()
-        .route("tts/say", on_say)
-        .route("camera/+/frame", on_frame)
-        .route(
-            Subscription::new("llm/stream").qos(QoS::AtMostOnce),
-            on_chunk,
-        )
+async fn say(State(seen): Seen, Data(say): Data<Say>) {
+    let _ = seen.send(format!("tts/say        -> say {:?}", say.text));
+}
+
+async fn frame(State(seen): Seen, Wildcard(camera): Wildcard<String>, req: Request<Envelope>) {
+    let id = req.body().id();
+    let _ = seen.send(format!("camera/+/frame -> frame from {camera:?}, id {id}"));
+}
+
+async fn chunk(State(seen): Seen, Data(chunk): Data<Chunk>) {
+    let _ = seen.send(format!(
+        "llm/stream     -> chunk {} {:?}",
+        chunk.seq, chunk.delta
+    ));
 }
 
 #[tokio::main]
@@ -91,91 +68,77 @@ async fn run() -> Result<(), BoxError> {
         )
         .init();
 
-    // Without MQTT_URL, an in-process broker stands in.
-    let embedded;
-    let url = match std::env::var("MQTT_URL") {
-        Ok(url) if !url.trim().is_empty() => url,
-        _ => {
-            embedded = EmbeddedBroker::start()?;
-            println!(
-                "no MQTT_URL: started an embedded broker at {}",
-                embedded.url()
-            );
-            embedded.url()
-        }
+    // Without MQTT_URL, an in-process broker stands in; with it, MQTT_URL
+    // (like every MQTT_* variable) overrides what the code says.
+    let no_url = std::env::var("MQTT_URL").map_or(true, |url| url.trim().is_empty());
+    let embedded = if no_url {
+        Some(EmbeddedBroker::start()?)
+    } else {
+        None
     };
-    let config = Config::from_lookup(|var| match var {
-        "MQTT_URL" => Some(url.clone()),
-        "MQTT_SOURCE_NAME" => std::env::var(var).ok().or(Some("quickstart".into())),
-        _ => std::env::var(var).ok(),
-    })?;
+    if let Some(broker) = &embedded {
+        println!(
+            "no MQTT_URL: started an embedded broker at {}",
+            broker.url()
+        );
+    }
+    let url = embedded
+        .as_ref()
+        .map_or("mqtt://localhost:1883".to_owned(), EmbeddedBroker::url);
+    let config = Config::new(&url)?
+        .with_source_name("quickstart")
+        .with_env()?;
 
-    // Each handler reports what it saw; main prints it.
     let (seen_tx, mut seen) = mpsc::unbounded_channel::<String>();
-    let running = Client::new(config.clone())?.spawn(router(seen_tx), config.inbound_stack());
+    let router = Router::new()
+        .route("tts/say", say)
+        .route("camera/+/frame", frame)
+        .route(Subscription::new("llm/stream").qos(QoS::AtMostOnce), chunk)
+        .with_state(seen_tx);
+    let broker = config.broker.to_string();
+    let running = tower_mqtt::serve(config, router).spawn()?;
     tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
-    println!("connected to {} as {}", config.broker, config.client_id);
+    println!("connected to {broker}");
 
-    let publisher = running.publisher();
-    publisher
-        .publish(
-            "tts/say",
-            Envelope::new(
-                "tts.say",
-                Say {
-                    text: "hello, fleet".into(),
-                },
-            )?,
-        )
+    let out = running.publisher();
+    out.publish("tts/say", json!({"text": "hello, fleet"}))
         .await?;
-    publisher
-        .publish(
-            "camera/front/frame",
-            Envelope::new("camera.frame", json!({"w": 640, "h": 480}))?,
-        )
+    out.publish("camera/front/frame", json!({"w": 640, "h": 480}))
         .await?;
     // A stream: chunks share the request's id and carry `data.seq`.
-    let request = Envelope::new("llm.request", json!({"text": "say hi"}))?;
+    let request = Request::builder("llm/request")
+        .body(Envelope::new("llm.request", json!({"text": "say hi"}))?)?;
     for (seq, delta) in ["Hel", "lo", "!"].into_iter().enumerate() {
-        let chunk = Envelope::reply_to(
-            &request,
-            "llm.stream",
-            Chunk {
-                seq: u32::try_from(seq)?,
-                delta: delta.into(),
-            },
-        )?;
-        let req = Request::builder("llm/stream")
+        out.publish("llm/stream", json!({"seq": seq, "delta": delta}))
             .qos(QoS::AtMostOnce)
-            .body(chunk)?;
-        publisher.send(req).await?;
+            .reply_to(&request)
+            .await?;
     }
-    // The same envelope again: the dedup layer recognises it.
-    let twice = Envelope::new(
-        "tts.say",
-        Say {
-            text: "only once".into(),
-        },
-    )?;
-    publisher.publish("tts/say", twice.clone()).await?;
-    publisher.publish("tts/say", twice).await?;
+    // The same envelope twice: the dedup layer recognises the second.
+    let twice = Envelope::new("tts.say", json!({"text": "only once"}))?;
+    out.publish("tts/say", twice.clone()).await?;
+    out.publish("tts/say", twice).await?;
 
-    let expected = 6;
-    for _ in 0..expected {
+    for _ in 0..6 {
         let line = tokio::time::timeout(Duration::from_secs(10), seen.recv())
             .await?
             .ok_or("handlers stopped")?;
         println!("{line}");
     }
 
+    // The second copy is recognised, not handled: wait until it has been.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while running.stats().duplicates == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await?;
+
     let report = running.shutdown().await;
+    let stats = report.stats;
     println!(
         "shut down: received {}, handled {}, duplicates {}, failed {}; clean disconnect: {}",
-        report.stats.received,
-        report.stats.handled,
-        report.stats.duplicates,
-        report.stats.failed,
-        report.disconnected_cleanly
+        stats.received, stats.handled, stats.duplicates, stats.failed, report.disconnected_cleanly
     );
     Ok(())
 }

@@ -129,7 +129,6 @@ pub enum DeliveryError {
     },
 }
 
-
 impl PublishError {
     /// Whether sending again might succeed (a lost session, a full offline
     /// buffer); size, topic and expiry errors will not go away.
@@ -290,6 +289,7 @@ impl Publisher {
     /// let sent = published.take();
     /// assert_eq!(sent[0].topic, "system/health/memory-worker");
     /// assert_eq!(sent[0].envelope.data()["ok"], false);
+    /// assert_eq!(sent[0].envelope.source(), "memory-worker");
     /// assert!(sent[0].retain);
     /// # Ok(()) }
     /// ```
@@ -297,7 +297,7 @@ impl Publisher {
         let req = Request::builder(health::health_topic(&self.health_name))
             .qos(QoS::AtLeastOnce)
             .retain(true)
-            .body(health.envelope(&self.health_name))?;
+            .body(health.envelope(&self.health_name).with_source(&*self.source))?;
         self.send(req).await
     }
 }

@@ -96,7 +96,9 @@ impl Client {
         let mut options = config.mqtt_options()?;
         options.set_manual_acks(true);
         if config.enable_health {
-            let will = Health::offline().envelope(config.health_name());
+            let will = Health::offline()
+                .envelope(config.health_name())
+                .with_source(&config.source_name);
             options.set_last_will(LastWill::new(
                 health::health_topic(config.health_name()),
                 will.to_vec(),
