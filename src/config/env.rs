@@ -1,0 +1,308 @@
+//! Reading `MQTT_*` variables onto a configuration.
+
+use std::path::PathBuf;
+
+use super::{
+    expect, invalid, parse_url, var, Config, ConfigError, Duration, OfflineOverflow,
+    MAX_MQTT_PACKET, MAX_MQTT_STRING, MAX_REQUEST_CHANNEL_CAPACITY, MAX_SECONDS, MIN_PACKET_SIZE,
+};
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    ///
+    /// Fails with [`ConfigError::Missing`] when `MQTT_URL` is unset (see
+    /// [`ConfigError::is_missing_url`]); a value that is not valid Unicode is read lossily
+    /// and then rejected by the check of that variable.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Self::from_lookup(|name| {
+            std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+        })
+    }
+
+    /// Reads the configuration through `lookup`, which returns the value of a variable
+    /// or `None` when it is unset.
+    ///
+    /// `MQTT_URL` is required; every other variable has a default (see the
+    /// [module docs](crate::config)). The result has been [validated](Config::validate).
+    pub fn from_lookup<F: Fn(&str) -> Option<String>>(lookup: F) -> Result<Config, ConfigError> {
+        let vars = Vars(lookup);
+        let url = vars.get(var::URL).ok_or(ConfigError::Missing {
+            var: var::URL,
+            expected: expect::URL,
+        })?;
+        Self::apply(Config::new(&url)?, &vars)
+    }
+
+    /// This configuration with every `MQTT_*` variable that is set in the
+    /// process environment on top (`MQTT_URL` too): the service's defaults in
+    /// code, the deployment's in the environment, in one expression.
+    ///
+    /// ```no_run
+    /// use tower_mqtt::config::Config;
+    ///
+    /// # fn main() -> Result<(), tower_mqtt::config::ConfigError> {
+    /// let config = Config::new("mqtt://localhost:1883")?
+    ///     .with_source_name("memory-worker")
+    ///     .with_health_name("memory")
+    ///     .with_health(true)
+    ///     .with_env()?; // MQTT_URL, MQTT_ENABLE_HEALTH, ... win
+    /// # Ok(()) }
+    /// ```
+    pub fn with_env(self) -> Result<Config, ConfigError> {
+        self.with_lookup(|name| {
+            std::env::var_os(name).map(|value| value.to_string_lossy().into_owned())
+        })
+    }
+
+    /// [`with_env`](Self::with_env) with the variables read through `lookup`.
+    ///
+    /// ```
+    /// use tower_mqtt::config::Config;
+    ///
+    /// let config = Config::new("mqtt://localhost:1883")?
+    ///     .with_source_name("memory-worker")
+    ///     .with_lookup(|var| (var == "MQTT_SOURCE_NAME").then(|| "memory-canary".to_owned()))?;
+    /// assert_eq!(config.source_name, "memory-canary");
+    /// assert_eq!(config.broker.port, 1883);
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    pub fn with_lookup<F: Fn(&str) -> Option<String>>(
+        mut self,
+        lookup: F,
+    ) -> Result<Config, ConfigError> {
+        let vars = Vars(lookup);
+        if let Some(url) = vars.get(var::URL) {
+            let (broker, credentials) = parse_url(url.trim())?;
+            self.broker = broker;
+            self.credentials = credentials;
+        }
+        Self::apply(self, &vars)
+    }
+
+    /// Puts the variables that are set on top of `config`, and validates.
+    #[allow(clippy::too_many_lines)] // one field per variable, nothing else
+    fn apply<F: Fn(&str) -> Option<String>>(
+        mut config: Config,
+        vars: &Vars<F>,
+    ) -> Result<Config, ConfigError> {
+        if let Some(ca_file) = vars.get(var::CA_FILE) {
+            if let Some(tls) = &mut config.broker.tls {
+                tls.ca_file = Some(PathBuf::from(ca_file));
+            } else {
+                tracing::warn!(
+                    ca_file,
+                    broker = %config.broker,
+                    "MQTT_CA_FILE is ignored: MQTT_URL does not use TLS (mqtts://)"
+                );
+            }
+        }
+        if let Some(name) = vars.parse(var::SOURCE_NAME, expect::NAME, parse_name)? {
+            config = config.with_source_name(name);
+        }
+        if let Some(id) = vars.parse(var::CLIENT_ID, expect::NAME, parse_name)? {
+            config = config.with_client_id(id);
+        }
+        let base = config;
+        let config = Config {
+            keep_alive: vars
+                .parse(var::KEEPALIVE, expect::KEEPALIVE, parse_keep_alive)?
+                .unwrap_or(base.keep_alive),
+            enable_health: vars.flag(var::ENABLE_HEALTH)?.unwrap_or(base.enable_health),
+            enable_heartbeat: vars
+                .flag(var::ENABLE_HEARTBEAT)?
+                .unwrap_or(base.enable_heartbeat),
+            heartbeat_interval: vars
+                .seconds(var::HEARTBEAT_INTERVAL)?
+                .unwrap_or(base.heartbeat_interval),
+            dedupe_ttl: vars
+                .parse(var::DEDUPE_TTL, expect::DEDUPE_TTL, parse_dedupe_ttl)?
+                .unwrap_or(base.dedupe_ttl),
+            health_name: vars
+                .parse(var::HEALTH_NAME, expect::NAME, parse_name)?
+                .or(base.health_name.clone()),
+            queue_capacity: vars
+                .parse(var::QUEUE_SIZE, expect::POSITIVE, |raw| {
+                    parse_usize(raw).filter(|n| *n > 0)
+                })?
+                .unwrap_or(base.queue_capacity),
+            queue_overflow: vars
+                .parse(var::QUEUE_OVERFLOW, expect::QUEUE_OVERFLOW, |raw| {
+                    raw.to_ascii_lowercase().parse().ok()
+                })?
+                .unwrap_or(base.queue_overflow),
+            handler_timeout: vars
+                .seconds(var::HANDLER_TIMEOUT)?
+                .unwrap_or(base.handler_timeout),
+            dedupe_max_entries: vars
+                .parse(var::DEDUPE_MAX_ENTRIES, expect::POSITIVE, parse_positive)?
+                .unwrap_or(base.dedupe_max_entries),
+            reconnect_min_delay: vars
+                .seconds(var::RECONNECT_MIN_DELAY)?
+                .unwrap_or(base.reconnect_min_delay),
+            reconnect_max_delay: vars
+                .seconds(var::RECONNECT_MAX_DELAY)?
+                .unwrap_or(base.reconnect_max_delay),
+            clean_session: vars.flag(var::CLEAN_SESSION)?.unwrap_or(base.clean_session),
+            max_packet_size: vars
+                .parse(var::MAX_PACKET_SIZE, expect::PACKET_SIZE, |raw| {
+                    parse_usize(raw).filter(|n| packet_size_ok(*n))
+                })?
+                .unwrap_or(base.max_packet_size),
+            request_channel_capacity: vars
+                .parse(
+                    var::REQUEST_CHANNEL_CAPACITY,
+                    expect::CHANNEL_CAPACITY,
+                    |raw| parse_usize(raw).filter(|n| channel_capacity_ok(*n)),
+                )?
+                .unwrap_or(base.request_channel_capacity),
+            offline_buffer: vars
+                .parse(var::OFFLINE_BUFFER, expect::POSITIVE, parse_usize)?
+                .unwrap_or(base.offline_buffer),
+            offline_max_age: vars
+                .seconds(var::OFFLINE_MAX_AGE)?
+                .unwrap_or(base.offline_max_age),
+            offline_overflow: vars
+                .parse(
+                    var::OFFLINE_OVERFLOW,
+                    expect::OFFLINE_OVERFLOW,
+                    |raw| match raw.to_ascii_lowercase().as_str() {
+                        "reject" => Some(OfflineOverflow::Reject),
+                        "drop_oldest" => Some(OfflineOverflow::DropOldest),
+                        _ => None,
+                    },
+                )?
+                .unwrap_or(base.offline_overflow),
+            max_incoming_packet_size: vars
+                .parse(var::MAX_INCOMING_PACKET_SIZE, expect::PACKET_SIZE, |raw| {
+                    parse_usize(raw).filter(|n| packet_size_ok(*n))
+                })?
+                .unwrap_or(base.max_incoming_packet_size),
+            max_pending: vars
+                .parse(var::MAX_PENDING, expect::POSITIVE, parse_usize)?
+                .unwrap_or(base.max_pending),
+            max_pending_bytes: vars
+                .parse(var::MAX_PENDING_BYTES, expect::POSITIVE, parse_usize)?
+                .unwrap_or(base.max_pending_bytes),
+            ack_order: vars
+                .parse(var::ACK_ORDER, expect::ACK_ORDER, |raw| raw.parse().ok())?
+                .unwrap_or(base.ack_order),
+            ..base
+        };
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// The variables, read through a lookup closure.
+pub(super) struct Vars<F>(pub(super) F);
+
+impl<F: Fn(&str) -> Option<String>> Vars<F> {
+    /// The trimmed value of `name`; `None` when unset or empty.
+    fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+            .map(|value| value.trim().to_owned())
+            .filter(|value| !value.is_empty())
+    }
+
+    /// The value of `name` parsed by `parse`, which returns `None` for a bad value.
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+        parse: impl FnOnce(&str) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(raw) => match parse(&raw) {
+                Some(value) => Ok(Some(value)),
+                None => Err(invalid(name, raw, expected)),
+            },
+        }
+    }
+
+    fn flag(&self, name: &'static str) -> Result<Option<bool>, ConfigError> {
+        self.parse(name, expect::BOOL, parse_bool)
+    }
+
+    fn seconds(&self, name: &'static str) -> Result<Option<Duration>, ConfigError> {
+        self.parse(name, expect::SECONDS, parse_seconds)
+    }
+}
+
+pub(super) fn generate_client_id(source_name: &str) -> String {
+    format!("{source_name}-{:08x}", rand::random::<u32>())
+}
+
+pub(super) fn parse_name(raw: &str) -> Option<String> {
+    name_ok(raw).then(|| raw.to_owned())
+}
+
+/// Client ids and service names become topic levels (`system/keepalive/<client id>`,
+/// `system/health/<service>`), so they may not contain topic separators or wildcards.
+pub(super) fn name_ok(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_MQTT_STRING
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
+}
+
+pub(super) fn parse_bool(raw: &str) -> Option<bool> {
+    match raw.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Some(true),
+        "false" | "0" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+pub(super) fn parse_keep_alive(raw: &str) -> Option<Duration> {
+    let secs: u64 = raw.parse().ok()?;
+    Some(Duration::from_secs(secs)).filter(|d| keep_alive_ok(*d))
+}
+
+/// MQTT carries the keep-alive as a `u16` of seconds, and rumqttc panics below one
+/// second and truncates (`as u16`) above 65535.
+pub(super) fn keep_alive_ok(keep_alive: Duration) -> bool {
+    keep_alive.subsec_nanos() == 0 && (1..=u64::from(u16::MAX)).contains(&keep_alive.as_secs())
+}
+
+pub(super) fn parse_seconds(raw: &str) -> Option<Duration> {
+    let secs: f64 = raw.parse().ok()?;
+    // Rejects negative, NaN, infinite and overflowing values.
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| seconds_ok(*d))
+}
+
+/// `MQTT_DEDUPE_TTL=0` is the fleet's way to turn dedup off.
+pub(super) fn parse_dedupe_ttl(raw: &str) -> Option<Duration> {
+    if raw.parse::<f64>().ok() == Some(0.0) {
+        return Some(Duration::ZERO);
+    }
+    parse_seconds(raw)
+}
+
+pub(super) fn seconds_ok(duration: Duration) -> bool {
+    !duration.is_zero() && duration <= MAX_SECONDS
+}
+
+/// A duration written as the seconds variables are (`0.5`, `30`).
+pub(super) fn seconds(duration: Duration) -> String {
+    duration.as_secs_f64().to_string()
+}
+
+pub(super) fn parse_positive(raw: &str) -> Option<u64> {
+    raw.parse().ok().filter(|n| *n > 0)
+}
+
+pub(super) fn parse_usize(raw: &str) -> Option<usize> {
+    raw.parse().ok()
+}
+
+pub(super) fn packet_size_ok(bytes: usize) -> bool {
+    (MIN_PACKET_SIZE..=MAX_MQTT_PACKET).contains(&bytes)
+}
+
+pub(super) fn channel_capacity_ok(capacity: usize) -> bool {
+    (1..=MAX_REQUEST_CHANNEL_CAPACITY).contains(&capacity)
+}
