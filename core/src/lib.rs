@@ -20,6 +20,8 @@
 //! # }
 //! ```
 
+mod macros;
+
 pub mod correlation;
 pub mod envelope;
 pub mod extract;

@@ -233,7 +233,7 @@ impl<S, M> CorrelationSpan<S, M> {
         }
     }
 
-    define_inner_service_accessors!();
+    tower_mqtt_core::define_inner_service_accessors!();
 }
 
 impl<S, M> Service<Request<Envelope>> for CorrelationSpan<S, M>

@@ -366,7 +366,7 @@ impl<S> Decode<S> {
         DecodeLayer::new(registry)
     }
 
-    define_inner_service_accessors!();
+    tower_mqtt_core::define_inner_service_accessors!();
 }
 
 impl<S> Service<Request<Bytes>> for Decode<S>

@@ -166,7 +166,7 @@ impl<S, D> Isolation<S, D> {
         }
     }
 
-    define_inner_service_accessors!();
+    tower_mqtt_core::define_inner_service_accessors!();
 }
 
 impl<S: Clone, D: Clone> Clone for Isolation<S, D> {

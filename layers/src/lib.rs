@@ -36,9 +36,6 @@
 //! # }
 //! ```
 
-#[macro_use]
-mod macros;
-
 pub mod batch;
 pub mod correlation_span;
 pub mod dead_letter;

@@ -84,20 +84,7 @@ impl<S> Correlate<S> {
         CorrelateLayer::new()
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self` and returns the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    tower_mqtt_core::define_inner_service_accessors!();
 }
 
 impl<S> Service<Request<Envelope>> for Correlate<S>

@@ -93,20 +93,7 @@ impl<S> SizeGuard<S> {
         SizeGuardLayer::new(max)
     }
 
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// Consumes `self` and returns the inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
+    tower_mqtt_core::define_inner_service_accessors!();
 }
 
 pin_project! {

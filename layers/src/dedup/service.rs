@@ -165,7 +165,7 @@ impl<S> Dedup<S> {
         DedupLayer::new()
     }
 
-    define_inner_service_accessors!();
+    tower_mqtt_core::define_inner_service_accessors!();
 }
 
 impl<S: fmt::Debug> fmt::Debug for Dedup<S> {

@@ -1,4 +1,4 @@
-//! Macros shared by the middleware in this crate.
+//! Macros shared by the middleware of tower-mqtt's crates.
 
 /// Defines `get_ref`, `get_mut` and `into_inner` for a middleware service whose
 /// wrapped service is the field `inner` of type `S`.
@@ -10,6 +10,8 @@
 ///     define_inner_service_accessors!();
 /// }
 /// ```
+#[doc(hidden)]
+#[macro_export]
 macro_rules! define_inner_service_accessors {
     () => {
         /// The wrapped service.
