@@ -660,6 +660,82 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
     assert!(report.abandoned >= 1, "{report:?}");
 }
 
+/// Handlers that finish while the service shuts down have their messages
+/// acknowledged before the goodbye: the session gives none of them back.
+#[tokio::test]
+async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting() {
+    // A window wide enough for every message to be running at once.
+    let broker = support::Mosquitto::start_with_config("max_inflight_messages 0\n").await;
+    let client_id = probe::unique_id("ack-on-exit");
+    let cfg = || {
+        config(&broker.url(), "ack-on-exit")
+            .with_client_id(&client_id)
+            .with_clean_session(false)
+            // Acknowledgements queue up on their way to the socket.
+            .with_request_channel_capacity(1)
+    };
+    let total = 64;
+    let (seen, gate, handler) = gated_recorder();
+    let running = Client::new(cfg())
+        .unwrap()
+        .max_in_flight(total)
+        .drain_timeout(WAIT)
+        .spawn(
+            Router::new().route(Subscription::new("work/+").unordered(), handler),
+            stack(),
+        );
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    for n in 0..total {
+        let job = Envelope::new("work.job", json!({ "n": n })).unwrap();
+        running.publisher().publish("work/a", job).await.unwrap();
+    }
+    tokio::time::timeout(WAIT, async {
+        while running.stats().received < total as u64 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("every message is running: {:?}", running.stats()));
+
+    // Every handler finishes at once, and the shutdown begins the moment the
+    // last one is done: their acknowledgements are the last thing the
+    // connection writes.
+    gate.add_permits(total);
+    tokio::time::timeout(WAIT, async {
+        while running.stats().pending > 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every message handled");
+    let report = tokio::time::timeout(WAIT, running.shutdown())
+        .await
+        .unwrap();
+    assert!(report.disconnected_cleanly, "{report:?}");
+    assert_eq!(seen.lock().unwrap().len(), total);
+
+    // The same session again: nothing comes back, and a new message does
+    // arrive, so the session is the persistent one.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let second = Client::new(cfg())
+        .unwrap()
+        .spawn(Router::new().route("work/+", recorder(tx)), stack());
+    tokio::time::timeout(WAIT, second.ready()).await.unwrap();
+    let marker = Envelope::new("work.marker", json!({})).unwrap();
+    second
+        .publisher()
+        .publish("work/marker", marker.clone())
+        .await
+        .unwrap();
+    let (topic, env) = recv(&mut rx).await;
+    assert_eq!(
+        (topic.as_str(), env.id()),
+        ("work/marker", marker.id()),
+        "a handled message came back: {env:?}"
+    );
+    second.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_stalled_connection_is_detected_by_the_heartbeat_and_replaced() {
     let broker = TestBroker::start().await;

@@ -303,15 +303,29 @@ impl Client {
         .with_publisher(publisher.clone());
         let ack_client = client.clone();
         let ack_dispatcher = dispatcher.clone();
+        // The goodbye leaves through the same task, after every
+        // acknowledgement released before it: a DISCONNECT that overtook them
+        // would have the session deliver those messages again.
+        let goodbye = Arc::new(Notify::new());
+        let say_goodbye = goodbye.clone();
         let ack_task = tokio::spawn(async move {
-            while let Some((epoch, packet)) = ack_rx.recv().await {
-                // An ack of the previous connection would acknowledge a
-                // different message on this one.
-                if epoch != ack_dispatcher.epoch() {
-                    continue;
-                }
-                if ack_client.ack(&packet.to_publish()).await.is_err() {
-                    break;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some((epoch, packet)) = ack_rx.recv() => {
+                        // An ack of the previous connection would acknowledge
+                        // a different message on this one.
+                        if epoch != ack_dispatcher.epoch() {
+                            continue;
+                        }
+                        if ack_client.ack(&packet.to_publish()).await.is_err() {
+                            break;
+                        }
+                    }
+                    () = say_goodbye.notified() => {
+                        let _ = ack_client.disconnect().await;
+                        break;
+                    }
                 }
             }
         });
@@ -369,7 +383,7 @@ impl Client {
         }
 
         stopping.store(true, Ordering::SeqCst);
-        let _ = client.try_disconnect();
+        goodbye.notify_one();
         let mut poll_task = poll_task;
         let disconnected_cleanly = match tokio::time::timeout(GOODBYE_TIMEOUT, &mut poll_task).await
         {
