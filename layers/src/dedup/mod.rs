@@ -4,7 +4,7 @@
 //! what it had not seen acknowledged, a retained message comes again with every
 //! subscription, and overlapping subscriptions can bring two copies. [`Dedup`]
 //! remembers each envelope it let through, for a time-to-live (default 30 s) and
-//! up to a number of entries (default 2048, least recently used evicted first),
+//! up to a number of entries (default 2048, the oldest evicted first),
 //! and answers a copy with [`Outcome::Duplicate`](tower_mqtt_core::Outcome::Duplicate) without calling the inner
 //! service.
 //!
@@ -14,7 +14,7 @@
 //! `type|id|seq=N` when `data.seq` is an integer, else `type|id|<hash>` with a
 //! hash of `data` in canonical form (keys sorted at every level, whatever order
 //! they arrived in). Keying on the id alone would drop every stream chunk after
-//! the first, since the chunks of one stream share their id. The cache holds a
+//! the first, since the chunks of one stream share their id. The store holds a
 //! 128-bit keyed hash of those parts rather than their text: a fixed-size key,
 //! built without allocating.
 //!
@@ -57,9 +57,9 @@
 //! # }
 //! ```
 //!
-//! The time-to-live is measured with [`tokio::time::Instant`] (so it follows a
-//! paused test clock) and also given to the cache, which evicts expired entries
-//! on its own clock.
+//! The time-to-live is measured with [`tokio::time::Instant`], so it follows a
+//! paused test clock. Expired entries are dropped as new ones arrive, without
+//! a scan; at most `max_entries` are held, whatever the rate.
 //!
 //! # Turning it off
 //!
@@ -70,9 +70,9 @@
 //!
 //! # Layout
 //!
-//! The key is built in `key.rs`, the moka cache of claimed keys lives in
-//! `store.rs`, and the middleware in `service.rs`; this module re-exports what
-//! users name.
+//! The key is built in `key.rs`, the store of claimed keys (two generations
+//! of hash tables, and why not a general cache) lives in `store.rs`, and the
+//! middleware in `service.rs`; this module re-exports what users name.
 
 use std::time::Duration;
 

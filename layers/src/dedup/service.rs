@@ -50,7 +50,7 @@ impl DedupLayer {
     }
 
     /// A new cache that remembers a message for `ttl`, and at most
-    /// `max_entries` messages (the least recently seen go first). The runtime
+    /// `max_entries` messages (the oldest go first). The runtime
     /// configuration's dedup settings go here.
     ///
     /// A `ttl` of zero remembers nothing: dedup is [off](Self::disabled), as
