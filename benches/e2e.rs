@@ -32,6 +32,9 @@
 //! - **latency** (QoS 1 and QoS 0): the publisher paced at `E2E_LATENCY_RATE`
 //!   (10,000 msg/s) for `E2E_LATENCY_SECS` (2 s); p50 and p99 of `now - ts`;
 //! - **publish**: `E2E_MESSAGES` confirmed QoS 1 publishes per side;
+//! - **memory**: steady QoS 1 with `E2E_MEMORY_ENTRIES` (100,000) messages,
+//!   the standard stack's dedup sized and timed to remember every one: its
+//!   peak RSS with that many entries, against the same load without dedup;
 //! - **backlog** (QoS 1): the consumer connects with a persistent session,
 //!   subscribes and disconnects; `E2E_BACKLOG_SIZES` messages (5,000, 50,000,
 //!   200,000) are published while it is away; it reconnects and drains them.
@@ -43,7 +46,7 @@
 //! scenario. Every wait has a limit: a case that takes longer than
 //! `E2E_CASE_TIMEOUT` seconds (120) is reported as `timeout` with the count it
 //! reached, and a case that fails or takes more than a third of that is not
-//! repeated. `E2E_SCENARIOS=steady,latency,publish,backlog` picks families.
+//! repeated. `E2E_SCENARIOS=steady,latency,publish,memory,backlog` picks families.
 //! The same figures, and every run, go to `target/bench/e2e.json`.
 //!
 //! `E2E_QUICK=1` (also the default without `--bench`, as under

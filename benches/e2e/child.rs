@@ -93,6 +93,9 @@ pub(crate) struct ChildSpec {
     pub(crate) latency: bool,
     /// Seconds the measured part may take before the case is a timeout.
     pub(crate) deadline_s: f64,
+    /// Deliveries the standard stack's dedup remembers, when not the
+    /// default (the memory case).
+    pub(crate) dedupe_entries: Option<u64>,
 }
 
 /// How a case ended.

@@ -159,12 +159,16 @@ impl Handle {
                 ready,
             });
         }
-        let config = Config::new(&format!("mqtt://{HOST}:{}", spec.port))
+        let mut config = Config::new(&format!("mqtt://{HOST}:{}", spec.port))
             .map_err(|err| err.to_string())?
             .with_client_id(spec.client_id.clone())
             .with_health(false)
             .with_heartbeat(false)
             .with_clean_session(clean_session);
+        if let Some(entries) = spec.dedupe_entries {
+            // Long enough that no entry expires during the case.
+            config = config.with_dedupe(std::time::Duration::from_secs(3600), entries);
+        }
         let qos = if spec.qos == 0 {
             tower_mqtt::QoS::AtMostOnce
         } else {

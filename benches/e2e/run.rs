@@ -43,6 +43,9 @@ pub(crate) struct Settings {
     pub(crate) runs: usize,
     /// Backlog sizes (`E2E_BACKLOG_SIZES`, comma-separated).
     pub(crate) backlog_sizes: Vec<u64>,
+    /// Messages of the memory case, each remembered by dedup
+    /// (`E2E_MEMORY_ENTRIES`).
+    pub(crate) memory_entries: u64,
     /// Publisher rate of the latency cases, msg/s (`E2E_LATENCY_RATE`).
     pub(crate) latency_rate: f64,
     /// Messages per latency case: the rate times `E2E_LATENCY_SECS`.
@@ -50,7 +53,7 @@ pub(crate) struct Settings {
     /// Seconds a case may take (`E2E_CASE_TIMEOUT`).
     pub(crate) case_timeout_s: f64,
     /// Scenario families to run (`E2E_SCENARIOS`: steady, latency, publish,
-    /// backlog); all when unset.
+    /// memory, backlog); all when unset.
     pub(crate) scenarios: Vec<String>,
 }
 
@@ -102,7 +105,7 @@ impl Settings {
             })
             .filter(|list| !list.is_empty())
             .unwrap_or_else(|| {
-                ["steady", "latency", "publish", "backlog"]
+                ["steady", "latency", "publish", "memory", "backlog"]
                     .map(str::to_owned)
                     .to_vec()
             });
@@ -111,6 +114,7 @@ impl Settings {
             messages: count("E2E_MESSAGES", if quick { 1_000 } else { 10_000 }),
             runs: usize::try_from(count("E2E_RUNS", if quick { 1 } else { 3 })).unwrap_or(1),
             backlog_sizes,
+            memory_entries: count("E2E_MEMORY_ENTRIES", if quick { 5_000 } else { 100_000 }),
             latency_rate,
             latency_messages: crate::measure::to_index((latency_rate * latency_secs).round()).max(1)
                 as u64,
@@ -136,6 +140,9 @@ impl Settings {
         if wants("publish") {
             list.push(Scenario::Publish);
         }
+        if wants("memory") {
+            list.push(Scenario::Memory(self.memory_entries));
+        }
         if wants("backlog") {
             list.extend(self.backlog_sizes.iter().map(|&n| Scenario::Backlog(n)));
         }
@@ -154,6 +161,10 @@ pub(crate) enum Scenario {
     Backlog(u64),
     /// Confirmed QoS 1 publishing.
     Publish,
+    /// Steady QoS 1 with this many messages, every one of them remembered by
+    /// the standard stack's dedup (its capacity and TTL raised to hold them
+    /// all): the peak RSS with that many entries.
+    Memory(u64),
 }
 
 impl Scenario {
@@ -164,6 +175,7 @@ impl Scenario {
             Self::Latency(qos) => format!("latency QoS {qos}"),
             Self::Backlog(n) => format!("backlog {n}"),
             Self::Publish => "publish QoS 1".to_owned(),
+            Self::Memory(n) => format!("memory {n} dedup"),
         }
     }
 
@@ -315,6 +327,9 @@ async fn run_case(
         (Scenario::Steady(qos), Side::Consumer(consumer)) => {
             live(settings, port, consumer, qos, settings.messages, None).await
         }
+        (Scenario::Memory(entries), Side::Consumer(consumer)) => {
+            remembering(settings, port, consumer, entries).await
+        }
         (Scenario::Latency(qos), Side::Consumer(consumer)) => {
             let rate = Some(settings.latency_rate);
             live(
@@ -409,7 +424,6 @@ async fn live(
     messages: u64,
     rate: Option<f64>,
 ) -> Result<Measured, String> {
-    let mut feeder = Feeder::connect(port, &unique_id("e2e-pub")).await?;
     let spec = ChildSpec {
         role: Role::Consume {
             consumer,
@@ -421,8 +435,45 @@ async fn live(
         messages,
         latency: rate.is_some(),
         deadline_s: settings.case_timeout_s,
+        dedupe_entries: None,
     };
-    let mut child = ChildProcess::spawn(&spec)?;
+    feed_live(settings, &spec, rate).await
+}
+
+/// Steady QoS 1 with `entries` messages, the standard stack's dedup sized to
+/// remember every one of them.
+async fn remembering(
+    settings: &Settings,
+    port: u16,
+    consumer: Consumer,
+    entries: u64,
+) -> Result<Measured, String> {
+    let spec = ChildSpec {
+        role: Role::Consume {
+            consumer,
+            mode: Mode::Live,
+        },
+        port,
+        qos: 1,
+        client_id: unique_id("e2e-memory"),
+        messages: entries,
+        latency: false,
+        deadline_s: settings.case_timeout_s,
+        dedupe_entries: Some(entries),
+    };
+    feed_live(settings, &spec, None).await
+}
+
+/// Starts the consumer `spec` describes, then publishes its messages at
+/// `rate` (or full speed).
+async fn feed_live(
+    settings: &Settings,
+    spec: &ChildSpec,
+    rate: Option<f64>,
+) -> Result<Measured, String> {
+    let (port, qos, messages) = (spec.port, spec.qos, spec.messages);
+    let mut feeder = Feeder::connect(port, &unique_id("e2e-pub")).await?;
+    let mut child = ChildProcess::spawn(spec)?;
     let outcome = async {
         let line = child.line(READY_LIMIT).await?;
         if line != READY {
@@ -471,6 +522,7 @@ async fn backlog(
         messages: size,
         latency: false,
         deadline_s: settings.case_timeout_s,
+        dedupe_entries: None,
     };
     let outcome = async {
         let mut child = ChildProcess::spawn(&spec)?;
@@ -527,6 +579,7 @@ async fn publish(
         messages: settings.messages,
         latency: false,
         deadline_s: settings.case_timeout_s,
+        dedupe_entries: None,
     };
     let mut child = ChildProcess::spawn(&spec)?;
     let report = child.report(settings.case_timeout() + GRACE).await;
