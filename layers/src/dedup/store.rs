@@ -64,13 +64,22 @@ struct Shard {
 }
 
 impl Shard {
-    /// The live entry of `key`, if any.
-    fn get(&self, key: &DedupKey, now: u64, ttl: u64) -> Option<Entry> {
-        self.young
-            .get(key)
-            .or_else(|| self.old.get(key))
-            .filter(|entry| now.saturating_sub(entry.at) < ttl)
-            .copied()
+    /// Whether `key` is claimed and live; an expired entry of the old table
+    /// is dropped, so that it cannot shadow a new claim. A new key costs two
+    /// lookups.
+    fn is_live(&mut self, key: &DedupKey, now: u64, ttl: u64) -> bool {
+        let live = |entry: &Entry| now.saturating_sub(entry.at) < ttl;
+        if let Some(entry) = self.young.get(key) {
+            return live(entry);
+        }
+        match self.old.get(key) {
+            Some(entry) if live(entry) => true,
+            Some(_) => {
+                self.old.remove(key);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Makes room for one key in `young`: rotates when it is full or older
@@ -135,11 +144,9 @@ impl Store {
     pub(crate) fn claim(self: &Arc<Self>, key: DedupKey) -> Result<Claim, DedupKey> {
         let now = self.now();
         let mut shard = self.shard(key);
-        if shard.get(&key, now, self.ttl_nanos).is_some() {
+        if shard.is_live(&key, now, self.ttl_nanos) {
             return Err(key);
         }
-        // An expired entry in the old table must not shadow the new one.
-        shard.old.remove(&key);
         shard.make_room(now, self.ttl_nanos, self.young_limit);
         let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         shard.young.insert(key, Entry { token, at: now });
