@@ -736,6 +736,55 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
     second.shutdown().await;
 }
 
+/// `serve` takes the runtime's two limits: handlers at once, and the time
+/// they get at shutdown.
+#[tokio::test]
+async fn serve_sets_the_handler_limit_and_the_drain_timeout() {
+    let broker = TestBroker::start().await;
+    let (started, running_now, peak) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let stuck = {
+        let (started, running_now, peak) = (started.clone(), running_now.clone(), peak.clone());
+        move |_req: Request<Envelope>| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let now = running_now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            std::future::pending::<()>()
+        }
+    };
+    let router = Router::new().route(Subscription::new("work/+").unordered(), stuck);
+    let running = tower_mqtt::serve(config(&broker.url(), "serve-limits"), router)
+        .max_in_flight(3)
+        .drain_timeout(Duration::from_millis(200))
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    for n in 0..10 {
+        let job = Envelope::new("work.job", json!({ "n": n })).unwrap();
+        running.publisher().publish("work/a", job).await.unwrap();
+    }
+    tokio::time::timeout(WAIT, async {
+        while running.stats().received < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("all ten received");
+    // Three run and never finish; the other seven wait for a worker.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(started.load(Ordering::SeqCst), 3);
+    assert_eq!(peak.load(Ordering::SeqCst), 3);
+
+    // The default drain timeout (10 s) would not fit in this wait.
+    let report = tokio::time::timeout(Duration::from_secs(5), running.shutdown())
+        .await
+        .expect("the drain timeout applies");
+    assert_eq!((report.finished, report.abandoned), (0, 10), "{report:?}");
+}
+
 #[tokio::test]
 async fn a_stalled_connection_is_detected_by_the_heartbeat_and_replaced() {
     let broker = TestBroker::start().await;

@@ -527,6 +527,40 @@ impl Serve {
         self
     }
 
+    /// Sets the limit of handlers running at once (default
+    /// [`DEFAULT_MAX_IN_FLIGHT`]); as [`Client::max_in_flight`].
+    ///
+    /// ```no_run
+    /// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
+    /// // Eight handlers at most, each one a model call.
+    /// tower_mqtt::serve(config, router).max_in_flight(8).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn max_in_flight(mut self, limit: usize) -> Self {
+        self.client = self.client.map(|client| client.max_in_flight(limit));
+        self
+    }
+
+    /// Sets how long running handlers get to finish at shutdown (default
+    /// [`DEFAULT_DRAIN_TIMEOUT`]); as [`Client::drain_timeout`]. A handler
+    /// still running then is abandoned and its message not acknowledged, so a
+    /// persistent session delivers it again.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    ///
+    /// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
+    /// tower_mqtt::serve(config, router)
+    ///     .drain_timeout(Duration::from_secs(30))
+    ///     .with_graceful_shutdown(tower_mqtt::shutdown_signal())
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.client = self.client.map(|client| client.drain_timeout(timeout));
+        self
+    }
+
     /// Shuts down gracefully when `signal` completes: stop taking messages,
     /// let running handlers finish, publish the final health, disconnect.
     /// [`shutdown_signal`](crate::shutdown_signal) is SIGINT or SIGTERM.
