@@ -325,22 +325,20 @@ async fn run_case(
     let started = Instant::now();
     let measured = match (scenario, side) {
         (Scenario::Steady(qos), Side::Consumer(consumer)) => {
-            live(settings, port, consumer, qos, settings.messages, None).await
+            let spec = live_spec(settings, port, consumer, qos, settings.messages, false);
+            live(settings, &spec, None).await
         }
         (Scenario::Memory(entries), Side::Consumer(consumer)) => {
-            remembering(settings, port, consumer, entries).await
+            let spec = ChildSpec {
+                dedupe_entries: Some(entries),
+                ..live_spec(settings, port, consumer, 1, entries, false)
+            };
+            live(settings, &spec, None).await
         }
         (Scenario::Latency(qos), Side::Consumer(consumer)) => {
-            let rate = Some(settings.latency_rate);
-            live(
-                settings,
-                port,
-                consumer,
-                qos,
-                settings.latency_messages,
-                rate,
-            )
-            .await
+            let messages = settings.latency_messages;
+            let spec = live_spec(settings, port, consumer, qos, messages, true);
+            live(settings, &spec, Some(settings.latency_rate)).await
         }
         (Scenario::Backlog(backlog_size), Side::Consumer(consumer)) => {
             backlog(settings, port, consumer, backlog_size).await
@@ -414,17 +412,16 @@ fn rumqttc_qos(qos: u8) -> rumqttc::QoS {
     }
 }
 
-/// A consumer subscribed first, then `messages` published at `rate` (or
-/// full speed). Timed from the first publish to the last new message handled.
-async fn live(
+/// A consumer that subscribes first and is fed while it runs.
+fn live_spec(
     settings: &Settings,
     port: u16,
     consumer: Consumer,
     qos: u8,
     messages: u64,
-    rate: Option<f64>,
-) -> Result<Measured, String> {
-    let spec = ChildSpec {
+    latency: bool,
+) -> ChildSpec {
+    ChildSpec {
         role: Role::Consume {
             consumer,
             mode: Mode::Live,
@@ -433,40 +430,16 @@ async fn live(
         qos,
         client_id: unique_id("e2e-sub"),
         messages,
-        latency: rate.is_some(),
+        latency,
         deadline_s: settings.case_timeout_s,
         dedupe_entries: None,
-    };
-    feed_live(settings, &spec, rate).await
-}
-
-/// Steady QoS 1 with `entries` messages, the standard stack's dedup sized to
-/// remember every one of them.
-async fn remembering(
-    settings: &Settings,
-    port: u16,
-    consumer: Consumer,
-    entries: u64,
-) -> Result<Measured, String> {
-    let spec = ChildSpec {
-        role: Role::Consume {
-            consumer,
-            mode: Mode::Live,
-        },
-        port,
-        qos: 1,
-        client_id: unique_id("e2e-memory"),
-        messages: entries,
-        latency: false,
-        deadline_s: settings.case_timeout_s,
-        dedupe_entries: Some(entries),
-    };
-    feed_live(settings, &spec, None).await
+    }
 }
 
 /// Starts the consumer `spec` describes, then publishes its messages at
-/// `rate` (or full speed).
-async fn feed_live(
+/// `rate` (or full speed). Timed from the first publish to the last new
+/// message handled.
+async fn live(
     settings: &Settings,
     spec: &ChildSpec,
     rate: Option<f64>,
