@@ -385,15 +385,17 @@ impl Client {
         stopping.store(true, Ordering::SeqCst);
         goodbye.notify_one();
         let mut poll_task = poll_task;
-        let disconnected_cleanly = match tokio::time::timeout(GOODBYE_TIMEOUT, &mut poll_task).await
-        {
-            Ok(Ok(clean)) => clean,
-            Ok(Err(_)) => false,
-            Err(_) => {
-                poll_task.abort();
-                false
-            }
-        };
+        // The goodbye waits for the acknowledgements ahead of it, then for the
+        // broker to close the connection: a timeout each.
+        let disconnected_cleanly =
+            match tokio::time::timeout(2 * GOODBYE_TIMEOUT, &mut poll_task).await {
+                Ok(Ok(clean)) => clean,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    poll_task.abort();
+                    false
+                }
+            };
         outbox.close();
         let _ = drain_task.await;
         deliveries.close();

@@ -219,6 +219,9 @@ where
                     acks_written += 1;
                 }
                 Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
+                    if !wire::await_close(&mut self.eventloop, GOODBYE_TIMEOUT).await {
+                        warn!("the broker did not close the connection after DISCONNECT");
+                    }
                     info!("disconnected cleanly");
                     return true;
                 }

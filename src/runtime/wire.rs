@@ -79,19 +79,40 @@ pub(crate) async fn ping(eventloop: &mut EventLoop, timeout: Duration) -> bool {
     matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
 }
 
-/// Sends DISCONNECT and drops the connection, so that the broker keeps the
-/// session and does not publish the Last Will; the next poll reconnects, and
-/// rumqttc keeps what it had not sent.
+/// Sends DISCONNECT and drops the connection once the broker has read it, so
+/// that the broker keeps the session and does not publish the Last Will; the
+/// next poll reconnects, and rumqttc keeps what it had not sent.
 pub(crate) async fn disconnect(eventloop: &mut EventLoop, timeout: Duration) {
     if let Some(network) = eventloop.network.as_mut() {
         let write = async {
             network.write(Packet::Disconnect).await?;
             network.flush().await
         };
-        let _ = tokio::time::timeout(timeout, write).await;
+        if matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(()))) {
+            await_close(eventloop, timeout).await;
+        }
     }
     eventloop.clean();
     eventloop.network = None;
+}
+
+/// After our DISCONNECT: waits until the broker closes the connection, at most
+/// `timeout`; returns whether it did.
+///
+/// Writing the DISCONNECT is not enough. The broker reads the socket in order,
+/// but a new connection under the same client id (the next process of a
+/// redeploy, or our own reconnect) takes the session over at once, and what
+/// the broker had not yet read of the old socket is lost: acknowledgements
+/// included, and their messages are delivered again (seen with mosquitto
+/// 2.0.11: PUBACKs 53 to 64 of 64 dropped so). Once the broker has closed the
+/// connection, it has read everything before the DISCONNECT. Publishes it
+/// sent meanwhile are dropped unacknowledged; the session delivers them again.
+pub(crate) async fn await_close(eventloop: &mut EventLoop, timeout: Duration) -> bool {
+    let Some(network) = eventloop.network.as_mut() else {
+        return false;
+    };
+    let closed = async { while network.read().await.is_ok() {} };
+    tokio::time::timeout(timeout, closed).await.is_ok()
 }
 
 /// Reads the events rumqttc buffered before the connection failed (it records
