@@ -14,8 +14,8 @@
 //! What that promises:
 //! - a key is a duplicate for exactly the time-to-live after its claim (each
 //!   entry carries its claim time), unless the bound pushed it out first;
-//! - at most `max_entries` keys are held, and the newest half of them (per
-//!   shard) are always among them;
+//! - at most `max_entries` keys are held (two when it is one), and the newest
+//!   half of them (per shard) are always among them;
 //! - expired keys go without a scan: a young table older than the
 //!   time-to-live is rotated out on the next claim, so nothing outlives two
 //!   time-to-lives.
