@@ -68,15 +68,7 @@ async fn publish_backlog(url: &str, topic: &str, count: usize) {
         }
         client
     });
-    let mut acked = 0;
-    while acked < count {
-        match tokio::time::timeout(WAIT, eventloop.poll()).await {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => panic!("publisher failed after {acked} acks: {err}"),
-            Err(elapsed) => panic!("publisher stalled after {acked} acks: {elapsed}"),
-        }
-    }
+    support::await_pubacks(&mut eventloop, count, WAIT).await;
     let client = sender.await.unwrap();
     client.disconnect().await.unwrap();
     while !matches!(

@@ -40,15 +40,7 @@ async fn publish_fast(url: &str, total: u64) {
             .await
             .unwrap();
     }
-    let mut acked = 0;
-    while acked < total {
-        match tokio::time::timeout(WAIT, eventloop.poll()).await {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => acked += 1,
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => panic!("publisher failed after {acked}: {err}"),
-            Err(elapsed) => panic!("publisher stalled after {acked}: {elapsed}"),
-        }
-    }
+    support::await_pubacks(&mut eventloop, usize::try_from(total).unwrap(), WAIT).await;
 }
 
 #[tokio::test]

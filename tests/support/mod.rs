@@ -42,7 +42,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 pub(crate) use mosquitto::{find_binary, on_ci, Mosquitto, HOST};
 #[allow(unused_imports)]
 pub(crate) use probe::{
-    host_port, publish_raw, unique_id, CapturedPublish, MosquittoSub, Probe, ReceivedPublish,
+    await_pubacks, host_port, publish_raw, unique_id, CapturedPublish, MosquittoSub, Probe,
+    ReceivedPublish,
 };
 #[allow(unused_imports)]
 pub(crate) use proxy::Proxy;

@@ -281,6 +281,20 @@ fn options(url: &str, client_id: &str) -> MqttOptions {
     options
 }
 
+/// Polls a publisher's `eventloop` until `count` PUBACKs have arrived;
+/// panics, saying how many came, if it fails or nothing arrives for `wait`.
+pub(crate) async fn await_pubacks(eventloop: &mut EventLoop, count: usize, wait: Duration) {
+    let mut acked = 0;
+    while acked < count {
+        match tokio::time::timeout(wait, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("publisher failed after {acked} of {count} acks: {err}"),
+            Err(elapsed) => panic!("publisher stalled after {acked} of {count} acks: {elapsed}"),
+        }
+    }
+}
+
 /// Splits `mqtt://host:port[/][?query]` into host and port.
 ///
 /// # Panics
