@@ -287,13 +287,15 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
         );
     tokio::time::timeout(WAIT, consumer.ready())
         .await
-        .expect("consumer ready");
+        .expect("consumer ready")
+        .expect("subscribed");
     let producer = Client::new(config(&url, "stream-producer").with_clean_session(false))
         .unwrap()
         .spawn(Router::new(), StandardStack::new());
     tokio::time::timeout(WAIT, producer.ready())
         .await
-        .expect("producer ready");
+        .expect("producer ready")
+        .expect("subscribed");
 
     let started = Instant::now();
     let paused = watch::Sender::new(false);
@@ -462,7 +464,8 @@ async fn consumer_child() {
         .spawn(Router::new().route(CHILD_TOPIC, hang), StandardStack::new());
     tokio::time::timeout(WAIT, running.ready())
         .await
-        .expect("child ready");
+        .expect("child ready")
+        .expect("subscribed");
     println!("CHILD-READY");
     let _ = std::io::stdout().flush();
     // Serve until killed; the parent bounds how long that can be.
@@ -574,7 +577,8 @@ async fn fifty_clients_reconnect_and_resubscribe_after_a_broker_restart() {
     for client in &running {
         tokio::time::timeout(WAIT, client.ready())
             .await
-            .expect("every client ready before the restart");
+            .expect("every client ready before the restart")
+            .expect("subscribed");
     }
 
     // Watch every client: the first delay it chose after losing the
@@ -619,7 +623,8 @@ async fn fifty_clients_reconnect_and_resubscribe_after_a_broker_restart() {
     for client in &running {
         tokio::time::timeout(WAIT, client.ready())
             .await
-            .expect("every client resubscribed");
+            .expect("every client resubscribed")
+            .expect("subscribed");
     }
     // Proof of resubscription: one message to each client's own topic.
     for i in 0..clients {
@@ -716,7 +721,8 @@ async fn bad_payloads_interleaved_with_good_ones_leave_the_good_ones_handled_onc
         );
     tokio::time::timeout(WAIT, running.ready())
         .await
-        .expect("ready");
+        .expect("ready")
+        .expect("subscribed");
 
     let bad = bad_payloads();
     let bad_count = bad.len();
@@ -795,7 +801,8 @@ async fn oversized_message_case(clean_session: bool) {
     );
     tokio::time::timeout(WAIT, running.ready())
         .await
-        .expect("ready");
+        .expect("ready")
+        .expect("subscribed");
 
     let mut oversized = serde_json::to_vec(&good(1_000_000)).unwrap();
     // Still valid JSON: an envelope padded with spaces to 2 MiB.
@@ -883,7 +890,8 @@ async fn ten_times_over_capacity_everything_is_handled_once_without_losing_the_c
     );
     tokio::time::timeout(WAIT, running.ready())
         .await
-        .expect("ready");
+        .expect("ready")
+        .expect("subscribed");
 
     let started = Instant::now();
     publish_many(
