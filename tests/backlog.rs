@@ -20,7 +20,8 @@ use serde_json::json;
 use support as probe;
 use support::{Mosquitto, Proxy, QoS as WireQoS};
 use tower_mqtt::{
-    config::Config, Ack, Client, Envelope, HandlerError, Publisher, Request, Router, Subscription,
+    config::Config, Ack, AckOrder, Client, Envelope, HandlerError, Publisher, Request, Router,
+    Subscription,
 };
 use tower_mqtt_layers::StandardStack;
 
@@ -210,11 +211,12 @@ async fn handlers_awaiting_their_own_publishes_neither_deadlock_nor_lose() {
 }
 
 #[tokio::test]
-async fn a_held_topic_delays_neither_handling_nor_acknowledgement_of_another() {
+async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgement_of_another() {
     let broker = broker().await;
     let url = broker.url();
     let proxy = Proxy::start(broker.addr()).await;
     let client_id = probe::unique_id("hol");
+    let config = |url: &str, client_id: &str| config(url, client_id).with_ack_order(AckOrder::Topic);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let seen = Seen::default();
     let router = {
