@@ -9,6 +9,8 @@
 //! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses.
 //! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire
 //!   independently of tower-mqtt.
+//! - [`WireClient`]: a scripted client that sends exactly the packets a test writes
+//!   (acks withheld, out of order, stale), to provoke a broker.
 //!
 //! ```ignore
 //! mod support;
@@ -34,6 +36,7 @@
 mod mosquitto;
 mod probe;
 mod proxy;
+mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -49,6 +52,8 @@ pub(crate) use probe::{
 pub(crate) use proxy::Proxy;
 #[allow(unused_imports)]
 pub(crate) use rumqttc::QoS;
+#[allow(unused_imports)]
+pub(crate) use wire::{accepted, WireClient, WireEnd};
 
 /// A running broker for a test: mosquitto when installed, else the embedded broker.
 ///
