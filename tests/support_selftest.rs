@@ -3,6 +3,12 @@
 
 mod support;
 
+// The self-tests of the broker matrix live beside the code they test; as a module of
+// this file they are compiled into this binary only, not into every test binary that
+// includes `support`.
+#[path = "support/selftest/brokers.rs"]
+mod broker_matrix;
+
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
