@@ -10,7 +10,8 @@
 //!   the same port with sessions kept.
 //! - [`Aedes`]: an aedes (node) process per test; refuses chosen subscriptions,
 //!   requires a login, serves MQTT over WebSocket.
-//! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses.
+//! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses,
+//!   and checks the client's acknowledgement order ([`Proxy::assert_acks_in_order`]).
 //! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire
 //!   independently of tower-mqtt.
 //! - [`WireClient`]: a scripted client that sends exactly the packets a test writes
@@ -45,6 +46,7 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+mod acks;
 mod aedes;
 mod mosquitto;
 mod probe;
@@ -54,6 +56,8 @@ mod wire;
 use std::net::{Ipv4Addr, SocketAddr};
 
 // Re-exports for test files; each binary uses a different subset.
+#[allow(unused_imports)]
+pub(crate) use acks::{AckKind, AckReport, AckTally, ConnectionAcks, ConnectionReport, PerKind};
 #[allow(unused_imports)]
 pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 #[allow(unused_imports)]
