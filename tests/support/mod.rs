@@ -48,6 +48,7 @@
 
 mod acks;
 mod aedes;
+mod frames;
 mod mosquitto;
 mod probe;
 mod proxy;
