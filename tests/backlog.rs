@@ -288,6 +288,77 @@ async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgem
 }
 
 #[tokio::test]
+async fn in_receive_order_a_held_message_holds_back_every_later_acknowledgement() {
+    let broker = broker().await;
+    let url = broker.url();
+    let proxy = Proxy::start(broker.addr()).await;
+    let client_id = probe::unique_id("receive-order");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let seen = Seen::default();
+    let router = {
+        let (seen, gate) = (seen.clone(), gate.clone());
+        Router::new().route("work/+", move |req: Request<Envelope>| {
+            let (seen, gate) = (seen.clone(), gate.clone());
+            async move {
+                if req.topic() == "work/slow" {
+                    gate.acquire().await.unwrap().forget();
+                }
+                seen.record(&req);
+            }
+        })
+    };
+    let running = tower_mqtt::serve(config(&proxy.url(), &client_id), router)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
+    let send = |topic: &'static str, seq: u64| {
+        let url = url.clone();
+        async move {
+            let env = Envelope::new("work.item", json!({"seq": seq})).unwrap();
+            probe::publish_raw(&url, topic, env.to_vec(), WireQoS::AtLeastOnce, false).await;
+        }
+    };
+    send("work/slow", 0).await;
+    for seq in 1..=10 {
+        send("work/fast", seq).await;
+    }
+    // Handling is not held: every fast message runs while slow is held.
+    seen.wait_for(10, WAIT).await;
+    assert_eq!(
+        proxy.client_acks(),
+        0,
+        "no acknowledgement overtakes the held one: {}",
+        proxy.ack_report()
+    );
+    proxy.refuse();
+    proxy.cut().await;
+    let _ = running.shutdown().await;
+
+    // The same session again: all eleven come back (dedup in this new
+    // process does not know them), since none was acknowledged.
+    let again = Seen::default();
+    let router = {
+        let again = again.clone();
+        Router::new().route("work/+", move |req: Request<Envelope>| {
+            again.record(&req);
+            std::future::ready(())
+        })
+    };
+    let running = tower_mqtt::serve(config(&url, &client_id), router)
+        .spawn()
+        .unwrap();
+    again.wait_for(11, WAIT).await;
+    let mut back = again.0.lock().unwrap().clone();
+    back.sort_unstable();
+    assert_eq!(back, (0..=10).collect::<Vec<u64>>());
+    proxy.assert_acks_in_order();
+    running.shutdown().await;
+}
+
+#[tokio::test]
 async fn ack_on_receipt_is_not_delivered_again_after_a_crash() {
     let broker = broker().await;
     let url = broker.url();
