@@ -9,7 +9,8 @@
 //! - [`Mosquitto`]: a mosquitto process per test on a free port; stop, kill, restart on
 //!   the same port with sessions kept.
 //! - [`Aedes`]: an aedes (node) process per test; refuses chosen subscriptions,
-//!   requires a login, serves MQTT over WebSocket.
+//!   requires a login, serves MQTT over WebSocket; restarts on the same port, its
+//!   in-memory sessions lost.
 //! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses,
 //!   and checks the client's acknowledgement order ([`Proxy::assert_acks_in_order`]).
 //! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire

@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::support::{
     accepted, broker_matrix, host_port, publish_raw, unique_id, Aedes, AedesOptions, TestBroker,
-    WireClient,
+    WireClient, WireEnd,
 };
 use super::{connected, next_publish, WAIT};
 
@@ -108,6 +108,38 @@ async fn aedes_serves_mqtt_over_websocket() {
         .unwrap();
     let connack = websocket_exchange(port, &connect, 4).await;
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "{}", aedes.log());
+}
+
+#[tokio::test]
+async fn aedes_restarts_on_the_same_ports_without_its_sessions() {
+    let Some(mut aedes) = Aedes::try_start_with(AedesOptions::new().websocket()).await else {
+        return;
+    };
+    let (port, ws_port) = (aedes.port(), aedes.ws_port());
+    let client_id = unique_id("selftest-aedes-restart");
+    let (mut wire, _) = WireClient::connect(&aedes.url(), &client_id, false).await;
+    wire.subscribe("selftest/restart", QoS::AtLeastOnce).await;
+
+    aedes.restart().await;
+    assert_eq!(
+        (aedes.port(), aedes.ws_port()),
+        (port, ws_port),
+        "{aedes:?}"
+    );
+    assert!(
+        matches!(wire.recv(WAIT).await, Err(WireEnd::Closed(_))),
+        "the restart closed the live connection"
+    );
+    // Sessions live in aedes's memory: the same client id finds none.
+    let (_wire, ack) = WireClient::connect(&aedes.url(), &client_id, false).await;
+    assert!(accepted(&ack), "{}", aedes.log());
+    assert!(!ack.session_present, "{}", aedes.log());
+    let log = aedes.log();
+    let runs = log
+        .lines()
+        .filter(|line| line.starts_with("aedes ready "))
+        .count();
+    assert_eq!(runs, 2, "two runs in one log: {log}");
 }
 
 /// Opens a WebSocket (subprotocol `mqtt`), sends `payload` in one masked binary frame
