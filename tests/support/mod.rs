@@ -89,13 +89,17 @@ pub(crate) use wire::{accepted, WireClient, WireEnd};
 /// | PUBREC sent, no PUBCOMP, reconnect | PUBREL resent | nothing resent | PUBREL resent |
 /// | PUBACK/PUBREC out of receive order | accepted | connection closed ("out of order ack") | accepted |
 /// | PUBACK for an id it never sent | ignored | connection closed | ignored |
+/// | QoS 0 PUBLISH to a QoS 1 subscription | delivered at QoS 0 | delivered at QoS 1 | delivered at QoS 0 |
 /// | SUBSCRIBE with an invalid filter (`a/#/b`) | connection closed | granted | connection closed |
 /// | refusing a subscription (SUBACK 0x80) | impossible: ACL-denied filters are granted | impossible | [`AedesOptions::deny`] |
 /// | WebSocket listener | not in Debian 12's build | not configured | [`AedesOptions::websocket`] |
 /// | packet ids of a new session | from 1 | from 1 | arbitrary (for example 31457) |
 ///
 /// DUP = 0 on a redelivery breaks [MQTT-3.3.1-1]; a client must not rely on DUP to
-/// recognise one. A client that acks an id from an earlier connection on a new one is
+/// recognise one. rumqttd delivers every message at the subscription's QoS
+/// (`forward_device_data` in its `router/routing.rs` sets it), where MQTT 3.1.1 section
+/// 3.8.4 says the lower of the published and the granted QoS: a subscriber cannot tell
+/// there at which QoS a message was published. A client that acks an id from an earlier connection on a new one is
 /// disconnected by rumqttd, unless that id was redelivered first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum BrokerKind {
@@ -154,6 +158,13 @@ impl BrokerKind {
     /// answered with PUBREC but never completed [MQTT-4.4.0-1] (not rumqttd).
     pub(crate) fn resends_pubrel(self) -> bool {
         self != BrokerKind::Embedded
+    }
+
+    /// Whether it delivers every message at the subscription's granted QoS, even one
+    /// published at a lower QoS (rumqttd), instead of the lower of the two (MQTT 3.1.1
+    /// section 3.8.4).
+    pub(crate) fn delivers_at_subscription_qos(self) -> bool {
+        self == BrokerKind::Embedded
     }
 
     /// Whether a test can make it refuse a subscription with SUBACK 0x80 (aedes).

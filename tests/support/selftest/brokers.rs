@@ -307,6 +307,19 @@ async fn brokers_behave_as_broker_kind_says() {
             );
         }
 
+        // A QoS 0 publish to a QoS 1 subscription: the lower of the two, or not.
+        let (mut wire, _) = WireClient::connect(&url, &unique_id("facts-qos"), true).await;
+        let topic = format!("selftest/facts/{}", unique_id("t"));
+        wire.subscribe(&topic, QoS::AtLeastOnce).await;
+        publish_raw(&url, &topic, "q0", QoS::AtMostOnce, false).await;
+        let delivered = wire.expect_publish(WAIT).await.qos;
+        let expected = if kind.delivers_at_subscription_qos() {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        assert_eq!(delivered, expected, "[{kind}] QoS 0 to a QoS 1 subscriber");
+
         // Refusals: only aedes can be told to; everyone else grants (checked on
         // mosquitto's ACLs in DESIGN.md section 7).
         if kind.can_refuse_subscriptions() {
