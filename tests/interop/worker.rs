@@ -70,7 +70,9 @@ impl FleetRun {
 /// the character read, updated and retained); the worker logged the junk; SIGTERM
 /// ends it with exit status 0 and leaves `ok=false, event="shutdown"` retained.
 ///
-/// The Python client and the health probes connect to `broker` directly.
+/// The Python client and the health probes connect to `broker` directly. On a broker
+/// that delivers at the subscription's QoS (rumqttd), the client cannot see the QoS
+/// the worker published with, and is told so.
 ///
 /// # Panics
 ///
@@ -82,13 +84,16 @@ pub(crate) async fn fleet_flow(broker: &TestBroker, worker_url: &str) -> FleetRu
     let mut worker = Worker::spawn(&binary, worker_url);
     worker.wait_health(&mut health, true, "ready").await;
 
-    let client = Command::new("python3")
+    let mut client = Command::new("python3");
+    client
         .arg(CLIENT)
         .arg(broker.host())
-        .arg(broker.port().to_string())
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        .arg(broker.port().to_string());
+    if broker.broker_kind().delivers_at_subscription_qos() {
+        // rumqttd: the worker's QoS 0 replies arrive at the subscription's QoS 1.
+        client.arg("--delivered-at-subscription-qos");
+    }
+    let client = client.stdin(Stdio::null()).kill_on_drop(true).output();
     let output = tokio::time::timeout(CLIENT_DEADLINE, client)
         .await
         .unwrap_or_else(|_| {
