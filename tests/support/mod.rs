@@ -13,8 +13,11 @@
 //!   in-memory sessions lost.
 //! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses,
 //!   and checks the client's acknowledgement order ([`Proxy::assert_acks_in_order`]).
-//! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire
-//!   independently of tower-mqtt.
+//! - [`Probe`], [`publish_raw`], [`publish_all`], [`MosquittoSub`]: plain clients that
+//!   observe and feed the wire independently of tower-mqtt.
+//! - [`Ledger`]: how many times each numbered message was handled (lost, twice).
+//! - [`TestChild`]: an ignored test of this binary run as a child process, to kill a
+//!   consumer with SIGKILL or to stop a broker that cannot stop in-process.
 //! - [`WireClient`]: a scripted client that sends exactly the packets a test writes
 //!   (acks withheld, out of order, stale), to provoke a broker.
 //!
@@ -49,7 +52,9 @@
 
 mod acks;
 mod aedes;
+mod child;
 mod frames;
+mod ledger;
 mod mosquitto;
 mod probe;
 mod proxy;
@@ -63,11 +68,15 @@ pub(crate) use acks::{AckKind, AckReport, AckTally, ConnectionAcks, ConnectionRe
 #[allow(unused_imports)]
 pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 #[allow(unused_imports)]
+pub(crate) use child::{until_stdin_closes, TestChild};
+#[allow(unused_imports)]
+pub(crate) use ledger::{Ledger, Tally};
+#[allow(unused_imports)]
 pub(crate) use mosquitto::{find_binary, on_ci, Mosquitto, HOST};
 #[allow(unused_imports)]
 pub(crate) use probe::{
-    await_pubacks, host_port, publish_raw, unique_id, CapturedPublish, MosquittoSub, Probe,
-    ReceivedPublish,
+    await_pubacks, host_port, publish_all, publish_raw, unique_id, CapturedPublish, MosquittoSub,
+    Probe, ReceivedPublish,
 };
 #[allow(unused_imports)]
 pub(crate) use proxy::Proxy;
