@@ -99,6 +99,8 @@ pub(crate) use wire::{accepted, WireClient, WireEnd};
 /// | PUBACK/PUBREC out of receive order | accepted | connection closed ("out of order ack") | accepted |
 /// | PUBACK for an id it never sent | ignored | connection closed | ignored |
 /// | QoS 0 PUBLISH to a QoS 1 subscription | delivered at QoS 0 | delivered at QoS 1 | delivered at QoS 0 |
+/// | QoS 1/2 deliveries sent before the client acks (window) | 20 (`max_inflight_messages`) | 100 | unbounded |
+/// | PUBACK, SUBACK, PINGRESP to a client whose window is full | sent | withheld until it acks a delivery | sent |
 /// | SUBSCRIBE with an invalid filter (`a/#/b`) | connection closed | granted | connection closed |
 /// | refusing a subscription (SUBACK 0x80) | impossible: ACL-denied filters are granted | impossible | [`AedesOptions::deny`] |
 /// | WebSocket listener | not in Debian 12's build | not configured | [`AedesOptions::websocket`] |
@@ -108,7 +110,12 @@ pub(crate) use wire::{accepted, WireClient, WireEnd};
 /// recognise one. rumqttd delivers every message at the subscription's QoS
 /// (`forward_device_data` in its `router/routing.rs` sets it), where MQTT 3.1.1 section
 /// 3.8.4 says the lower of the published and the granted QoS: a subscriber cannot tell
-/// there at which QoS a message was published. A client that acks an id from an earlier connection on a new one is
+/// there at which QoS a message was published. And while a client has 100 QoS 1/2
+/// deliveries unacknowledged, rumqttd answers nothing it sends (its scheduler leaves a
+/// connection paused as "inflight full" until an ack of a delivery comes in, and sends
+/// PUBACK, SUBACK and PINGRESP only from there): a client that must acknowledge in
+/// receive order and whose oldest delivery waits on a confirmed publish of its own
+/// waits for a PUBACK that cannot come. A client that acks an id from an earlier connection on a new one is
 /// disconnected by rumqttd, unless that id was redelivered first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum BrokerKind {
@@ -173,6 +180,23 @@ impl BrokerKind {
     /// published at a lower QoS (rumqttd), instead of the lower of the two (MQTT 3.1.1
     /// section 3.8.4).
     pub(crate) fn delivers_at_subscription_qos(self) -> bool {
+        self == BrokerKind::Embedded
+    }
+
+    /// How many QoS 1/2 deliveries it sends a client before that client acknowledges
+    /// one, with the configuration the tests start it with; `None`: no limit.
+    pub(crate) fn delivery_window(self) -> Option<u64> {
+        match self {
+            BrokerKind::Mosquitto => Some(20),
+            BrokerKind::Embedded => Some(100),
+            BrokerKind::Aedes => None,
+        }
+    }
+
+    /// Whether, while a client's [`delivery_window`](Self::delivery_window) is full, it
+    /// withholds every answer to that client (PUBACK, SUBACK, PINGRESP) until the
+    /// client acknowledges a delivery (rumqttd).
+    pub(crate) fn withholds_answers_while_window_full(self) -> bool {
         self == BrokerKind::Embedded
     }
 

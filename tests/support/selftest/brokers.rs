@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::support::{
-    accepted, broker_matrix, host_port, publish_raw, unique_id, Aedes, AedesOptions, TestBroker,
-    WireClient, WireEnd,
+    accepted, broker_matrix, host_port, publish_all, publish_raw, unique_id, Aedes, AedesOptions,
+    BrokerKind, TestBroker, WireClient, WireEnd,
 };
 use super::{connected, next_publish, WAIT};
 
@@ -320,6 +320,9 @@ async fn brokers_behave_as_broker_kind_says() {
         };
         assert_eq!(delivered, expected, "[{kind}] QoS 0 to a QoS 1 subscriber");
 
+        // The delivery window, and what the broker answers while it is full.
+        window_and_answers(kind, &url).await;
+
         // Refusals: only aedes can be told to; everyone else grants (checked on
         // mosquitto's ACLs in DESIGN.md section 7).
         if kind.can_refuse_subscriptions() {
@@ -332,5 +335,46 @@ async fn brokers_behave_as_broker_kind_says() {
             assert_eq!(suback.return_codes, [SubscribeReasonCode::Failure]);
         }
         assert_eq!(kind.can_restart(), broker.is_mosquitto());
+    }
+}
+
+/// Fills the delivery window of a client that does not acknowledge, checks its size,
+/// and whether the broker still answers a PINGREQ; where it does not, acknowledges the
+/// oldest delivery and checks that the PINGRESP comes then.
+async fn window_and_answers(kind: BrokerKind, url: &str) {
+    let (mut wire, _) = WireClient::connect(url, &unique_id("facts-window"), true).await;
+    let topic = format!("selftest/facts/{}", unique_id("t"));
+    wire.subscribe(&topic, QoS::AtLeastOnce).await;
+    // One more than the largest window in the table.
+    let sent = 101;
+    publish_all(url, &topic, (0..sent).map(|i| format!("w{i}").into_bytes())).await;
+    let window = kind.delivery_window().unwrap_or(sent);
+    let mut delivered = Vec::new();
+    for _ in 0..window {
+        delivered.push(wire.expect_publish(WAIT).await.pkid);
+    }
+    let (more, end) = wire.drain(QUIET).await;
+    assert!(
+        more.is_empty() && end.is_none(),
+        "[{kind}] more than {window} deliveries before an ack: {more:?} {end:?}"
+    );
+    // An absence is watched for QUIET only; an answer may take WAIT.
+    let withholds = kind.withholds_answers_while_window_full();
+    let (answered, _) = wire.ping(if withholds { QUIET } else { WAIT }).await;
+    assert_eq!(answered, !withholds, "[{kind}] PINGRESP with a full window");
+    if withholds {
+        // An ack of the oldest delivery frees the window, and the PINGRESP comes.
+        wire.send(Packet::PubAck(PubAck::new(delivered[0]))).await;
+        let answered = loop {
+            match wire.recv(WAIT).await {
+                Ok(Packet::PingResp) => break true,
+                Ok(_) => {}
+                Err(_) => break false,
+            }
+        };
+        assert!(
+            answered,
+            "[{kind}] PINGRESP once a delivery was acknowledged"
+        );
     }
 }
