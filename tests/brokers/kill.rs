@@ -6,10 +6,11 @@
 //! topic in order; the handler of `STUCK_AT` never finishes, which holds back the
 //! topic's later messages. Once the acknowledgements of the finished ones have passed
 //! the proxy (so that the kill cannot land between a handler finishing and its
-//! PUBACK being written), the child is killed; a consumer with the same client id in
-//! this process must then handle every other message: none lost, none handled twice,
-//! and the one that was mid-flight run again (it never finished, so it was never
-//! acknowledged).
+//! PUBACK being written) and the broker has processed them
+//! ([`broker_processed_acks`], so that the new connection's takeover cannot overtake
+//! them), the child is killed; a consumer with the same client id in this process must then
+//! handle every other message: none lost, none handled twice, and the one that was
+//! mid-flight run again (it never finished, so it was never acknowledged).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -17,9 +18,11 @@ use std::time::Duration;
 use tower_mqtt::{Envelope, Request, Router};
 
 use super::support::{
-    publish_all, unique_id, until_stdin_closes, BrokerKind, Ledger, Proxy, TestBroker, TestChild,
+    parent_lines, publish_all, unique_id, BrokerKind, Ledger, Proxy, TestBroker, TestChild,
 };
-use super::{config, say, serve_ledger, settle, Figures, EVENT, MARKER, STREAM_WAIT, WAIT};
+use super::{
+    config, say, serve_ledger, settle, sync_with_broker, Figures, EVENT, MARKER, STREAM_WAIT, WAIT,
+};
 
 /// Messages published.
 const TOTAL: u64 = 300;
@@ -30,6 +33,8 @@ const TOPIC: &str = "matrix/killed";
 const CHILD_URL: &str = "TOWER_MQTT_MATRIX_CHILD_URL";
 const CHILD_ID: &str = "TOWER_MQTT_MATRIX_CHILD_ID";
 const CHILD_STUCK_AT: &str = "TOWER_MQTT_MATRIX_CHILD_STUCK_AT";
+/// The most the child serves if its parent neither kills it nor closes its stdin.
+const CHILD_LIFETIME: Duration = Duration::from_secs(120);
 
 /// The scenario on `kind`.
 // One scenario, read top to bottom.
@@ -62,6 +67,7 @@ pub(crate) async fn consumer_kill(kind: BrokerKind) {
         "[{kind}] the child's acks for its {STUCK_AT} finished messages passed the proxy: {}",
         proxy.ack_report()
     );
+    broker_processed_acks(kind, &proxy, &mut child).await;
     let status = child.kill().await;
     assert!(!status.success(), "[{kind}] killed, not exited: {status:?}");
     let child_connections = proxy.total_accepted();
@@ -156,6 +162,32 @@ pub(crate) async fn consumer_kill(kind: BrokerKind) {
     revived.shutdown().await;
 }
 
+/// Waits until the broker has processed the child's acks of its finished messages,
+/// so that the takeover by the revived consumer cannot overtake them (they have
+/// passed the proxy, but may still wait unread in the broker's socket).
+///
+/// A broker handles a connection's packets in order, so the child publishes a
+/// message and waits for its PUBACK ([`sync_with_broker`]). rumqttd sends the child
+/// no PUBACK while its 100 deliveries are unacknowledged, and the stuck handler holds
+/// the acknowledgement of the oldest one; there, the window refilling (100 deliveries
+/// after the `STUCK_AT` acknowledged ones) proves that it processed the acks.
+async fn broker_processed_acks(kind: BrokerKind, proxy: &Proxy, child: &mut TestChild) {
+    if kind.withholds_answers_while_window_full() {
+        let window = kind.delivery_window().expect("rumqttd has a window");
+        let refilled = proxy
+            .wait_for_publishes_to_clients(STUCK_AT + window, WAIT)
+            .await;
+        assert!(
+            refilled,
+            "[{kind}] the delivery window refilled after the child's acks: {}",
+            proxy.ack_report()
+        );
+    } else {
+        child.send("SYNC").await;
+        child.line("CHILD-SYNCED", WAIT).await;
+    }
+}
+
 /// The numbers after `prefix` in the lines that contain it.
 fn numbers(lines: &[String], prefix: &str) -> BTreeSet<u64> {
     lines
@@ -193,7 +225,11 @@ pub(crate) async fn consumer_child() {
         .expect("subscribed");
     say("CHILD-READY");
     // Serve until killed; a parent that is gone closes stdin.
-    tokio::task::spawn_blocking(|| until_stdin_closes(Duration::from_secs(120)))
-        .await
-        .expect("wait for stdin");
+    let mut parent = parent_lines();
+    while let Ok(Some(line)) = tokio::time::timeout(CHILD_LIFETIME, parent.recv()).await {
+        if line == "SYNC" {
+            sync_with_broker(&running.publisher()).await;
+            say("CHILD-SYNCED");
+        }
+    }
 }

@@ -13,8 +13,10 @@
 //!   by SIGKILL and a new process; sessions are in memory, so none survives.
 //!
 //! Where the session is lost the service must subscribe again on its own; it does on
-//! every CONNACK. Every message before the restart is acknowledged on the wire first,
-//! so that nothing is carried to a connection whose broker never delivers it again.
+//! every CONNACK. Every message before the restart is acknowledged on the wire, and
+//! the acknowledgements processed by the broker ([`sync_with_broker`]), before the
+//! restart: nothing is carried to a connection whose broker never delivers it again,
+//! and a broker that keeps the session has nothing to deliver again.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ use tower_mqtt::{embedded::EmbeddedBroker, ConnectionState};
 use super::support::{
     publish_all, until_stdin_closes, Aedes, BrokerKind, Ledger, Mosquitto, Proxy, TestChild,
 };
-use super::{config, say, serve_ledger, settle, Figures, EVENT, WAIT};
+use super::{config, say, serve_ledger, settle, sync_with_broker, Figures, EVENT, WAIT};
 
 /// The requirement: ready again within this long of the broker's return.
 const READY_WITHIN: Duration = Duration::from_secs(10);
@@ -64,6 +66,9 @@ pub(crate) async fn broker_restart(kind: BrokerKind) {
         ledger.tally(0..BEFORE),
         proxy.ack_report()
     );
+    // ... and those acknowledgements processed by the broker, so that a broker that
+    // keeps the session does not deliver them again.
+    sync_with_broker(&running.publisher()).await;
 
     let mut state = running.state();
     state.borrow_and_update();
@@ -113,8 +118,9 @@ pub(crate) async fn broker_restart(kind: BrokerKind) {
         .acks(&report)
         .print();
     let diagnosis = format!(
-        "[{kind}] {stats:?} {:?}\n{report}",
-        *running.state().borrow()
+        "[{kind}] {stats:?} {:?}\n{report}\n--- broker log ---\n{}",
+        *running.state().borrow(),
+        broker.log()
     );
     match ready {
         Ok(Ok(())) => {}
@@ -186,6 +192,15 @@ impl RestartableBroker {
 
     fn url(&self) -> String {
         format!("mqtt://{}", self.addr())
+    }
+
+    /// The broker's log (none for the embedded broker), for assertion messages.
+    fn log(&self) -> String {
+        match self {
+            RestartableBroker::Mosquitto(broker) => broker.log(),
+            RestartableBroker::Embedded(_) => String::from("(embedded broker: no log)"),
+            RestartableBroker::Aedes(broker) => broker.log(),
+        }
     }
 
     /// Whether a persistent session survives [`restart`](Self::restart).

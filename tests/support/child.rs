@@ -3,15 +3,17 @@
 //!
 //! The child is the same binary started with `--ignored --exact <name>`, so the entry
 //! is a `#[ignore = "..."]` test that never passes as a no-op in a normal run. It talks
-//! to its parent through environment variables (in) and lines on stdout (out), and
-//! [`until_stdin_closes`] lets it end with its parent: the parent holds the child's
-//! stdin open, so even a parent that dies without running destructors leaves no child
-//! behind.
+//! to its parent through environment variables and lines on stdin (in:
+//! [`TestChild::send`], [`parent_lines`]) and lines on stdout (out), and ends with its
+//! parent ([`until_stdin_closes`], or [`parent_lines`] ending): the parent holds the
+//! child's stdin open, so even a parent that dies without running destructors leaves no
+//! child behind.
 //!
 //! ```ignore
 //! // Parent:
 //! let mut child = TestChild::spawn("consumer_child", &[("CHILD_URL", url)]);
 //! child.line("CHILD-READY", WAIT).await;
+//! child.send("SYNC").await;           // a line on the child's stdin
 //! child.kill().await;                 // SIGKILL
 //! let printed = child.lines();        // everything it printed, to its end
 //!
@@ -29,9 +31,9 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// How long a killed child may take to be reaped and its output to end.
@@ -152,6 +154,23 @@ impl TestChild {
         None
     }
 
+    /// Writes `line` and a newline to the child's stdin ([`parent_lines`] reads it).
+    ///
+    /// # Panics
+    ///
+    /// If the child's stdin was closed or the child is gone.
+    pub(crate) async fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("the child's stdin is open");
+        let written = async {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.write_all(b"\n").await?;
+            stdin.flush().await
+        };
+        if let Err(err) = written.await {
+            panic!("write {line:?} to the child {}: {err}", self.name);
+        }
+    }
+
     /// Every line printed so far.
     pub(crate) fn lines(&self) -> Vec<String> {
         self.lines
@@ -219,6 +238,21 @@ impl std::fmt::Debug for TestChild {
             .field("pid", &self.child.id())
             .finish_non_exhaustive()
     }
+}
+
+/// In a child test: the lines its parent [sends](TestChild::send), ending when the parent
+/// closes this process's stdin (or dies). Call it once.
+pub(crate) fn parent_lines() -> mpsc::UnboundedReceiver<String> {
+    let (lines, receiver) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    receiver
 }
 
 /// In a child test: blocks until the parent closes this process's stdin (or dies), or

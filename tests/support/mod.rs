@@ -68,7 +68,7 @@ pub(crate) use acks::{AckKind, AckReport, AckTally, ConnectionAcks, ConnectionRe
 #[allow(unused_imports)]
 pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 #[allow(unused_imports)]
-pub(crate) use child::{until_stdin_closes, TestChild};
+pub(crate) use child::{parent_lines, until_stdin_closes, TestChild};
 #[allow(unused_imports)]
 pub(crate) use ledger::{Ledger, Tally};
 #[allow(unused_imports)]
