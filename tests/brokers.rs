@@ -9,6 +9,7 @@
 //! | [`kill`] | a consumer killed with SIGKILL mid-handler and started again with its client id: nothing lost; nothing handled twice but the message that was mid-flight |
 //! | [`restart`] | after a broker restart, ready again within 10 s of the broker accepting connections; a message published after it is handled |
 //! | [`interop`] | the memory worker passes the fleet's strict Python client, with no reconnect |
+//! | [`replies`] | 150 requests at once into a handler that awaits a confirmed reply are all answered before a handler could time out (ignored on rumqttd, where it stalls) |
 //!
 //! Each also asserts that every PUBACK left in receive order [MQTT-4.6.0-2] on every
 //! connection and that none was unsolicited (rumqttd closes the connection on
@@ -35,6 +36,13 @@
 //!   every CONNACK). mosquitto keeps them across its graceful restart.
 //! - rumqttd keeps at most 4 × 16 MiB of messages per topic in memory; the 2,000
 //!   envelopes of [`stream`] are about 200 KiB.
+//! - rumqttd delivers every message at the subscription's QoS, so in [`interop`] the
+//!   fleet client cannot check the QoS the worker published with there, and is told
+//!   so (the proxy still sees the worker's QoS 0 replies leave at QoS 0).
+//! - rumqttd answers nothing a client sends (PUBACK, SUBACK, PINGRESP) while that
+//!   client has 100 deliveries unacknowledged: [`replies`] stalls there and is ignored,
+//!   and in [`kill`] the stuck consumer cannot prove with a publish of its own that the
+//!   broker processed its acks, so its delivery window refilling is the proof.
 //! - aedes 0.51 refuses MQTT 5 and rumqttd never resends PUBREL after a reconnect:
 //!   every scenario here is MQTT 3.1.1 at QoS 1, so neither is in the way (QoS 2 and
 //!   the brokers' PUBREL behaviour are in `tests/support_selftest.rs`).
@@ -48,6 +56,8 @@ mod support;
 mod interop;
 #[path = "brokers/kill.rs"]
 mod kill;
+#[path = "brokers/replies.rs"]
+mod replies;
 #[path = "brokers/restart.rs"]
 mod restart;
 #[path = "brokers/stream.rs"]
@@ -97,7 +107,17 @@ fn config(url: &str, name: &str) -> Config {
 ///
 /// If it is not ready within [`WAIT`], or the broker refused the subscription.
 async fn serve_ledger(config: Config, topic: &str, ledger: &Ledger) -> Running {
-    let running = tower_mqtt::serve(config, Router::new().route(topic, ledger.handler()))
+    serve_router(config, Router::new().route(topic, ledger.handler())).await
+}
+
+/// Serves `router` the way a service runs (`tower_mqtt::serve`) and returns once it
+/// is subscribed.
+///
+/// # Panics
+///
+/// If it is not ready within [`WAIT`], or the broker refused a subscription.
+async fn serve_router(config: Config, router: Router) -> Running {
+    let running = tower_mqtt::serve(config, router)
         .spawn()
         .expect("a valid configuration");
     tokio::time::timeout(WAIT, running.ready())
@@ -171,9 +191,10 @@ impl Figures {
     }
 }
 
-/// One test per broker and scenario, in a module named after the broker.
+/// One test per broker and scenario, in a module named after the broker; the
+/// attributes in brackets go on that broker's reply-burst test.
 macro_rules! on_every_broker {
-    ($($broker:ident => $kind:expr;)*) => {$(
+    ($($broker:ident => $kind:expr, [$(#[$reply_burst:meta])*];)*) => {$(
         #[doc = concat!("The scenarios on ", stringify!($broker), ".")]
         mod $broker {
             use super::*;
@@ -202,6 +223,14 @@ macro_rules! on_every_broker {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            $(#[$reply_burst])*
+            async fn a_burst_of_requests_into_a_replying_handler_is_answered_in_time() {
+                if in_matrix(KIND) {
+                    replies::reply_burst(KIND).await;
+                }
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn the_fleet_python_client_accepts_the_memory_worker_with_no_reconnect() {
                 if in_matrix(KIND) {
                     interop::fleet_interop(KIND).await;
@@ -212,9 +241,12 @@ macro_rules! on_every_broker {
 }
 
 on_every_broker! {
-    mosquitto => BrokerKind::Mosquitto;
-    embedded => BrokerKind::Embedded;
-    aedes => BrokerKind::Aedes;
+    mosquitto => BrokerKind::Mosquitto, [];
+    embedded => BrokerKind::Embedded, [
+        #[ignore = "stalls on rumqttd 0.20 (see tests/brokers/replies.rs): it withholds the \
+                    reply's PUBACK while 100 deliveries await acks that wait for that reply"]
+    ];
+    aedes => BrokerKind::Aedes, [];
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
