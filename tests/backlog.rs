@@ -216,7 +216,8 @@ async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgem
     let url = broker.url();
     let proxy = Proxy::start(broker.addr()).await;
     let client_id = probe::unique_id("hol");
-    let config = |url: &str, client_id: &str| config(url, client_id).with_ack_order(AckOrder::Topic);
+    let config =
+        |url: &str, client_id: &str| config(url, client_id).with_ack_order(AckOrder::Topic);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let seen = Seen::default();
     let router = {

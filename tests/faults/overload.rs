@@ -118,9 +118,11 @@ async fn feed(url: String, messages: usize, padding: usize, rate: Option<u32>) {
 /// Runs one scenario and asserts everything the module docs promise.
 #[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn overload(case: Overload) {
-    let Some(broker) = mosquitto().await else {
+    if !have_mosquitto() {
         return;
-    };
+    }
+    // Room for the whole backlog in the offline session's queue.
+    let broker = Mosquitto::start_with_config("max_queued_messages 100000\n").await;
     let proxy = Arc::new(Proxy::start(broker.addr()).await);
     let ledger = Ledger::default();
     let order = Arc::new(Mutex::new(Vec::with_capacity(case.messages)));
@@ -182,7 +184,9 @@ async fn overload(case: Overload) {
             cut
         })
     });
-    let all = ledger.wait_unique(case.messages, Duration::from_secs(240)).await;
+    let all = ledger
+        .wait_unique(case.messages, Duration::from_secs(240))
+        .await;
     let cuts = match cutter {
         Some(cutter) => cutter.await.unwrap(),
         None => 0,
@@ -254,7 +258,11 @@ async fn overload(case: Overload) {
         "held at most the pending limit: {stats:?}"
     );
     proxy.assert_acks_in_order();
-    assert_eq!(report.unsolicited(), 0, "no stale acknowledgement: {report}");
+    assert_eq!(
+        report.unsolicited(),
+        0,
+        "no stale acknowledgement: {report}"
+    );
     running.shutdown().await;
 }
 
@@ -284,4 +292,15 @@ async fn overload_cut_every_three_seconds_handles_each_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_of_twenty_thousand_drains_through_a_slow_handler_on_one_connection() {
     overload(Overload::backlog(20_000)).await;
+}
+
+/// The floor: 1 s is the shortest keep-alive rumqttc takes (it panics below,
+/// and configuration refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_with_the_shortest_keep_alive_keeps_its_connection() {
+    overload(Overload {
+        keep_alive: Some(Duration::from_secs(1)),
+        ..Overload::at_rate(1_500, 1_000)
+    })
+    .await;
 }
