@@ -68,8 +68,8 @@ pub(crate) async fn consumer_kill(kind: BrokerKind) {
         proxy.ack_report()
     );
     broker_processed_acks(kind, &proxy, &mut child).await;
-    let status = child.kill().await;
-    assert!(!status.success(), "[{kind}] killed, not exited: {status:?}");
+    let exit = child.kill().await;
+    assert!(!exit.success(), "[{kind}] killed, not exited: {exit:?}");
     let child_connections = proxy.total_accepted();
     let printed = child.lines();
     let done_in_child: BTreeSet<u64> = numbers(&printed, "CHILD-DONE ");

@@ -70,15 +70,15 @@ pub(crate) async fn broker_restart(kind: BrokerKind) {
     // keeps the session does not deliver them again.
     sync_with_broker(&running.publisher()).await;
 
-    let mut state = running.state();
-    state.borrow_and_update();
+    let mut connection = running.state();
+    connection.borrow_and_update();
     broker.restart().await;
     let back = Instant::now();
     let ready = tokio::time::timeout(WAIT, async {
         // The first change is the lost connection, whenever the client notices it;
         // then connected again (readiness was reset on the loss), then subscribed.
-        state.changed().await.expect("the client runs");
-        state
+        connection.changed().await.expect("the client runs");
+        connection
             .wait_for(ConnectionState::is_connected)
             .await
             .expect("the client runs");
