@@ -2,9 +2,10 @@
 //! (feature `embedded-broker`, on by default).
 //!
 //! [`EmbeddedBroker::start`] runs a [rumqttd](https://docs.rs/rumqttd) 0.20 broker on
-//! `127.0.0.1` at a free port, speaking MQTT 3.1.1, and returns once it answers a
-//! CONNECT. It is what the quickstart uses when `MQTT_URL` is unset, and what tests fall
-//! back to where no `mosquitto` binary exists.
+//! `127.0.0.1` at a free port ([`EmbeddedBroker::start_on`]: at a port you choose),
+//! speaking MQTT 3.1.1, and returns once it answers a CONNECT. It is what the
+//! quickstart uses when `MQTT_URL` is unset, and what tests fall back to where no
+//! `mosquitto` binary exists.
 //!
 //! Its limits are generous: packets up to 16 MiB, 10 000 connections, no authentication.
 //! It is not a production broker: it listens on loopback only, keeps no state on disk,
@@ -16,7 +17,9 @@
 //! rumqttd 0.20 has no way to stop a broker: its threads run until the process exits.
 //! Dropping an [`EmbeddedBroker`] therefore does not stop it; the broker keeps serving
 //! its port. Each call to [`EmbeddedBroker::start`] starts another broker, so a test
-//! suite can give every test its own.
+//! suite can give every test its own. To stop a broker and start it again (a broker
+//! restart, as a test of reconnection), run it in a process of its own, end the
+//! process, and start a new one on the same port with [`EmbeddedBroker::start_on`].
 //!
 //! # Example
 //!
@@ -76,26 +79,51 @@ impl EmbeddedBroker {
             // another process may take it meanwhile: then the broker's listener fails,
             // its thread ends, and another port is tried.
             let addr = free_port()?;
-            let thread = thread::Builder::new()
-                .name(format!("tower-mqtt-embedded-broker-{}", addr.port()))
-                .spawn(move || {
-                    let mut broker = Broker::new(broker_config(addr));
-                    // Blocks as long as the listener runs, which is until the process
-                    // exits unless binding the port fails.
-                    if let Err(error) = broker.start() {
-                        tracing::error!(%error, %addr, "embedded MQTT broker failed");
-                    }
-                })?;
-            match wait_until_ready(addr, &thread, deadline) {
-                Ok(()) => {
-                    tracing::debug!(%addr, "embedded MQTT broker started");
-                    return Ok(EmbeddedBroker { addr });
-                }
-                Err(error) if thread.is_finished() => last_error = Some(error),
-                Err(error) => return Err(error),
+            match launch(addr, deadline) {
+                Ok(broker) => return Ok(broker),
+                Err(Launch::Stopped(error)) => last_error = Some(error),
+                Err(Launch::Failed(error)) => return Err(error),
             }
         }
         Err(last_error.unwrap_or_else(|| io::Error::other("embedded MQTT broker did not start")))
+    }
+
+    /// Starts a broker on `127.0.0.1:port` and waits until it answers an MQTT CONNECT.
+    ///
+    /// For a fixed address: a local development setup whose services are configured
+    /// with `MQTT_URL=mqtt://127.0.0.1:1883`, or a test that stops a process running the
+    /// broker and starts another on the same port (the listener sets `SO_REUSEADDR`, so
+    /// the port can be bound again while old connections linger in `TIME_WAIT`). Where
+    /// any port will do, [`start`](Self::start) picks a free one.
+    ///
+    /// Like [`start`](Self::start), it blocks until the broker answers, at most 10
+    /// seconds.
+    ///
+    /// ```
+    /// use tower_mqtt::embedded::EmbeddedBroker;
+    ///
+    /// // A port that was free a moment ago; in development, usually 1883.
+    /// let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    /// let broker = EmbeddedBroker::start_on(port)?;
+    /// assert_eq!(broker.url(), format!("mqtt://127.0.0.1:{port}"));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// Fails with [`io::ErrorKind::InvalidInput`] for port 0 (use
+    /// [`start`](Self::start)), with [`io::ErrorKind::AddrInUse`] when the port is
+    /// taken, when the broker's threads cannot be started, or when the broker does not
+    /// answer within 10 seconds.
+    pub fn start_on(port: u16) -> io::Result<EmbeddedBroker> {
+        if port == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "port 0: EmbeddedBroker::start picks a free port",
+            ));
+        }
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        launch(addr, Instant::now() + START_TIMEOUT).map_err(Launch::into_error)
     }
 
     /// The broker's URL, `mqtt://127.0.0.1:PORT`, in the syntax of `MQTT_URL`.
@@ -126,6 +154,51 @@ impl fmt::Debug for EmbeddedBroker {
 fn free_port() -> io::Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     listener.local_addr()
+}
+
+/// Why [`launch`] failed.
+enum Launch {
+    /// The port could not be bound, or the broker's thread ended while starting
+    /// (another process took the port first): another port may do.
+    Stopped(io::Error),
+    /// Anything else.
+    Failed(io::Error),
+}
+
+impl Launch {
+    fn into_error(self) -> io::Error {
+        match self {
+            Launch::Stopped(error) | Launch::Failed(error) => error,
+        }
+    }
+}
+
+/// Runs a broker on `addr` on a thread of its own and waits until it answers.
+fn launch(addr: SocketAddr, deadline: Instant) -> Result<EmbeddedBroker, Launch> {
+    // rumqttd only logs a failed bind, and the readiness probe would then be answered
+    // by whatever holds the port: make sure the port can be bound first (another
+    // process may still take it in between, which `wait_until_ready` notices when the
+    // broker's thread ends in time).
+    drop(TcpListener::bind(addr).map_err(Launch::Stopped)?);
+    let thread = thread::Builder::new()
+        .name(format!("tower-mqtt-embedded-broker-{}", addr.port()))
+        .spawn(move || {
+            let mut broker = Broker::new(broker_config(addr));
+            // Blocks as long as the listener runs, which is until the process exits
+            // unless binding the port fails.
+            if let Err(error) = broker.start() {
+                tracing::error!(%error, %addr, "embedded MQTT broker failed");
+            }
+        })
+        .map_err(Launch::Failed)?;
+    match wait_until_ready(addr, &thread, deadline) {
+        Ok(()) => {
+            tracing::debug!(%addr, "embedded MQTT broker started");
+            Ok(EmbeddedBroker { addr })
+        }
+        Err(error) if thread.is_finished() => Err(Launch::Stopped(error)),
+        Err(error) => Err(Launch::Failed(error)),
+    }
 }
 
 fn broker_config(listen: SocketAddr) -> rumqttd::Config {
@@ -272,6 +345,19 @@ mod tests {
         assert_eq!(a.addr(), SocketAddr::from((Ipv4Addr::LOCALHOST, a.port())));
         probe(a.addr()).unwrap();
         assert!(format!("{a:?}").contains(&a.port().to_string()));
+    }
+
+    #[test]
+    fn starts_on_a_chosen_port_and_refuses_a_taken_one() {
+        let port = free_port().unwrap().port();
+        let broker = EmbeddedBroker::start_on(port).unwrap();
+        assert_eq!(broker.port(), port);
+        probe(broker.addr()).unwrap();
+
+        let taken = EmbeddedBroker::start_on(port).unwrap_err();
+        assert_eq!(taken.kind(), io::ErrorKind::AddrInUse, "{taken}");
+        let zero = EmbeddedBroker::start_on(0).unwrap_err();
+        assert_eq!(zero.kind(), io::ErrorKind::InvalidInput, "{zero}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

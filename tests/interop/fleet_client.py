@@ -2,8 +2,14 @@
 """The fleet's side of the memory worker: a real Python client, the fleet's strict envelope.
 
 Usage:
-    fleet_client.py HOST PORT   drive the memory worker through the broker at HOST:PORT
+    fleet_client.py HOST PORT [--delivered-at-subscription-qos]
+                                drive the memory worker through the broker at HOST:PORT
     fleet_client.py --check     exit 0 when Python and the modules are usable
+
+`--delivered-at-subscription-qos` is for a broker that delivers every message at the
+subscription's QoS instead of the lower of that and the published QoS (MQTT 3.1.1
+section 3.8.4), as rumqttd 0.20 does: there the QoS a message was published with cannot
+be seen, and every message is expected at QoS 1, the QoS this client subscribes with.
 
 It checks the worker's MQTT contract (examples/memory_worker.rs) as the Python services
 see it:
@@ -126,6 +132,9 @@ WORKER_TYPES = {
 }
 # The delivered QoS where the contract fixes it (we subscribe at QoS 1).
 WORKER_QOS = {HEALTH: 1, RESULTS: 1, CHARACTER_RESULT: 0}
+SUBSCRIBED_QOS = 1
+# Set by `--delivered-at-subscription-qos`: every message arrives at SUBSCRIBED_QOS.
+DELIVERED_AT_SUBSCRIPTION_QOS = False
 DATA_MODELS: dict[str, type[Strict]] = {HEALTH: HealthData, RESULTS: MemoryResults}
 
 # What the worker consumes: topic -> event type.
@@ -257,7 +266,13 @@ def validate(topic: str, payload: Any, qos: int, retain: bool) -> Received:
         abs(env.ts - time.time()) < TS_SKEW,
         f"{topic}: ts {env.ts} is not epoch seconds now: {shown!r}",
     )
-    if topic in WORKER_QOS:
+    if DELIVERED_AT_SUBSCRIPTION_QOS:
+        check(
+            qos == SUBSCRIBED_QOS,
+            f"{topic}: delivered at QoS {qos} by a broker that delivers at the "
+            f"subscription's QoS {SUBSCRIBED_QOS}: {shown!r}",
+        )
+    elif topic in WORKER_QOS:
         check(
             qos == WORKER_QOS[topic],
             f"{topic}: delivered at QoS {qos}, expected {WORKER_QOS[topic]}: {shown!r}",
@@ -421,7 +436,7 @@ class FleetClient:
         async with aiomqtt.Client(
             self.host, self.port, identifier=identifier, clean_session=True, timeout=REPLY_TIMEOUT
         ) as client:
-            await client.subscribe([(HEALTH, 1), (CHARACTER, 1)])
+            await client.subscribe([(HEALTH, SUBSCRIBED_QOS), (CHARACTER, SUBSCRIBED_QOS)])
             try:
                 async with asyncio.timeout(REPLY_TIMEOUT):
                     async for message in client.messages:
@@ -537,7 +552,7 @@ async def main(host: str, port: int) -> str:
         async with aiomqtt.Client(
             host, port, identifier=identifier, clean_session=True, timeout=REPLY_TIMEOUT
         ) as client:
-            await client.subscribe([(topic, 1) for topic in WORKER_TYPES])
+            await client.subscribe([(topic, SUBSCRIBED_QOS) for topic in WORKER_TYPES])
             async with asyncio.TaskGroup() as tasks:
                 reader = tasks.create_task(inbox.read(client))
                 summary = await FleetClient(host, port, client, inbox).run()
@@ -559,10 +574,15 @@ def failures(error: BaseException) -> list[str]:
 
 
 def cli(argv: list[str]) -> int:
+    global DELIVERED_AT_SUBSCRIPTION_QOS  # noqa: PLW0603 - set once, before the run
     if argv == ["--check"]:
         return 0
+    flag = "--delivered-at-subscription-qos"
+    if len(argv) == 3 and argv[2] == flag:
+        DELIVERED_AT_SUBSCRIPTION_QOS = True
+        argv = argv[:2]
     if len(argv) != 2 or not argv[1].isdigit():
-        sys.stderr.write(f"usage: {sys.argv[0]} HOST PORT | --check\n")
+        sys.stderr.write(f"usage: {sys.argv[0]} HOST PORT [{flag}] | --check\n")
         return 2
     try:
         summary = asyncio.run(main(argv[0], int(argv[1])))

@@ -345,6 +345,11 @@ impl ConnectionAcks {
         self.tally.client_acks.total()
     }
 
+    /// PUBLISH packets the broker sent the client so far, of every QoS.
+    pub(crate) fn publishes_to_client(&self) -> u64 {
+        self.tally.publishes_to_client.iter().sum()
+    }
+
     /// This connection's part of a report.
     pub(crate) fn report(&self) -> ConnectionReport {
         let mut tally = self.tally;

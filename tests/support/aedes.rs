@@ -4,7 +4,8 @@
 //! `package-lock.json` beside it and installed with `npm ci` there (`.ci/run` does it).
 //! aedes speaks MQTT 3.1.1 (and 3.1) only. Each [`Aedes`] is one node process on
 //! free loopback ports chosen by the OS; sessions are kept in memory, so they survive a
-//! reconnect but not [`kill`](Aedes::kill).
+//! reconnect but not [`kill`](Aedes::kill), [`stop`](Aedes::stop) or
+//! [`restart`](Aedes::restart) (which comes back on the same ports, with no sessions).
 //!
 //! What aedes can do that the other test brokers cannot: refuse a subscription (the
 //! client sees SUBACK 0x80; mosquitto 2.0.11 grants ACL-denied filters and rumqttd has
@@ -16,12 +17,13 @@
 //! ).await else { return };
 //! let url = aedes.url();       // mqtt://127.0.0.1:<port>
 //! let ws = aedes.ws_url();     // ws://127.0.0.1:<port>/
+//! aedes.restart().await;       // same ports, sessions gone
 //! ```
 //!
 //! All waits use real time with bounded deadlines; do not drive these helpers from a test
 //! with paused tokio time.
 
-use std::fs::{self, File};
+use std::fs::{self, OpenOptions};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -33,6 +35,8 @@ use super::mosquitto::{find_binary, on_ci, HOST};
 
 /// How long node may take to load aedes and listen.
 const START_DEADLINE: Duration = Duration::from_secs(10);
+/// How long node may take to exit once its stdin is closed.
+const STOP_DEADLINE: Duration = Duration::from_secs(10);
 /// Polling interval while waiting for the readiness line.
 const POLL: Duration = Duration::from_millis(10);
 /// The line `broker.js` prints once it listens.
@@ -77,10 +81,12 @@ impl AedesOptions {
         self
     }
 
-    fn args(&self) -> Vec<String> {
-        let mut args = vec![String::from("--port"), String::from("0")];
+    /// The command line for `broker.js`; port 0 lets the OS pick.
+    fn args(&self, port: u16, ws_port: Option<u16>) -> Vec<String> {
+        let mut args = vec![String::from("--port"), port.to_string()];
         if self.websocket {
-            args.extend([String::from("--ws-port"), String::from("0")]);
+            let ws_port = ws_port.unwrap_or(0);
+            args.extend([String::from("--ws-port"), ws_port.to_string()]);
         }
         for filter in &self.deny {
             args.extend([String::from("--deny"), filter.clone()]);
@@ -100,6 +106,8 @@ impl AedesOptions {
 /// An aedes process owned by one test. Dropping it kills the process.
 pub(crate) struct Aedes {
     dir: TempDir,
+    install: Install,
+    options: AedesOptions,
     child: Option<Child>,
     /// Held open: `broker.js` exits when its stdin closes, so a test binary that dies
     /// without running destructors leaves no broker behind.
@@ -123,7 +131,7 @@ impl Aedes {
     /// Like [`Aedes::start`], with options.
     pub(crate) async fn start_with(options: AedesOptions) -> Aedes {
         match installed() {
-            Ok(install) => Self::launch(&install, &options).await,
+            Ok(install) => Self::launch(install, &options).await,
             Err(reason) => panic!("aedes is not available: {reason}"),
         }
     }
@@ -139,7 +147,7 @@ impl Aedes {
     /// Like [`Aedes::try_start`], with options.
     pub(crate) async fn try_start_with(options: AedesOptions) -> Option<Aedes> {
         match installed() {
-            Ok(install) => Some(Self::launch(&install, &options).await),
+            Ok(install) => Some(Self::launch(install, &options).await),
             Err(reason) => {
                 skip_without_aedes(&reason);
                 None
@@ -147,52 +155,78 @@ impl Aedes {
         }
     }
 
-    async fn launch(install: &Install, options: &AedesOptions) -> Aedes {
+    async fn launch(install: Install, options: &AedesOptions) -> Aedes {
         let dir = tempfile::Builder::new()
             .prefix("tower-mqtt-aedes-")
             .tempdir()
             .expect("create a temporary directory for aedes");
-        let log = File::create(dir.path().join(LOG_FILE)).expect("create aedes.log");
-        let mut child = Command::new(&install.node)
-            .arg(install.dir.join("broker.js"))
-            .args(options.args())
-            .current_dir(&install.dir)
-            .stdin(Stdio::piped())
-            .stdout(log.try_clone().expect("clone the log file handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|err| panic!("spawn {}: {err}", install.node.display()));
-        let stdin = child.stdin.take();
         let mut aedes = Aedes {
             dir,
-            child: Some(child),
-            stdin,
+            install,
+            options: options.clone(),
+            child: None,
+            stdin: None,
             port: 0,
             ws_port: None,
             version: String::new(),
         };
-        aedes.wait_ready().await;
+        if let Err(why) = aedes.spawn_and_wait().await {
+            aedes.fail(&why);
+        }
         aedes
     }
 
-    /// Waits for the readiness line, then for the listener to accept.
-    async fn wait_ready(&mut self) {
+    /// Starts `broker.js` on the ports this broker has (0 the first time: the OS picks)
+    /// and waits until it listens. The log is appended to, so it tells every run.
+    async fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let runs_before = self.ready_lines().len();
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(LOG_FILE))
+            .expect("open aedes.log");
+        let mut child = Command::new(&self.install.node)
+            .arg(self.install.dir.join("broker.js"))
+            .args(self.options.args(self.port, self.ws_port))
+            .current_dir(&self.install.dir)
+            .stdin(Stdio::piped())
+            .stdout(log.try_clone().expect("clone the log file handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {}: {err}", self.install.node.display()));
+        self.stdin = child.stdin.take();
+        self.child = Some(child);
+        self.wait_ready(runs_before).await
+    }
+
+    /// Waits for the readiness line of the run after `runs_before`, then for the
+    /// listener to accept.
+    async fn wait_ready(&mut self, runs_before: usize) -> Result<(), String> {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
-            if let Some(line) = self.log().lines().find(|line| line.starts_with(READY)) {
+            if let Some(line) = self.ready_lines().get(runs_before) {
                 self.parse_ready(line);
                 if TcpStream::connect_timeout(&self.addr(), Duration::from_millis(200)).is_ok() {
-                    return;
+                    return Ok(());
                 }
             }
             if !self.is_running() {
-                self.fail("it exited");
+                return Err(String::from("it exited"));
             }
             if Instant::now() > deadline {
-                self.fail(&format!("not ready after {START_DEADLINE:?}"));
+                return Err(format!("not ready after {START_DEADLINE:?}"));
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The readiness lines `broker.js` printed, one per run.
+    fn ready_lines(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter(|line| line.starts_with(READY))
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Reads `aedes ready version=V mqtt=HOST:PORT [ws=HOST:PORT]`.
@@ -271,6 +305,58 @@ impl Aedes {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// Stops the process the way it is meant to stop: its stdin is closed, and
+    /// `broker.js` exits, closing every connection; its sessions and queued messages
+    /// are gone. Waits for the exit (a process still alive after 10 s is killed, with a
+    /// printed warning). Does nothing if it is not running.
+    pub(crate) async fn stop(&mut self) {
+        self.stdin = None;
+        let Some(child) = &mut self.child else { return };
+        let deadline = Instant::now() + STOP_DEADLINE;
+        while child.try_wait().ok().flatten().is_none() {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "aedes did not exit for {STOP_DEADLINE:?} after its stdin closed; killing it"
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        self.child = None;
+    }
+
+    /// Stops aedes ([`stop`](Aedes::stop)) and starts it again with the same options
+    /// on the same ports, and waits until it listens. aedes keeps sessions in memory,
+    /// so none survives: a persistent client comes back to `session_present = 0` and
+    /// must subscribe again.
+    ///
+    /// # Panics
+    ///
+    /// If it does not come back within 10 s (the message carries its log).
+    pub(crate) async fn restart(&mut self) {
+        self.stop().await;
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            let runs_before = self.ready_lines().len();
+            let log_before = self.log().len();
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                // Node sets SO_REUSEADDR, so a lingering socket rarely keeps the port;
+                // coming back on the same port is the contract, so retry.
+                Err(_)
+                    if Instant::now() < deadline
+                        && self.ready_lines().len() == runs_before
+                        && self.log()[log_before..].contains("EADDRINUSE") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(why) => self.fail(&format!("restarting on port {}: {why}", self.port)),
+            }
         }
     }
 

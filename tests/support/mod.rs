@@ -9,11 +9,15 @@
 //! - [`Mosquitto`]: a mosquitto process per test on a free port; stop, kill, restart on
 //!   the same port with sessions kept.
 //! - [`Aedes`]: an aedes (node) process per test; refuses chosen subscriptions,
-//!   requires a login, serves MQTT over WebSocket.
+//!   requires a login, serves MQTT over WebSocket; restarts on the same port, its
+//!   in-memory sessions lost.
 //! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses,
 //!   and checks the client's acknowledgement order ([`Proxy::assert_acks_in_order`]).
-//! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire
-//!   independently of tower-mqtt.
+//! - [`Probe`], [`publish_raw`], [`publish_all`], [`MosquittoSub`]: plain clients that
+//!   observe and feed the wire independently of tower-mqtt.
+//! - [`Ledger`]: how many times each numbered message was handled (lost, twice).
+//! - [`TestChild`]: an ignored test of this binary run as a child process, to kill a
+//!   consumer with SIGKILL or to stop a broker that cannot stop in-process.
 //! - [`WireClient`]: a scripted client that sends exactly the packets a test writes
 //!   (acks withheld, out of order, stale), to provoke a broker.
 //!
@@ -48,7 +52,9 @@
 
 mod acks;
 mod aedes;
+mod child;
 mod frames;
+mod ledger;
 mod mosquitto;
 mod probe;
 mod proxy;
@@ -62,11 +68,15 @@ pub(crate) use acks::{AckKind, AckReport, AckTally, ConnectionAcks, ConnectionRe
 #[allow(unused_imports)]
 pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 #[allow(unused_imports)]
+pub(crate) use child::{parent_lines, until_stdin_closes, TestChild};
+#[allow(unused_imports)]
+pub(crate) use ledger::{Ledger, Tally};
+#[allow(unused_imports)]
 pub(crate) use mosquitto::{find_binary, on_ci, Mosquitto, HOST};
 #[allow(unused_imports)]
 pub(crate) use probe::{
-    await_pubacks, host_port, publish_raw, unique_id, CapturedPublish, MosquittoSub, Probe,
-    ReceivedPublish,
+    await_pubacks, host_port, publish_all, publish_raw, unique_id, CapturedPublish, MosquittoSub,
+    Probe, ReceivedPublish,
 };
 #[allow(unused_imports)]
 pub(crate) use proxy::Proxy;
@@ -88,13 +98,24 @@ pub(crate) use wire::{accepted, WireClient, WireEnd};
 /// | PUBREC sent, no PUBCOMP, reconnect | PUBREL resent | nothing resent | PUBREL resent |
 /// | PUBACK/PUBREC out of receive order | accepted | connection closed ("out of order ack") | accepted |
 /// | PUBACK for an id it never sent | ignored | connection closed | ignored |
+/// | QoS 0 PUBLISH to a QoS 1 subscription | delivered at QoS 0 | delivered at QoS 1 | delivered at QoS 0 |
+/// | QoS 1/2 deliveries sent before the client acks (window) | 20 (`max_inflight_messages`) | 100 | unbounded |
+/// | PUBACK, SUBACK, PINGRESP to a client whose window is full | sent | withheld until it acks a delivery | sent |
 /// | SUBSCRIBE with an invalid filter (`a/#/b`) | connection closed | granted | connection closed |
 /// | refusing a subscription (SUBACK 0x80) | impossible: ACL-denied filters are granted | impossible | [`AedesOptions::deny`] |
 /// | WebSocket listener | not in Debian 12's build | not configured | [`AedesOptions::websocket`] |
 /// | packet ids of a new session | from 1 | from 1 | arbitrary (for example 31457) |
 ///
 /// DUP = 0 on a redelivery breaks [MQTT-3.3.1-1]; a client must not rely on DUP to
-/// recognise one. A client that acks an id from an earlier connection on a new one is
+/// recognise one. rumqttd delivers every message at the subscription's QoS
+/// (`forward_device_data` in its `router/routing.rs` sets it), where MQTT 3.1.1 section
+/// 3.8.4 says the lower of the published and the granted QoS: a subscriber cannot tell
+/// there at which QoS a message was published. And while a client has 100 QoS 1/2
+/// deliveries unacknowledged, rumqttd answers nothing it sends (its scheduler leaves a
+/// connection paused as "inflight full" until an ack of a delivery comes in, and sends
+/// PUBACK, SUBACK and PINGRESP only from there): a client that must acknowledge in
+/// receive order and whose oldest delivery waits on a confirmed publish of its own
+/// waits for a PUBACK that cannot come. A client that acks an id from an earlier connection on a new one is
 /// disconnected by rumqttd, unless that id was redelivered first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum BrokerKind {
@@ -153,6 +174,30 @@ impl BrokerKind {
     /// answered with PUBREC but never completed [MQTT-4.4.0-1] (not rumqttd).
     pub(crate) fn resends_pubrel(self) -> bool {
         self != BrokerKind::Embedded
+    }
+
+    /// Whether it delivers every message at the subscription's granted QoS, even one
+    /// published at a lower QoS (rumqttd), instead of the lower of the two (MQTT 3.1.1
+    /// section 3.8.4).
+    pub(crate) fn delivers_at_subscription_qos(self) -> bool {
+        self == BrokerKind::Embedded
+    }
+
+    /// How many QoS 1/2 deliveries it sends a client before that client acknowledges
+    /// one, with the configuration the tests start it with; `None`: no limit.
+    pub(crate) fn delivery_window(self) -> Option<u64> {
+        match self {
+            BrokerKind::Mosquitto => Some(20),
+            BrokerKind::Embedded => Some(100),
+            BrokerKind::Aedes => None,
+        }
+    }
+
+    /// Whether, while a client's [`delivery_window`](Self::delivery_window) is full, it
+    /// withholds every answer to that client (PUBACK, SUBACK, PINGRESP) until the
+    /// client acknowledges a delivery (rumqttd).
+    pub(crate) fn withholds_answers_while_window_full(self) -> bool {
+        self == BrokerKind::Embedded
     }
 
     /// Whether a test can make it refuse a subscription with SUBACK 0x80 (aedes).

@@ -258,6 +258,42 @@ pub(crate) async fn publish_raw(
     }
 }
 
+/// Publishes `payloads` to `topic` in order at QoS 1 with one fresh plain rumqttc
+/// client (clean session), and returns once the broker acknowledged every one and
+/// closed the connection after a DISCONNECT.
+///
+/// # Panics
+///
+/// If the connection fails, or nothing moves for 10 s.
+pub(crate) async fn publish_all(
+    url: &str,
+    topic: &str,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+) {
+    let payloads: Vec<Vec<u8>> = payloads.into_iter().collect();
+    let count = payloads.len();
+    // Room for every request, so that queueing never waits for the event loop.
+    let (client, mut eventloop) =
+        AsyncClient::new(options(url, &unique_id("publish-all")), count + 8);
+    for payload in payloads {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .expect("queue PUBLISH");
+    }
+    await_pubacks(&mut eventloop, count, DEADLINE).await;
+    client.disconnect().await.expect("queue DISCONNECT");
+    loop {
+        match tokio::time::timeout(DEADLINE, eventloop.poll()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_closed)) => return,
+            Err(elapsed) => {
+                panic!("publish_all on {url}: broker did not close after DISCONNECT ({elapsed})")
+            }
+        }
+    }
+}
+
 async fn poll_until(eventloop: &mut EventLoop, deadline: Instant, url: &str, doing: &str) -> Event {
     match tokio::time::timeout_at(deadline.into(), eventloop.poll()).await {
         Ok(Ok(event)) => event,

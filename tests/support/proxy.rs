@@ -22,6 +22,7 @@
 //! // Acknowledgement order [MQTT-4.6.0-2/3/4], counted on every relayed connection
 //! // (see `acks.rs`): a consumer routed through the proxy for the whole test.
 //! assert!(proxy.wait_for_client_acks(100, Duration::from_secs(10)).await);
+//! assert!(proxy.wait_for_publishes_to_clients(100, Duration::from_secs(10)).await);
 //! proxy.assert_acks_in_order();
 //! ```
 //!
@@ -78,6 +79,8 @@ struct Shared {
     acks: Mutex<Vec<Arc<Mutex<ConnectionAcks>>>>,
     /// PUBACK, PUBREC and PUBREL packets clients sent, over all connections.
     client_acks: watch::Sender<u64>,
+    /// PUBLISH packets brokers sent clients, over all connections.
+    publishes_to_clients: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -160,6 +163,7 @@ impl Proxy {
             subscribes_seen: watch::Sender::new(0),
             acks: Mutex::new(Vec::new()),
             client_acks: watch::Sender::new(0),
+            publishes_to_clients: watch::Sender::new(0),
         });
         let acceptor = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
         Proxy {
@@ -302,6 +306,15 @@ impl Proxy {
             .is_ok_and(|changed| changed.is_ok())
     }
 
+    /// Waits until brokers have sent clients at least `n` PUBLISH packets in all (every
+    /// QoS, every connection); `false` if `timeout` passes first.
+    pub(crate) async fn wait_for_publishes_to_clients(&self, n: u64, timeout: Duration) -> bool {
+        let mut publishes = self.shared.publishes_to_clients.subscribe();
+        tokio::time::timeout(timeout, publishes.wait_for(|total| *total >= n))
+            .await
+            .is_ok_and(|changed| changed.is_ok())
+    }
+
     /// Live relayed connections.
     pub(crate) fn connections(&self) -> usize {
         *self.shared.live_count.borrow()
@@ -412,11 +425,16 @@ async fn relay(
             broker_write,
             mode.clone(),
             Side::Client(ClientSide {
-                shared,
+                shared: Arc::clone(&shared),
                 ledger: Arc::clone(&ledger),
             })
         ),
-        pump(broker_read, client_write, mode, Side::Broker(ledger)),
+        pump(
+            broker_read,
+            client_write,
+            mode,
+            Side::Broker(BrokerSide { shared, ledger })
+        ),
     );
 }
 
@@ -425,7 +443,7 @@ enum Side {
     /// Client to broker: acks, and the SUBSCRIBE faults.
     Client(ClientSide),
     /// Broker to client: the PUBLISH and PUBREC packets the client owes acks for.
-    Broker(Arc<Mutex<ConnectionAcks>>),
+    Broker(BrokerSide),
 }
 
 /// Copies one direction, holding bytes back while the proxy is stalled. On end of
@@ -451,7 +469,7 @@ async fn pump(
         wait_unstalled(&mut mode).await?;
         let mut chunk = &buf[..n];
         match &side {
-            Side::Broker(ledger) => lock(ledger).broker_sent(chunk),
+            Side::Broker(broker) => broker.scan(chunk),
             Side::Client(client) => {
                 if let Some(at) = client.scan(chunk) {
                     to.write_all(&chunk[..at]).await?;
@@ -461,6 +479,30 @@ async fn pump(
             }
         }
         to.write_all(chunk).await?;
+    }
+}
+
+/// The broker-to-client side of a connection: its ack ledger and the proxy's count of
+/// deliveries.
+struct BrokerSide {
+    shared: Arc<Shared>,
+    ledger: Arc<Mutex<ConnectionAcks>>,
+}
+
+impl BrokerSide {
+    /// Accounts for `chunk`.
+    fn scan(&self, chunk: &[u8]) {
+        let publishes = {
+            let mut ledger = lock(&self.ledger);
+            let before = ledger.publishes_to_client();
+            ledger.broker_sent(chunk);
+            ledger.publishes_to_client() - before
+        };
+        if publishes > 0 {
+            self.shared
+                .publishes_to_clients
+                .send_modify(|total| *total += publishes);
+        }
     }
 }
 

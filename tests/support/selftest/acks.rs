@@ -331,6 +331,12 @@ async fn in_order_manual_acks_pass_the_checker_on_every_broker() {
         publisher.await.unwrap();
         let expected = u64::try_from(QOS1 + QOS2 + OWN_QOS2).unwrap();
         until_proxy_saw_acks(&mut eventloop, &proxy, expected).await;
+        // Every delivery passed the proxy before the client read it.
+        let deliveries = u64::try_from(QOS1 + QOS2).unwrap();
+        assert!(
+            proxy.wait_for_publishes_to_clients(deliveries, WAIT).await,
+            "[{kind}] deliveries counted by the proxy"
+        );
 
         let report = proxy.ack_report();
         proxy.assert_acks_in_order();

@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::support::{
-    accepted, broker_matrix, host_port, publish_raw, unique_id, Aedes, AedesOptions, TestBroker,
-    WireClient,
+    accepted, broker_matrix, host_port, publish_all, publish_raw, unique_id, Aedes, AedesOptions,
+    BrokerKind, TestBroker, WireClient, WireEnd,
 };
 use super::{connected, next_publish, WAIT};
 
@@ -108,6 +108,38 @@ async fn aedes_serves_mqtt_over_websocket() {
         .unwrap();
     let connack = websocket_exchange(port, &connect, 4).await;
     assert_eq!(connack, [0x20, 0x02, 0x00, 0x00], "{}", aedes.log());
+}
+
+#[tokio::test]
+async fn aedes_restarts_on_the_same_ports_without_its_sessions() {
+    let Some(mut aedes) = Aedes::try_start_with(AedesOptions::new().websocket()).await else {
+        return;
+    };
+    let (port, ws_port) = (aedes.port(), aedes.ws_port());
+    let client_id = unique_id("selftest-aedes-restart");
+    let (mut wire, _) = WireClient::connect(&aedes.url(), &client_id, false).await;
+    wire.subscribe("selftest/restart", QoS::AtLeastOnce).await;
+
+    aedes.restart().await;
+    assert_eq!(
+        (aedes.port(), aedes.ws_port()),
+        (port, ws_port),
+        "{aedes:?}"
+    );
+    assert!(
+        matches!(wire.recv(WAIT).await, Err(WireEnd::Closed(_))),
+        "the restart closed the live connection"
+    );
+    // Sessions live in aedes's memory: the same client id finds none.
+    let (_wire, ack) = WireClient::connect(&aedes.url(), &client_id, false).await;
+    assert!(accepted(&ack), "{}", aedes.log());
+    assert!(!ack.session_present, "{}", aedes.log());
+    let log = aedes.log();
+    let runs = log
+        .lines()
+        .filter(|line| line.starts_with("aedes ready "))
+        .count();
+    assert_eq!(runs, 2, "two runs in one log: {log}");
 }
 
 /// Opens a WebSocket (subprotocol `mqtt`), sends `payload` in one masked binary frame
@@ -275,6 +307,22 @@ async fn brokers_behave_as_broker_kind_says() {
             );
         }
 
+        // A QoS 0 publish to a QoS 1 subscription: the lower of the two, or not.
+        let (mut wire, _) = WireClient::connect(&url, &unique_id("facts-qos"), true).await;
+        let topic = format!("selftest/facts/{}", unique_id("t"));
+        wire.subscribe(&topic, QoS::AtLeastOnce).await;
+        publish_raw(&url, &topic, "q0", QoS::AtMostOnce, false).await;
+        let delivered = wire.expect_publish(WAIT).await.qos;
+        let expected = if kind.delivers_at_subscription_qos() {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        };
+        assert_eq!(delivered, expected, "[{kind}] QoS 0 to a QoS 1 subscriber");
+
+        // The delivery window, and what the broker answers while it is full.
+        window_and_answers(kind, &url).await;
+
         // Refusals: only aedes can be told to; everyone else grants (checked on
         // mosquitto's ACLs in DESIGN.md section 7).
         if kind.can_refuse_subscriptions() {
@@ -287,5 +335,46 @@ async fn brokers_behave_as_broker_kind_says() {
             assert_eq!(suback.return_codes, [SubscribeReasonCode::Failure]);
         }
         assert_eq!(kind.can_restart(), broker.is_mosquitto());
+    }
+}
+
+/// Fills the delivery window of a client that does not acknowledge, checks its size,
+/// and whether the broker still answers a PINGREQ; where it does not, acknowledges the
+/// oldest delivery and checks that the PINGRESP comes then.
+async fn window_and_answers(kind: BrokerKind, url: &str) {
+    let (mut wire, _) = WireClient::connect(url, &unique_id("facts-window"), true).await;
+    let topic = format!("selftest/facts/{}", unique_id("t"));
+    wire.subscribe(&topic, QoS::AtLeastOnce).await;
+    // One more than the largest window in the table.
+    let sent = 101;
+    publish_all(url, &topic, (0..sent).map(|i| format!("w{i}").into_bytes())).await;
+    let window = kind.delivery_window().unwrap_or(sent);
+    let mut delivered = Vec::new();
+    for _ in 0..window {
+        delivered.push(wire.expect_publish(WAIT).await.pkid);
+    }
+    let (more, end) = wire.drain(QUIET).await;
+    assert!(
+        more.is_empty() && end.is_none(),
+        "[{kind}] more than {window} deliveries before an ack: {more:?} {end:?}"
+    );
+    // An absence is watched for QUIET only; an answer may take WAIT.
+    let withholds = kind.withholds_answers_while_window_full();
+    let (answered, _) = wire.ping(if withholds { QUIET } else { WAIT }).await;
+    assert_eq!(answered, !withholds, "[{kind}] PINGRESP with a full window");
+    if withholds {
+        // An ack of the oldest delivery frees the window, and the PINGRESP comes.
+        wire.send(Packet::PubAck(PubAck::new(delivered[0]))).await;
+        let answered = loop {
+            match wire.recv(WAIT).await {
+                Ok(Packet::PingResp) => break true,
+                Ok(_) => {}
+                Err(_) => break false,
+            }
+        };
+        assert!(
+            answered,
+            "[{kind}] PINGRESP once a delivery was acknowledged"
+        );
     }
 }
