@@ -242,10 +242,7 @@ macro_rules! on_every_broker {
 
 on_every_broker! {
     mosquitto => BrokerKind::Mosquitto, [];
-    embedded => BrokerKind::Embedded, [
-        #[ignore = "stalls on rumqttd 0.20 (see tests/brokers/replies.rs): it withholds the \
-                    reply's PUBACK while 100 deliveries await acks that wait for that reply"]
-    ];
+    embedded => BrokerKind::Embedded, [];
     aedes => BrokerKind::Aedes, [];
 }
 

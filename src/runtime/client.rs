@@ -106,7 +106,13 @@ impl Client {
                 true,
             ));
         }
-        let (client, eventloop) = AsyncClient::new(options, config.request_channel_capacity);
+        let (client, mut eventloop) = AsyncClient::new(options, config.request_channel_capacity);
+        // rumqttc leaves Nagle's algorithm on: a reply published right after
+        // another then waited ~40 ms for the delayed ACK (measured: every
+        // second reply of a request/reply burst took 42-47 ms instead of 0.6).
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
         let deliveries = Arc::new(Deliveries::default());
         let outbox = Arc::new(Outbox::new(
             client.clone(),
