@@ -36,9 +36,8 @@ pub(super) fn tls_client_config(
         });
     }
 
-    // rumqttc's default features turn on rustls' aws-lc-rs provider and this crate turns
-    // on ring; with both compiled in, `ClientConfig::builder()` cannot choose and panics,
-    // so the provider is named explicitly.
+    // Named rather than left to rustls' process-wide default, which a service
+    // may install differently for its own TLS clients.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
