@@ -564,7 +564,7 @@ fn url_errors() {
         ("broker:1883", expect::URL),
         ("", expect::URL),
         ("http://h", expect::SCHEME),
-        ("ws://h", expect::SCHEME),
+        ("mqtt+ws://h", expect::SCHEME),
         ("mqtt://", expect::HOST),
         ("mqtt://:1883", expect::HOST),
         ("mqtt://user:pw@", expect::HOST),
