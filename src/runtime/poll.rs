@@ -110,6 +110,8 @@ where
         // Acknowledgements written on this connection, against those the
         // dispatcher released: a recovery waits until both agree.
         let mut acks_written: u64 = 0;
+        // Credentials fetched before each connect, failures described (config/connect.rs).
+        let mut attempts = self.config.connection_attempts();
         loop {
             collided_since = match (&self.eventloop.state.collision, collided_since) {
                 (None, _) => None,
@@ -142,6 +144,8 @@ where
                 self.eventloop.clean();
                 self.eventloop.network = None;
                 Step::Failed("outgoing publishes stuck on a packet id collision".to_owned())
+            } else if let Err(reason) = attempts.prepare(&mut self.eventloop) {
+                Step::Failed(reason) // the password could not be read: a failed attempt
             } else {
                 tokio::select! {
                     // Abandoning `poll` mid-way is only done when the connection is
@@ -153,7 +157,7 @@ where
                     }
                     event = self.eventloop.poll() => match event {
                         Ok(event) => Step::Event(event),
-                        Err(err) => Step::Failed(err.to_string()),
+                        Err(err) => Step::Failed(attempts.failed(&err)), // with the TLS reason
                     },
                 }
             };
@@ -163,6 +167,7 @@ where
                     connected_at = Some(Instant::now());
                     collided_since = None;
                     acks_written = 0;
+                    attempts.connected(); // a later failure is reported anew
                     self.dispatcher.new_connection();
                     self.deliveries.connected(ack.session_present);
                     self.outbox.connected();
