@@ -9,6 +9,9 @@
 //! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses.
 //! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire
 //!   independently of tower-mqtt.
+//! - [`Pki`], [`TlsFront`]: certificates made by the test, mosquitto TLS listener
+//!   settings, and a TLS-terminating front (ALPN, `wss://`).
+//! - [`WsBroker`]: rumqttd with a WebSocket listener.
 //!
 //! ```ignore
 //! mod support;
@@ -34,6 +37,8 @@
 mod mosquitto;
 mod probe;
 mod proxy;
+mod tls;
+mod websocket;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -49,6 +54,10 @@ pub(crate) use probe::{
 pub(crate) use proxy::Proxy;
 #[allow(unused_imports)]
 pub(crate) use rumqttc::QoS;
+#[allow(unused_imports)]
+pub(crate) use tls::{ClientCerts, File, FrontSeen, Leaf, Pki, TlsFront};
+#[allow(unused_imports)]
+pub(crate) use websocket::WsBroker;
 
 /// A running broker for a test: mosquitto when installed, else the embedded broker.
 ///
