@@ -137,8 +137,8 @@ impl ConnectionAttempts {
     fn hint(&self, error: &rustls::Error) -> Option<String> {
         Some(match error {
             rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-                "the broker's certificate is not signed by a trusted CA: the system roots \
-                 and MQTT_CA_FILE"
+                "the broker's certificate is not signed by a CA this client trusts: the \
+                 system roots and MQTT_CA_FILE"
                     .to_owned()
             }
             rustls::Error::InvalidCertificate(

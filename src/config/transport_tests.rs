@@ -704,3 +704,48 @@ fn tls_failures_carry_the_rustls_reason_and_the_broker() {
     let refused = ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
     assert_eq!(attempts().failed(&refused), refused.to_string());
 }
+
+#[test]
+fn lasting_failures_are_logged_at_error_once_until_they_change() {
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+    impl io::Write for Lines {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let lines = Lines::default();
+    let writer = lines.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::ERROR)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let unknown_ca = || {
+        ConnectionError::Tls(rumqttc::TlsError::Io(tls_io(
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer),
+        )))
+    };
+    let refused = || ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
+    tracing::subscriber::with_default(subscriber, || {
+        let mut attempts = attempts();
+        attempts.failed(&unknown_ca());
+        attempts.failed(&unknown_ca());
+        attempts.failed(&refused()); // not at ERROR: a retry may fix it
+        attempts.failed(&unknown_ca()); // changed
+        attempts.connected();
+        attempts.failed(&unknown_ca()); // news again after a connection
+    });
+    let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+    assert_eq!(errors.len(), 3, "{text}");
+    assert!(errors
+        .iter()
+        .all(|l| l.contains("broker=mqtts://broker.example:8883") && l.contains("UnknownIssuer")));
+}
