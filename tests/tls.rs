@@ -311,3 +311,51 @@ async fn secure_websocket_through_a_tls_front() {
     let result = round_trip(config(&url).with_ca_file(pki.path(File::RogueCa))).await;
     assert_refused(result, &url, &["TLS with", "UnknownIssuer"]);
 }
+
+/// The variable that marks the child process of
+/// `a_service_configured_only_by_the_environment_connects_over_mtls`.
+const CHILD: &str = "TOWER_MQTT_TLS_TEST_CHILD";
+
+/// A service that starts with `Config::from_env()` then `serve` connects over
+/// mTLS with only the variables set: the service runs in a process of its
+/// own (this test binary again), whose environment holds nothing else.
+#[tokio::test]
+async fn a_service_configured_only_by_the_environment_connects_over_mtls() {
+    let pki = Pki::generate();
+    let broker = mosquitto(&pki, Leaf::Server, ClientCerts::Required).await;
+    let child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "service_from_env", "--ignored", "--nocapture"])
+        .env_clear()
+        .env(CHILD, "1")
+        .env("MQTT_URL", format!("mqtts://localhost:{}", broker.port()))
+        .env("MQTT_CA_FILE", pki.var(File::Ca))
+        .env("MQTT_CLIENT_CERT_FILE", pki.var(File::ClientCert))
+        .env("MQTT_CLIENT_KEY_FILE", pki.var(File::ClientKey))
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT * 2, child)
+        .await
+        .expect("the service finished in time")
+        .expect("the service ran");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        broker.log()
+    );
+}
+
+/// The service of the test above; only meaningful in its child process.
+#[tokio::test]
+#[ignore = "run by a_service_configured_only_by_the_environment_connects_over_mtls"]
+async fn service_from_env() {
+    assert!(
+        std::env::var_os(CHILD).is_some(),
+        "run by another test only"
+    );
+    let config = Config::from_env().expect("the configuration from the environment");
+    round_trip(config)
+        .await
+        .expect("a message went round over mTLS");
+}
