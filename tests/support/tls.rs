@@ -144,7 +144,10 @@ impl Pki {
     /// mosquitto settings that make the listener before them a TLS one, for
     /// [`Mosquitto::start_with_config`](super::Mosquitto::start_with_config).
     pub(crate) fn mosquitto_listener(&self, leaf: Leaf, client_certs: ClientCerts) -> String {
-        let (cert, key) = self.leaf_files(leaf);
+        let (cert, key) = match leaf {
+            Leaf::Server => (File::ServerCert, File::ServerKey),
+            Leaf::OtherHost => (File::OtherHostCert, File::OtherHostKey),
+        };
         format!(
             "certfile {}\nkeyfile {}\ncafile {}\nrequire_certificate {}\n",
             self.path(cert).display(),
@@ -152,13 +155,6 @@ impl Pki {
             self.path(File::Ca).display(),
             client_certs == ClientCerts::Required,
         )
-    }
-
-    fn leaf_files(&self, leaf: Leaf) -> (File, File) {
-        match leaf {
-            Leaf::Server => (File::ServerCert, File::ServerKey),
-            Leaf::OtherHost => (File::OtherHostCert, File::OtherHostKey),
-        }
     }
 
     /// A rustls server configuration with the `localhost` certificate, for a
