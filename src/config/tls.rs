@@ -24,6 +24,16 @@ use super::{env::Vars, expect, invalid, var, BrokerAddr, Config, ConfigError};
 /// [`rustls::ClientConfig`] given with [`Config::with_rustls_config`] replaces all
 /// of them.
 ///
+/// ```
+/// use tower_mqtt::config::Config;
+///
+/// let config = Config::new("mqtts://broker.example")?.with_alpn(["x-amzn-mqtt-ca"]);
+/// let tls = config.broker.tls.as_ref().expect("mqtts:// is TLS");
+/// assert!(tls.ca_file.is_none() && tls.client_auth.is_none());
+/// assert_eq!(tls.alpn, ["x-amzn-mqtt-ca"]);
+/// # Ok::<(), tower_mqtt::config::ConfigError>(())
+/// ```
+///
 /// [`Config::with_rustls_config`]: super::Config::with_rustls_config
 #[derive(Clone, Default)]
 #[non_exhaustive]
