@@ -97,7 +97,7 @@ async fn run() -> Result<(), BoxError> {
         .with_state(seen_tx);
     let broker = config.broker.to_string();
     let running = tower_mqtt::serve(config, router).spawn()?;
-    tokio::time::timeout(Duration::from_secs(10), running.ready()).await?;
+    tokio::time::timeout(Duration::from_secs(10), running.ready()).await??;
     println!("connected to {broker}");
 
     let out = running.publisher();

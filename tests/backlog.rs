@@ -20,7 +20,8 @@ use serde_json::json;
 use support as probe;
 use support::{Mosquitto, Proxy, QoS as WireQoS};
 use tower_mqtt::{
-    config::Config, Ack, Client, Envelope, HandlerError, Publisher, Request, Router, Subscription,
+    config::Config, Ack, AckOrder, Client, Envelope, HandlerError, Publisher, Request, Router,
+    Subscription,
 };
 use tower_mqtt_layers::StandardStack;
 
@@ -116,7 +117,10 @@ async fn create_session(url: &str, client_id: &str, router: Router) {
     let running = Client::new(config(url, client_id))
         .unwrap()
         .spawn(router, StandardStack::new());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let report = running.shutdown().await;
     assert!(report.disconnected_cleanly);
 }
@@ -207,11 +211,13 @@ async fn handlers_awaiting_their_own_publishes_neither_deadlock_nor_lose() {
 }
 
 #[tokio::test]
-async fn a_held_topic_delays_neither_handling_nor_acknowledgement_of_another() {
+async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgement_of_another() {
     let broker = broker().await;
     let url = broker.url();
     let proxy = Proxy::start(broker.addr()).await;
     let client_id = probe::unique_id("hol");
+    let config =
+        |url: &str, client_id: &str| config(url, client_id).with_ack_order(AckOrder::Topic);
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let seen = Seen::default();
     let router = {
@@ -229,7 +235,10 @@ async fn a_held_topic_delays_neither_handling_nor_acknowledgement_of_another() {
     let running = Client::new(config(&proxy.url(), &client_id))
         .unwrap()
         .spawn(router.clone(), StandardStack::new());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let send = |topic: &'static str, seq: u64| {
         let url = url.clone();
         async move {
@@ -302,7 +311,10 @@ async fn ack_on_receipt_is_not_delivered_again_after_a_crash() {
         .unwrap()
         .drain_timeout(Duration::from_millis(100))
         .spawn(router, StandardStack::new());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     for topic in ["llm/request", "jobs/run"] {
         let env = Envelope::new("x.y", json!({"seq": 1})).unwrap();
         probe::publish_raw(&url, topic, env.to_vec(), WireQoS::AtLeastOnce, false).await;
@@ -353,7 +365,10 @@ async fn only_the_failed_route_is_retried() {
     let running = Client::new(config(&url, &probe::unique_id("retry")).with_clean_session(true))
         .unwrap()
         .spawn(router, StandardStack::new());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let env = Envelope::new("orders.new", json!({"seq": 1})).unwrap();
     probe::publish_raw(
         &url,

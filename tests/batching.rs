@@ -78,7 +78,10 @@ async fn a_thousand_messages_arrive_in_batches_and_are_all_acknowledged() {
         .service(BatchLayer::new(MAX, MAX_WAIT).layer(store));
     let router = Router::new().route_service(Subscription::new("readings/+").unordered(), stamped);
     let running = tower_mqtt::serve(config(), router.clone()).spawn().unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
 
     let total: u64 = 1000;
     publish_fast(&url, total).await;
@@ -122,7 +125,10 @@ async fn a_thousand_messages_arrive_in_batches_and_are_all_acknowledged() {
         std::future::ready(())
     });
     let running = tower_mqtt::serve(config(), router).spawn().unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     tokio::time::sleep(Duration::from_millis(500)).await;
     running.shutdown().await;
     let again = again.lock().unwrap();
@@ -158,7 +164,10 @@ async fn a_consumer_killed_mid_batch_gets_the_batch_again() {
     let running = tower_mqtt::serve(config(&proxy.url()), router)
         .spawn()
         .unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     publish_fast(&url, 5).await;
     tokio::time::timeout(WAIT, async {
         while running.stats().received < 5 {

@@ -69,7 +69,8 @@ async fn wait_state(
 async fn echo(running: &Running, rx: &mut mpsc::UnboundedReceiver<u64>, n: u64) {
     tokio::time::timeout(WAIT, running.ready())
         .await
-        .expect("ready");
+        .expect("ready in time")
+        .expect("subscribed");
     running
         .publisher()
         .publish("cred/echo", json!({ "n": n }))
@@ -170,9 +171,11 @@ async fn a_password_file_is_read_at_every_connect_and_never_printed() {
     // A wrong password is refused by the broker, and said so.
     std::fs::write(&secret, WRONG).unwrap();
     broker.restart().await;
-    let refused = wait_state(&mut state, "the refused login reported", |s| {
-        matches!(s, ConnectionState::Disconnected { reason, .. } if reason.contains("refused"))
-    })
+    let refused = wait_state(
+        &mut state,
+        "the refused login reported",
+        |s| matches!(s, ConnectionState::Disconnected { reason, .. } if reason.contains("refused")),
+    )
     .await;
     shown.push(format!("{refused:?}"));
     let report = running.shutdown().await;

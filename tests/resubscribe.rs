@@ -70,7 +70,8 @@ fn spawn(config: Config, router: Router) -> Running {
 async fn ready(running: &Running) {
     tokio::time::timeout(WAIT, running.ready())
         .await
-        .unwrap_or_else(|_| panic!("ready() within {WAIT:?}: {:?}", running.stats()));
+        .unwrap_or_else(|_| panic!("ready() within {WAIT:?}: {:?}", running.stats()))
+        .expect("subscribed");
 }
 
 /// Publishes one envelope on `topic` (once: after `ready()` the subscription

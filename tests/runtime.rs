@@ -431,7 +431,10 @@ async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
         Router::new().route(Subscription::new("jobs/slow").capacity(8), handler),
         stack(),
     );
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
 
     let total = 120;
     let sender = Client::new(config(&broker.url(), "block-tx"))
@@ -610,7 +613,10 @@ async fn shutdown_lets_running_handlers_finish() {
         .unwrap()
         .drain_timeout(Duration::from_secs(5))
         .spawn(Router::new().route("work/+", slow), stack());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let job = Envelope::new("w", json!({})).unwrap();
     running.publisher().publish("work/a", job).await.unwrap();
     tokio::time::timeout(WAIT, started.notified())
@@ -647,7 +653,10 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
         .unwrap()
         .drain_timeout(Duration::from_millis(200))
         .spawn(Router::new().route("stuck", stuck), stack());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let job = Envelope::new("s", json!({})).unwrap();
     running.publisher().publish("stuck", job).await.unwrap();
     tokio::time::timeout(WAIT, started.notified())
@@ -684,7 +693,10 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
             Router::new().route(Subscription::new("work/+").unordered(), handler),
             stack(),
         );
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     for n in 0..total {
         let job = Envelope::new("work.job", json!({ "n": n })).unwrap();
         running.publisher().publish("work/a", job).await.unwrap();
@@ -720,7 +732,10 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
     let second = Client::new(cfg())
         .unwrap()
         .spawn(Router::new().route("work/+", recorder(tx)), stack());
-    tokio::time::timeout(WAIT, second.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, second.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let marker = Envelope::new("work.marker", json!({})).unwrap();
     second
         .publisher()
@@ -761,7 +776,10 @@ async fn serve_sets_the_handler_limit_and_the_drain_timeout() {
         .drain_timeout(Duration::from_millis(200))
         .spawn()
         .unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     for n in 0..10 {
         let job = Envelope::new("work.job", json!({ "n": n })).unwrap();
         running.publisher().publish("work/a", job).await.unwrap();
@@ -795,7 +813,10 @@ async fn a_stalled_connection_is_detected_by_the_heartbeat_and_replaced() {
         .with_heartbeat(true)
         .with_heartbeat_interval(Duration::from_millis(200));
     let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let mut state = running.state();
 
     proxy.stall();
@@ -884,7 +905,10 @@ async fn a_handler_publishing_into_a_full_channel_does_not_deadlock() {
         }
     };
     let running = client.spawn(Router::new().route("fanout/in", fan_out), stack());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     probe::publish_raw(
         &broker.url(),
         "fanout/in",
@@ -927,7 +951,10 @@ async fn an_unordered_route_runs_one_topic_concurrently() {
         .unwrap()
         .max_in_flight(4)
         .spawn(Router::new().route(route, handler), stack());
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let publisher = running.publisher();
     for n in 0..12 {
         publisher

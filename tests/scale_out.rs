@@ -39,8 +39,14 @@ async fn a_shared_subscription_splits_the_load_and_nothing_is_handled_twice() {
     let seen = Seen::default();
     let a = instance(&url, "a", &seen);
     let b = instance(&url, "b", &seen);
-    tokio::time::timeout(WAIT, a.ready()).await.unwrap();
-    tokio::time::timeout(WAIT, b.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, a.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
+    tokio::time::timeout(WAIT, b.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
 
     let total = 200u64;
     let publisher = a.publisher();

@@ -60,8 +60,14 @@ async fn a_reply_through_the_outbound_stack_takes_the_request_id() {
             Router::new().route_service("memory/results", replies.clone()),
             StandardStack::new(),
         );
-    tokio::time::timeout(WAIT, responder.ready()).await.unwrap();
-    tokio::time::timeout(WAIT, requester.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, responder.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
+    tokio::time::timeout(WAIT, requester.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
 
     let query = Envelope::new("memory.query", json!({"text": "cats"})).unwrap();
     let reply = replies
@@ -95,7 +101,10 @@ async fn a_failing_message_is_dead_lettered_through_the_outbound_stack() {
         }
     };
     let running = client.spawn(Router::new().route("tts/say", fragile), stack);
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
 
     let bad = Envelope::new("tts.say", json!({"text": 42})).unwrap();
     publish_raw(
@@ -166,7 +175,10 @@ async fn raw_python_payloads_and_duplicates_on_the_way_in() {
         Router::new().route("stt/final", record),
         cfg.inbound_stack(),
     );
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
 
     // A service that publishes plain JSON: wrapped with the registry's type.
     publish_raw(
@@ -251,7 +263,10 @@ async fn bad_input_and_a_panicking_handler_lose_nothing_else() {
         cfg.inbound_stack()
             .retry(tower_mqtt_layers::MessageRetryLayer::new(1)),
     );
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     let url = broker.url();
     let qos = support::QoS::AtLeastOnce;
     publish_raw(&url, "robust/good", b"not json at all".to_vec(), qos, false).await;

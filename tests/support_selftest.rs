@@ -3,6 +3,14 @@
 
 mod support;
 
+// The self-tests of the ack checker and of the broker matrix live beside the code they
+// test; as modules of this file they are compiled into this binary only, not into every
+// test binary that includes `support`.
+#[path = "support/selftest/acks.rs"]
+mod ack_checker;
+#[path = "support/selftest/brokers.rs"]
+mod broker_matrix;
+
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
@@ -320,4 +328,49 @@ async fn embedded_fallback_round_trip() {
     )
     .await;
     assert_eq!(probe.next(WAIT).await.unwrap().payload_str(), "in-process");
+}
+
+#[tokio::test]
+async fn proxy_cuts_at_the_next_subscribe_and_holds_subscribes() {
+    let broker = broker().await;
+    let proxy = Proxy::start(broker.addr()).await;
+
+    // Armed cut: the connection that subscribes is closed before its SUBSCRIBE passes.
+    proxy.cut_next_subscribe();
+    let (mut wire, _) =
+        support::WireClient::connect(&proxy.url(), &unique_id("selftest"), true).await;
+    let mut subscribe = rumqttc::Subscribe::new("selftest/sub", QoS::AtLeastOnce);
+    subscribe.pkid = 1;
+    wire.send(rumqttc::Packet::Subscribe(subscribe)).await;
+    match wire.recv(WAIT).await {
+        Err(support::WireEnd::Closed(_)) => {}
+        other => panic!("expected the cut, got {other:?}"),
+    }
+    assert!(proxy.subscribe_cut_done());
+    assert_eq!(proxy.subscribes_seen(), 1);
+
+    // One-shot: the next connection's SUBSCRIBE passes.
+    let (mut wire, _) =
+        support::WireClient::connect(&proxy.url(), &unique_id("selftest"), true).await;
+    let suback = wire.subscribe("selftest/sub", QoS::AtLeastOnce).await;
+    assert_eq!(suback.return_codes.len(), 1);
+
+    // Held: no SUBACK until released.
+    proxy.hold_subscribes();
+    let mut held = rumqttc::Subscribe::new("selftest/held", QoS::AtLeastOnce);
+    held.pkid = 9;
+    wire.send(rumqttc::Packet::Subscribe(held)).await;
+    assert!(proxy.wait_for_subscribes_seen(3, WAIT).await);
+    assert!(
+        matches!(
+            wire.recv(Duration::from_millis(200)).await,
+            Err(support::WireEnd::TimedOut)
+        ),
+        "a SUBACK passed a held SUBSCRIBE"
+    );
+    proxy.release_subscribes();
+    match wire.recv(WAIT).await {
+        Ok(rumqttc::Packet::SubAck(_)) => {}
+        other => panic!("expected the SUBACK after release, got {other:?}"),
+    }
 }

@@ -101,7 +101,10 @@ async fn round_trip(config: Config) -> Result<(), String> {
         if let ConnectionState::Disconnected { reason, .. } = state {
             return Err(reason);
         }
-        running.ready().await;
+        running
+            .ready()
+            .await
+            .map_err(|error| format!("not ready: {error}"))?;
         running
             .publisher()
             .publish("tls/echo", json!({ "n": 7 }))

@@ -67,7 +67,10 @@ async fn rate_limit_behind_a_buffer_delays_but_loses_nothing() {
         .layer(limited)
         .spawn()
         .unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     for n in 0..20 {
         publish(&broker.url(), &format!("rate/{}", n % 4), n).await;
     }
@@ -101,7 +104,10 @@ async fn a_shed_message_is_retried_then_failed_and_acknowledged() {
         .layer(shedding)
         .spawn()
         .unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     publish(&broker.url(), "shed/slow", 0).await;
     tokio::time::timeout(WAIT, async {
         while runs.load(Ordering::SeqCst) == 0 {
@@ -144,7 +150,10 @@ async fn timeout_fails_a_slow_handler_after_its_retries() {
         .layer(TimeoutLayer::new(Duration::from_millis(50)))
         .spawn()
         .unwrap();
-    tokio::time::timeout(WAIT, running.ready()).await.unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
     publish(&broker.url(), "slow", 0).await;
     let stats = settle(&running, 1).await;
     assert_eq!((stats.handled, stats.failed), (0, 1), "{stats:?}");

@@ -199,7 +199,7 @@ impl Handle {
             Self::Raw { ready, .. } => {
                 let _ = ready.clone().wait_for(|ready| *ready).await;
             }
-            Self::Tower(running) => running.ready().await,
+            Self::Tower(running) => running.ready().await.expect("subscribed"),
         }
     }
 

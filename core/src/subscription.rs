@@ -242,31 +242,42 @@ pub enum Ack {
     OnReceipt,
 }
 
-/// How acknowledgements of different topics are ordered among each other
-/// (`MQTT_ACK_ORDER`).
+/// The order acknowledgements leave in (`MQTT_ACK_ORDER`).
 ///
-/// MQTT 3.1.1 section 4.6 asks a client to acknowledge in the order messages
-/// arrived; what it guarantees with that is each topic's order of redelivery.
-/// [`AckOrder::Topic`] keeps that guarantee and lets a slow handler on one
-/// topic hold back only that topic's acknowledgements. [`AckOrder::Global`]
-/// follows the letter of section 4.6: one line for the whole connection, so
-/// a 30 s handler holds back every later acknowledgement on every topic, and
-/// a broker that enforces its in-flight window stops sending meanwhile.
+/// MQTT 3.1.1 requires a client to send PUBACK and PUBREC packets in the
+/// order the PUBLISH packets were received on the connection
+/// [MQTT-4.6.0-2, -3]; MQTT 5 keeps the rule. [`AckOrder::Connection`], the
+/// default, follows it. Handlers still run side by side; only the
+/// acknowledgements wait their turn, so a slow handler holds back the
+/// acknowledgements of what arrived after it (and the pending limit caps how
+/// many wait). A route whose handler is long can acknowledge on receipt
+/// instead ([`Ack::OnReceipt`]) and hold nothing back.
+///
+/// [`AckOrder::Topic`] lines acknowledgements up per topic: a slow topic then
+/// holds back only its own. **This is outside the specification.** Of the
+/// brokers tested, rumqttd (the embedded broker) closes the connection at the
+/// first acknowledgement out of receive order ("out of order ack"); mosquitto
+/// 2.0.11, aedes and the Eclipse Paho conformance broker let it pass. Choose
+/// it only for a broker known to accept it.
 ///
 /// ```
 /// use tower_mqtt::AckOrder;
 ///
-/// assert_eq!("global".parse::<AckOrder>().unwrap(), AckOrder::Global);
-/// assert_eq!(AckOrder::default(), AckOrder::Topic);
+/// assert_eq!(AckOrder::default(), AckOrder::Connection);
+/// assert_eq!("topic".parse::<AckOrder>().unwrap(), AckOrder::Topic);
+/// // "global", the name of receive order in earlier releases, still parses.
+/// assert_eq!("global".parse::<AckOrder>().unwrap(), AckOrder::Connection);
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum AckOrder {
-    /// In arrival order within each topic (the default).
+    /// In receive order across the whole connection, as the specification
+    /// requires (the default).
     #[default]
+    Connection,
+    /// In receive order within each topic: outside the specification, see
+    /// the [type docs](AckOrder).
     Topic,
-    /// In arrival order across the whole connection.
-    Global,
 }
 
 /// A string that names no [`AckOrder`].
@@ -275,7 +286,7 @@ pub enum AckOrder {
 /// assert!("fifo".parse::<tower_mqtt::AckOrder>().is_err());
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("unknown acknowledgement order {0:?}: expected topic or global")]
+#[error("unknown acknowledgement order {0:?}: expected connection or topic")]
 pub struct UnknownAckOrder(pub String);
 
 impl std::str::FromStr for AckOrder {
@@ -283,8 +294,8 @@ impl std::str::FromStr for AckOrder {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.to_ascii_lowercase().as_str() {
+            "connection" | "global" => Ok(Self::Connection),
             "topic" => Ok(Self::Topic),
-            "global" => Ok(Self::Global),
             _ => Err(UnknownAckOrder(s.to_owned())),
         }
     }

@@ -6,14 +6,15 @@
 //! certificate: UnknownIssuer`, or, when the broker refuses ours after the
 //! handshake, as a bare `I/O: received fatal alert`. The rustls error is
 //! found wherever it is wrapped and put first, with the broker and what to
-//! check. Failures that a retry does not fix (TLS, a refused login, a
-//! password that cannot be read) are logged at ERROR the first time and
-//! whenever the reason changes; every failure still goes through the poll
-//! loop's reconnect delay.
+//! check. Failures that a retry does not fix (TLS, a WebSocket upgrade
+//! refused, a password that cannot be read) are logged at ERROR the first
+//! time and whenever the reason changes; every failure still goes through the
+//! poll loop's reconnect delay. A broker's CONNACK refusal (a bad password)
+//! is the poll loop's own (`wire::describe_refusal`).
 
 use std::{error::Error as StdError, io};
 
-use rumqttc::{ConnectReturnCode, ConnectionError, EventLoop};
+use rumqttc::{ConnectionError, EventLoop};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError};
 use tracing::error;
 
@@ -108,15 +109,6 @@ impl ConnectionAttempts {
         }
         match error {
             ConnectionError::Tls(tls) => (format!("TLS with {broker} failed: {tls}"), true),
-            ConnectionError::ConnectionRefused(
-                code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
-            ) => (
-                format!(
-                    "{broker} refused the login ({code:?}): check the user name and the \
-                     password (MQTT_URL, MQTT_USERNAME, MQTT_PASSWORD, MQTT_PASSWORD_FILE)"
-                ),
-                true,
-            ),
             #[cfg(feature = "websocket")]
             ConnectionError::Websocket(_)
             | ConnectionError::WsConnect(_)

@@ -31,7 +31,7 @@
 //! | `MQTT_MAX_INCOMING_PACKET_SIZE` | largest packet read from the broker, bytes; a larger one drops the connection | `268435455` (the protocol's limit) |
 //! | `MQTT_MAX_PENDING` | messages held at once (queued, running, or waiting for their acknowledgement's turn) before the client stops reading | `4096` |
 //! | `MQTT_MAX_PENDING_BYTES` | payload bytes of queued and running messages before the client stops reading | `67108864` (64 MiB) |
-//! | `MQTT_ACK_ORDER` | acknowledgement order: `topic` (per topic) or `global` (the whole connection) | `topic` |
+//! | `MQTT_ACK_ORDER` | acknowledgement order: `connection` (receive order, as MQTT requires) or `topic` (per topic, outside the specification; see [`AckOrder`]) | `connection` |
 //! | `MQTT_HEALTH_NAME` | the name health is published under, `system/health/<name>` | the source name |
 //! | `MQTT_QUEUE_SIZE` | a route's queue capacity, unless the route sets its own | `256` |
 //! | `MQTT_QUEUE_OVERFLOW` | a full route queue: `block`, `drop_oldest` or `drop_new`, unless the route sets its own | `block` |
@@ -200,7 +200,7 @@ mod var {
 /// What each variable must look like; quoted in errors.
 mod expect {
     pub(super) const OFFLINE_OVERFLOW: &str = "reject or drop_oldest";
-    pub(super) const ACK_ORDER: &str = "topic or global";
+    pub(super) const ACK_ORDER: &str = "connection or topic";
     pub(super) const QUEUE_OVERFLOW: &str = "block, drop_oldest or drop_new";
     pub(super) const DEDUPE_TTL: &str = "0 (dedup off) or a number of seconds greater than 0 and \
                                          at most 86400, such as 30 or 0.5";
@@ -362,8 +362,8 @@ pub struct Config {
     /// Payload bytes of queued and running messages (`MQTT_MAX_PENDING_BYTES`), default
     /// 64 MiB; works like [`max_pending`](Self::max_pending).
     pub max_pending_bytes: usize,
-    /// How acknowledgements of different topics are ordered (`MQTT_ACK_ORDER`),
-    /// default [`AckOrder::Topic`].
+    /// The order acknowledgements leave in (`MQTT_ACK_ORDER`), default
+    /// [`AckOrder::Connection`]: receive order, as the protocol requires.
     pub ack_order: AckOrder,
     /// Publishes kept while disconnected (`MQTT_OFFLINE_BUFFER`), default 1000.
     pub offline_buffer: usize,
@@ -417,7 +417,7 @@ impl Config {
             max_incoming_packet_size: MAX_MQTT_PACKET,
             max_pending: DEFAULT_MAX_PENDING,
             max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
-            ack_order: AckOrder::Topic,
+            ack_order: AckOrder::Connection,
             offline_buffer: 1000,
             offline_max_age: Duration::from_secs(60),
             offline_overflow: OfflineOverflow::Reject,
@@ -551,13 +551,14 @@ impl Config {
         self
     }
 
-    /// Sets the acknowledgement order.
+    /// Sets the acknowledgement order; [`AckOrder::Topic`] is outside the
+    /// specification (see its docs).
     ///
     /// ```
     /// use tower_mqtt::{config::Config, AckOrder};
     ///
-    /// let config = Config::new("mqtt://localhost")?.with_ack_order(AckOrder::Global);
-    /// assert_eq!(config.ack_order, AckOrder::Global);
+    /// let config = Config::new("mqtt://localhost")?.with_ack_order(AckOrder::Topic);
+    /// assert_eq!(config.ack_order, AckOrder::Topic);
     /// # Ok::<(), tower_mqtt::config::ConfigError>(())
     /// ```
     #[must_use]

@@ -124,18 +124,18 @@ fn pending_limits_ack_order_and_incoming_size_come_from_the_environment() {
     let config = with_url(&[]).unwrap();
     assert_eq!(config.max_pending, 4096);
     assert_eq!(config.max_pending_bytes, 64 * 1024 * 1024);
-    assert_eq!(config.ack_order, AckOrder::Topic);
+    assert_eq!(config.ack_order, AckOrder::Connection);
     assert_eq!(config.max_incoming_packet_size, MAX_MQTT_PACKET);
     let config = with_url(&[
         ("MQTT_MAX_PENDING", "100"),
         ("MQTT_MAX_PENDING_BYTES", "65536"),
-        ("MQTT_ACK_ORDER", "Global"),
+        ("MQTT_ACK_ORDER", "Topic"),
         ("MQTT_MAX_INCOMING_PACKET_SIZE", "2097152"),
     ])
     .unwrap();
     assert_eq!(config.max_pending, 100);
     assert_eq!(config.max_pending_bytes, 65536);
-    assert_eq!(config.ack_order, AckOrder::Global);
+    assert_eq!(config.ack_order, AckOrder::Topic);
     assert_eq!(config.max_incoming_packet_size, 2_097_152);
     for (var, raw) in [
         ("MQTT_MAX_PENDING", "0"),

@@ -19,15 +19,15 @@ use tower::{util::BoxCloneSyncService, Layer, Service, ServiceExt};
 use tracing::{info, warn};
 
 use super::{
-    ack::AckPacket,
+    ack_writer::{self, AckGate},
     delivery::Deliveries,
-    dispatch::{Counters, Dispatcher, Limits, QueueDefaults},
+    dispatch::{AckPacket, Counters, Dispatcher, Limits, QueueDefaults},
     heartbeat::Heartbeat,
     outbox::{Outbox, OutboxLimits},
     poll::{OnConnect, PollLoop},
     running::{
-        wait_shutdown, ConnectionState, Running, RuntimeCounters, ShutdownHandle, ShutdownReport,
-        Stats, StatsView,
+        wait_shutdown, ConnectionState, Readiness, Running, RuntimeCounters, ShutdownHandle,
+        ShutdownReport, Stats, StatsView,
     },
     sink::Sink,
     wire,
@@ -236,7 +236,7 @@ impl Client {
             counters: counters.clone(),
             runtime: runtime_counters.clone(),
         };
-        let ready = Arc::new(watch::channel(false).0);
+        let ready = Arc::new(watch::channel(Readiness::Pending).0);
         let ready_rx = ready.subscribe();
         let task = tokio::spawn(self.run(Run {
             ready,
@@ -282,7 +282,7 @@ impl Client {
         // Acknowledgements leave through one task, so their order holds; it
         // may wait for room in the request channel, which the poll loop must
         // never do.
-        let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<(u64, AckPacket)>();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<(u64, AckPacket)>();
         let dispatcher = Dispatcher::new(
             router.clone(),
             service,
@@ -301,44 +301,23 @@ impl Client {
             ack_tx,
         )
         .with_publisher(publisher.clone());
-        let ack_client = client.clone();
-        let ack_dispatcher = dispatcher.clone();
         // The goodbye leaves through the same task, after every
-        // acknowledgement released before it: a DISCONNECT that overtook them
-        // would have the session deliver those messages again.
+        // acknowledgement released before it.
         let goodbye = Arc::new(Notify::new());
-        let say_goodbye = goodbye.clone();
-        let ack_task = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    biased;
-                    Some((epoch, packet)) = ack_rx.recv() => {
-                        // An ack of the previous connection would acknowledge
-                        // a different message on this one.
-                        if epoch != ack_dispatcher.epoch() {
-                            continue;
-                        }
-                        if ack_client.ack(&packet.to_publish()).await.is_err() {
-                            break;
-                        }
-                    }
-                    () = say_goodbye.notified() => {
-                        let _ = ack_client.disconnect().await;
-                        break;
-                    }
-                }
-            }
-        });
+        let ack_gate = Arc::new(AckGate::default());
+        let ack_task = ack_writer::spawn(client.clone(), ack_gate.clone(), ack_rx, goodbye.clone());
 
         let reading_paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let publishes_read = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let heartbeat = config.enable_heartbeat.then(|| Heartbeat {
             topic: health::heartbeat_topic(&config.client_id),
             interval: config.heartbeat_interval,
             last_echo: Arc::new(Mutex::new(Instant::now())),
             force_reconnect: Arc::new(Notify::new()),
             reading_paused: reading_paused.clone(),
+            publishes_read: publishes_read.clone(),
         });
-        let mut filters = wire::subscriptions(&router, config.clean_session);
+        let mut filters = wire::subscriptions(&router);
         if let Some(hb) = &heartbeat {
             filters.push((hb.topic.clone(), QoS::AtMostOnce));
         }
@@ -351,6 +330,7 @@ impl Client {
             config: config.clone(),
             filters,
             dispatcher: dispatcher.clone(),
+            ack_gate,
             deliveries: deliveries.clone(),
             outbox: outbox.clone(),
             publisher: publisher.clone(),
@@ -358,6 +338,7 @@ impl Client {
             state: state.clone(),
             counters: runtime_counters,
             reading_paused,
+            publishes_read,
             heartbeat: heartbeat.clone(),
             stopping: stopping.clone(),
         };
@@ -425,7 +406,7 @@ impl Client {
 
 /// What a run needs besides the client.
 struct Run<S> {
-    ready: Arc<watch::Sender<bool>>,
+    ready: Arc<watch::Sender<Readiness>>,
     router: Router,
     service: S,
     counters: Arc<Counters>,

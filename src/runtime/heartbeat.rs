@@ -1,11 +1,16 @@
 //! The heartbeat: a QoS 0 message to `system/keepalive/<client id>` every
-//! interval, which the client also subscribes to. When none has come back for
-//! three intervals the connection is stalled ("connected but nothing moves"),
-//! and the poll loop is asked to replace it.
+//! interval, which the client also subscribes to. When no publish at all has
+//! come in for three intervals while the client was reading (its own
+//! heartbeat would have), the connection is stalled ("connected but nothing
+//! moves"), and the poll loop is asked to replace it.
+//!
+//! Any publish counts, not only the heartbeat's echo: behind a backlog the
+//! echo waits unread behind thousands of messages, and a connection that
+//! delivers them is anything but stalled.
 
 use std::{
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::Duration,
@@ -35,16 +40,24 @@ pub(super) struct Heartbeat {
     /// Set while the poll loop has stopped reading: no echo can come back
     /// then, and that is not a stall.
     pub(super) reading_paused: Arc<AtomicBool>,
+    /// Publishes the poll loop has read, the echo included.
+    pub(super) publishes_read: Arc<AtomicU64>,
 }
 
 impl Heartbeat {
-    /// Publishes a heartbeat every interval while connected; when none has
-    /// come back for three intervals, asks the poll loop to reconnect.
+    /// Publishes a heartbeat every interval while connected; when nothing has
+    /// come in for three intervals, asks the poll loop to reconnect.
     pub(super) async fn run(self, mut sink: Sink, mut state: watch::Receiver<ConnectionState>) {
         let mut tick = tokio::time::interval(self.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut publishes = self.publishes_read.load(Ordering::Relaxed);
         loop {
             tick.tick().await;
+            let now = self.publishes_read.load(Ordering::Relaxed);
+            if now != publishes {
+                publishes = now;
+                *self.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
+            }
             if self.reading_paused.load(Ordering::Relaxed) {
                 *self.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
                 continue;

@@ -60,7 +60,7 @@
 //!
 //! [`Outcome`]: crate::Outcome
 
-mod ack;
+mod ack_writer;
 mod backoff;
 mod client;
 pub(crate) mod delivery;
@@ -77,7 +77,7 @@ pub use crate::publisher::DeliveryError;
 pub use self::{
     client::{Client, Serve, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_IN_FLIGHT},
     running::{
-        shutdown_signal, ConnectionState, DecodeFailures, Running, ShutdownHandle, ShutdownReport,
-        Stats,
+        shutdown_signal, ConnectionState, DecodeFailures, ReadyError, RefusedSubscription, Running,
+        ShutdownHandle, ShutdownReport, Stats,
     },
 };

@@ -3,17 +3,24 @@
 //!
 //! It connects with backoff, subscribes on every CONNACK, hands publishes to
 //! the dispatcher, stops reading while the dispatcher is full (writing PINGREQs
-//! meanwhile), and settles what belonged to a connection when it ends.
+//! meanwhile), judges the connection's liveness itself (see the dispatcher's
+//! module docs for why), and settles what belonged to a connection when it
+//! ends.
 
 use std::{
     future::Future,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, SubscribeReasonCode};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, SubscribeReasonCode,
+};
 use tokio::{
     sync::{watch, Notify},
     time::Instant,
@@ -22,13 +29,14 @@ use tower::Service;
 use tracing::{debug, error, info, warn};
 
 use super::{
+    ack_writer::AckGate,
     backoff::Backoff,
     client::GOODBYE_TIMEOUT,
     delivery::Deliveries,
     dispatch::{Dispatcher, OverLimit},
     heartbeat::Heartbeat,
     outbox::Outbox,
-    running::{ConnectionState, RuntimeCounters},
+    running::{ConnectionState, Readiness, RefusedSubscription, RuntimeCounters},
     wire,
 };
 use crate::{
@@ -48,30 +56,49 @@ pub(super) type OnConnect =
 
 /// Drives one connection after another; see the [module docs](self).
 pub(super) struct PollLoop<S> {
-    /// True once subscriptions are in place on the current connection.
-    pub(super) ready: Arc<watch::Sender<bool>>,
+    /// Whether subscriptions are in place on the current connection.
+    pub(super) ready: Arc<watch::Sender<Readiness>>,
     pub(super) eventloop: EventLoop,
     pub(super) client: AsyncClient,
     pub(super) config: Config,
     pub(super) filters: Vec<(String, QoS)>,
     pub(super) dispatcher: Dispatcher<S>,
+    pub(super) ack_gate: Arc<AckGate>,
     pub(super) deliveries: Arc<Deliveries>,
     pub(super) outbox: Arc<Outbox>,
     pub(super) publisher: Publisher,
     pub(super) on_connect: Vec<OnConnect>,
     pub(super) state: Arc<watch::Sender<ConnectionState>>,
     pub(super) counters: Arc<RuntimeCounters>,
-    pub(super) reading_paused: Arc<std::sync::atomic::AtomicBool>,
+    pub(super) reading_paused: Arc<AtomicBool>,
+    /// Publishes read, for the heartbeat's watchdog.
+    pub(super) publishes_read: Arc<AtomicU64>,
     pub(super) heartbeat: Option<Heartbeat>,
-    pub(super) stopping: Arc<std::sync::atomic::AtomicBool>,
+    pub(super) stopping: Arc<AtomicBool>,
 }
 
 enum Step {
     Event(Event),
-    Failed(String),
+    Failed(Failure),
     /// Reconnect at once, without a backoff: withheld messages wait in the
     /// broker's session.
     Recover,
+}
+
+/// Why a connection (or an attempt) failed.
+enum Failure {
+    /// The broker refused the connection in its CONNACK.
+    Refused(String),
+    /// Anything else: network, protocol, a stalled connection.
+    Lost(String),
+}
+
+/// Whether anything came from the broker since the last PINGREQ; see
+/// [`PollLoop::run`].
+#[derive(Default)]
+struct Liveness {
+    read: bool,
+    paused: bool,
 }
 
 /// How often a paused poll loop checks whether a publish of the handlers now
@@ -85,6 +112,14 @@ where
     S::Future: Send + 'static,
 {
     /// Drives the connection until DISCONNECT is sent; returns whether it was.
+    ///
+    /// rumqttc fails a connection when the PINGRESP to its previous PINGREQ
+    /// has not been read one keep-alive later. Behind a backlog the PINGRESP
+    /// waits unread behind thousands of PUBLISH packets, so a busy client
+    /// would drop its own healthy connection. The loop clears rumqttc's flag
+    /// before every poll and judges liveness itself: when rumqttc sends its
+    /// next PINGREQ, the connection is dead only if nothing at all was read
+    /// since the previous one while reading was not paused.
     #[allow(clippy::too_many_lines)]
     pub(super) async fn run(mut self) -> bool {
         let mut backoff = Backoff::new(
@@ -102,14 +137,14 @@ where
         } else {
             OverLimit::Withhold
         };
+        let expects_pubrel = self.filters.iter().any(|(_, qos)| *qos == QoS::ExactlyOnce);
         info!(broker = %self.config.broker, client_id = %self.config.client_id, "connecting");
         // rumqttc stops taking requests while an outgoing packet id collides
         // and waits for an ack that may never come (the livelock seen after
         // broker restarts): give it one keepalive, then start over.
         let mut collided_since: Option<Instant> = None;
-        // Acknowledgements written on this connection, against those the
-        // dispatcher released: a recovery waits until both agree.
-        let mut acks_written: u64 = 0;
+        let mut liveness = Liveness::default();
+        let mut last_refusal: Option<String> = None;
         // Credentials fetched before each connect, failures described (config/connect.rs).
         let mut attempts = self.config.connection_attempts();
         loop {
@@ -124,7 +159,7 @@ where
             if connected
                 && self.dispatcher.is_withholding()
                 && self.dispatcher.load().pending == 0
-                && acks_written >= self.dispatcher.released_on_connection()
+                && self.dispatcher.acks_written() >= self.dispatcher.released_on_connection()
             {
                 self.goodbye().await;
                 self.finish_connection(Step::Recover, &mut connected_at, &mut backoff)
@@ -137,38 +172,67 @@ where
                 && self.deliveries.unconfirmed() == 0
             {
                 self.pause().await;
+                liveness.paused = true;
                 continue;
             }
             let step = if stuck {
                 collided_since = None;
-                self.eventloop.clean();
-                self.eventloop.network = None;
-                Step::Failed("outgoing publishes stuck on a packet id collision".to_owned())
+                self.abandon();
+                Step::Failed(Failure::Lost(
+                    "outgoing publishes stuck on a packet id collision".to_owned(),
+                ))
             } else if let Err(reason) = attempts.prepare(&mut self.eventloop) {
-                Step::Failed(reason) // the password could not be read: a failed attempt
+                Step::Failed(Failure::Lost(reason)) // no password: a failed attempt
             } else {
+                // The loop owns the keep-alive check (see above).
+                self.eventloop.state.await_pingresp = false;
                 tokio::select! {
                     // Abandoning `poll` mid-way is only done when the connection is
                     // abandoned too, so its cancel safety does not matter here.
                     () = force.notified() => {
-                        self.eventloop.clean();
-                        self.eventloop.network = None;
-                        Step::Failed("no heartbeat came back (connection stalled)".to_owned())
+                        self.abandon();
+                        Step::Failed(Failure::Lost("no heartbeat came back (connection stalled)".to_owned()))
                     }
                     event = self.eventloop.poll() => match event {
                         Ok(event) => Step::Event(event),
-                        Err(err) => Step::Failed(attempts.failed(&err)), // with the TLS reason
+                        Err(ConnectionError::ConnectionRefused(code)) => {
+                            Step::Failed(Failure::Refused(wire::describe_refusal(code)))
+                        }
+                        Err(err) => Step::Failed(Failure::Lost(attempts.failed(&err))), // TLS reasons
                     },
                 }
+            };
+            let step = match step {
+                Step::Event(Event::Incoming(_)) => {
+                    liveness.read = true;
+                    step
+                }
+                Step::Event(Event::Outgoing(Outgoing::PingReq)) => {
+                    let alive = liveness.read || liveness.paused;
+                    liveness = Liveness::default();
+                    if alive {
+                        continue;
+                    }
+                    self.abandon();
+                    Step::Failed(Failure::Lost(format!(
+                        "nothing came from the broker for a whole keep-alive ({} s): \
+                         the previous PINGREQ went unanswered",
+                        self.config.keep_alive.as_secs()
+                    )))
+                }
+                step => step,
             };
             match step {
                 Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.counters.connections.fetch_add(1, Ordering::Relaxed);
                     connected_at = Some(Instant::now());
                     collided_since = None;
-                    acks_written = 0;
+                    last_refusal = None;
                     attempts.connected(); // a later failure is reported anew
-                    self.dispatcher.new_connection();
+                    self.dispatcher.connected(ack.session_present);
+                    if ack.session_present && expects_pubrel {
+                        wire::expect_pubrels(&mut self.eventloop);
+                    }
                     self.deliveries.connected(ack.session_present);
                     self.outbox.connected();
                     self.state.send_replace(ConnectionState::Connected {
@@ -178,18 +242,16 @@ where
                     // A resumed session may lack some filters; subscribing is
                     // idempotent, so always subscribe. Ready comes with the SUBACK.
                     if self.filters.is_empty() {
-                        self.subscribed();
+                        self.subscribed(Vec::new());
                     } else {
                         self.subscribe();
                     }
                     if let Some(hb) = &self.heartbeat {
                         *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
                     }
-                    if self.config.enable_health {
-                        self.publish_ready();
-                    }
                 }
                 Step::Event(Event::Incoming(Packet::Publish(publish))) => {
+                    self.publishes_read.fetch_add(1, Ordering::Relaxed);
                     if let Some(hb) = &self.heartbeat {
                         if publish.topic == hb.topic {
                             *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
@@ -205,23 +267,23 @@ where
                     self.deliveries.confirmed(comp.pkid);
                 }
                 Step::Event(Event::Incoming(Packet::SubAck(suback))) => {
-                    let refused = suback
-                        .return_codes
+                    let refused = self
+                        .filters
                         .iter()
-                        .filter(|code| matches!(code, SubscribeReasonCode::Failure))
-                        .count();
-                    if refused > 0 {
-                        error!(refused, "the broker refused subscriptions");
-                    } else {
-                        debug!(filters = suback.return_codes.len(), "subscribed");
-                    }
-                    self.subscribed();
+                        .zip(&suback.return_codes)
+                        .filter(|(_, code)| matches!(code, SubscribeReasonCode::Failure))
+                        .map(|((filter, _), _)| RefusedSubscription {
+                            filter: filter.clone(),
+                            reason: "the broker refused it (SUBACK 0x80)".to_owned(),
+                        })
+                        .collect();
+                    self.subscribed(refused);
                 }
                 Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
                     self.deliveries.written(pkid);
                 }
                 Step::Event(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
-                    acks_written += 1;
+                    self.dispatcher.ack_written();
                 }
                 Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
                     if !wire::await_close(&mut self.eventloop, GOODBYE_TIMEOUT).await {
@@ -232,18 +294,47 @@ where
                 }
                 Step::Event(_) => {}
                 step @ (Step::Failed(_) | Step::Recover) => {
-                    if self.stopping.load(Ordering::SeqCst) {
-                        return false;
-                    }
                     if !self
-                        .finish_connection(step, &mut connected_at, &mut backoff)
+                        .end(step, &mut connected_at, &mut backoff, &mut last_refusal)
                         .await
                     {
                         return false;
                     }
+                    liveness = Liveness::default();
                 }
             }
         }
+    }
+
+    /// Ends a connection (or a failed attempt): logs a refusal when it is new
+    /// or different, then settles and waits. Returns false when shutdown
+    /// began.
+    async fn end(
+        &mut self,
+        step: Step,
+        connected_at: &mut Option<Instant>,
+        backoff: &mut Backoff,
+        last_refusal: &mut Option<String>,
+    ) -> bool {
+        if self.stopping.load(Ordering::SeqCst) {
+            return false;
+        }
+        if let Step::Failed(Failure::Refused(reason)) = &step {
+            self.counters
+                .connection_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            if last_refusal.as_deref() != Some(reason.as_str()) {
+                error!(broker = %self.config.broker, %reason, "the broker refused the connection");
+                *last_refusal = Some(reason.clone());
+            }
+        }
+        self.finish_connection(step, connected_at, backoff).await
+    }
+
+    /// Drops the connection without a word to the broker.
+    fn abandon(&mut self) {
+        self.eventloop.clean();
+        self.eventloop.network = None;
     }
 
     /// Stops reading from the broker until the dispatcher has room again (or
@@ -304,10 +395,24 @@ where
         {
             backoff.reset();
         }
-        // Acknowledgements still on their way belong to the old
-        // connection; its packet ids mean nothing to the next one.
-        self.dispatcher.new_connection();
-        wire::salvage_events(&mut self.eventloop, &self.deliveries);
+        // Acknowledgements still on their way belong to the old connection:
+        // close the gate first, so that none follows, then clear those that
+        // reached rumqttc (its `clean` drops PUBACKs from the channel; PUBRECs
+        // and anything already in its pending list are ours to drop).
+        self.ack_gate.close_connection();
+        self.eventloop.clean();
+        self.eventloop.pending.retain(|request| {
+            !matches!(
+                request,
+                rumqttc::Request::PubAck(_) | rumqttc::Request::PubRec(_)
+            )
+        });
+        wire::salvage_events(&mut self.eventloop, &self.deliveries, || {
+            self.dispatcher.ack_written();
+        });
+        // What was not acknowledged on the wire is carried to the next
+        // connection.
+        self.dispatcher.connection_lost();
         wire::release_collision(&mut self.eventloop);
         // With a clean session the broker forgets everything; take
         // rumqttc's unconfirmed publishes back to send them again.
@@ -323,18 +428,27 @@ where
             .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
             .count();
         self.deliveries.disconnected(pending_unassigned);
-        self.ready.send_replace(false);
+        self.ready.send_replace(Readiness::Pending);
         let (reason, delay) = match step {
             Step::Recover => {
                 self.counters.recoveries.fetch_add(1, Ordering::Relaxed);
                 ("taking withheld messages back".to_owned(), Duration::ZERO)
             }
-            Step::Failed(reason) => {
+            Step::Failed(failure) => {
                 self.counters
                     .connection_failures
                     .fetch_add(1, Ordering::Relaxed);
                 let delay = backoff.next_delay();
-                warn!(%reason, retry_in_ms = delay.as_millis(), "connection lost; reconnecting");
+                let reason = match failure {
+                    Failure::Refused(reason) => {
+                        debug!(%reason, retry_in_ms = delay.as_millis(), "refused; retrying");
+                        format!("refused: {reason}")
+                    }
+                    Failure::Lost(reason) => {
+                        warn!(%reason, retry_in_ms = delay.as_millis(), "connection lost; reconnecting");
+                        reason
+                    }
+                };
                 (reason, delay)
             }
             Step::Event(_) => unreachable!("only failures end a connection"),
@@ -371,19 +485,46 @@ where
         });
     }
 
-    /// Subscriptions are in place on this connection: ready, and the
-    /// on-connect hooks run.
-    fn subscribed(&self) {
-        self.ready.send_replace(true);
-        for hook in &self.on_connect {
-            tokio::spawn(hook(self.publisher.clone()));
+    /// The broker answered the subscriptions of this connection. With none
+    /// refused the client is ready, announces it in its health and runs the
+    /// on-connect hooks; a refusal is an ERROR per filter, a counter, a health
+    /// report of `ok=false` and a `ready()` that fails.
+    fn subscribed(&self, refused: Vec<RefusedSubscription>) {
+        if refused.is_empty() {
+            debug!(filters = self.filters.len(), "subscribed");
+            self.ready.send_replace(Readiness::Ready);
+            if self.config.enable_health {
+                self.report_health(Health::ready());
+            }
+            for hook in &self.on_connect {
+                tokio::spawn(hook(self.publisher.clone()));
+            }
+            return;
         }
+        for refusal in &refused {
+            error!(filter = %refusal.filter, reason = %refusal.reason, "the broker refused a subscription");
+        }
+        self.counters
+            .subscriptions_refused
+            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        if self.config.enable_health {
+            let filters: Vec<&str> = refused.iter().map(|r| r.filter.as_str()).collect();
+            self.report_health(Health::new(
+                false,
+                "subscribe_refused",
+                Some(format!(
+                    "the broker refused the subscriptions {}",
+                    filters.join(", ")
+                )),
+            ));
+        }
+        self.ready.send_replace(Readiness::Refused(refused));
     }
 
-    fn publish_ready(&self) {
+    fn report_health(&self, health: Health) {
         let publisher = self.publisher.clone();
         tokio::spawn(async move {
-            if let Err(err) = publisher.report_health(Health::ready()).await {
+            if let Err(err) = publisher.report_health(health).await {
                 warn!(error = %err, "could not publish health");
             }
         });

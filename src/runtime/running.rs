@@ -44,6 +44,76 @@ impl ConnectionState {
     }
 }
 
+/// Where the subscriptions of the current connection stand.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Readiness {
+    /// Not connected, or the SUBACK has not come yet.
+    Pending,
+    /// Every subscription is in place.
+    Ready,
+    /// The broker refused some.
+    Refused(Vec<RefusedSubscription>),
+}
+
+/// A subscription the broker refused.
+///
+/// ```
+/// let refused = tower_mqtt::runtime::RefusedSubscription::new("secret/#", "not authorized");
+/// assert_eq!(refused.to_string(), "secret/#: not authorized");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RefusedSubscription {
+    /// The topic filter.
+    pub filter: String,
+    /// Why, as the broker said it.
+    pub reason: String,
+}
+
+impl RefusedSubscription {
+    /// A refusal of `filter` for `reason`.
+    pub fn new(filter: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            filter: filter.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for RefusedSubscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.filter, self.reason)
+    }
+}
+
+/// Why [`Running::ready`] failed.
+///
+/// ```
+/// use tower_mqtt::runtime::{ReadyError, RefusedSubscription};
+///
+/// let error = ReadyError::Refused(vec![RefusedSubscription::new("secret/#", "not authorized")]);
+/// assert_eq!(error.to_string(), "the broker refused subscriptions: secret/#: not authorized");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadyError {
+    /// The broker refused subscriptions; the others are in place, and the
+    /// client subscribes again on every reconnect.
+    #[error("the broker refused subscriptions: {}", list(.0))]
+    Refused(Vec<RefusedSubscription>),
+    /// The client shut down before its subscriptions were in place.
+    #[error("the client shut down before its subscriptions were in place")]
+    Closed,
+}
+
+fn list(refused: &[RefusedSubscription]) -> String {
+    refused
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Counts of what the runtime did with incoming messages.
 ///
 /// ```
@@ -59,8 +129,15 @@ pub struct Stats {
     pub handled: u64,
     /// Failed ([`Outcome::Failed`](crate::Outcome::Failed) or an error of the service).
     pub failed: u64,
-    /// Recognised as duplicates.
+    /// Recognised as duplicates by the dedup layer.
     pub duplicates: u64,
+    /// Delivered again by the broker while still held from an earlier
+    /// connection (queued, running, or handled but not yet acknowledged): the
+    /// redelivery joined the held copy and did not run a second time.
+    pub redelivered: u64,
+    /// Messages held from earlier connections that the broker has not
+    /// delivered again yet.
+    pub carried: u64,
     /// Matched no route and no fallback.
     pub unrouted: u64,
     /// Dropped by [`Overflow::DropOldest`](crate::Overflow::DropOldest).
@@ -104,6 +181,12 @@ pub struct Stats {
     pub connections: u64,
     /// Connection attempts and connections that failed.
     pub connection_failures: u64,
+    /// Connection attempts the broker refused in its CONNACK (bad
+    /// credentials, not authorized, ...); each also counts in
+    /// `connection_failures`.
+    pub connection_refusals: u64,
+    /// Subscriptions the broker refused in a SUBACK.
+    pub subscriptions_refused: u64,
 }
 
 /// Messages that could not be decoded, by the reason the decode layer gives
@@ -140,6 +223,8 @@ impl DecodeFailures {
 pub(super) struct RuntimeCounters {
     pub(super) connections: AtomicU64,
     pub(super) connection_failures: AtomicU64,
+    pub(super) connection_refusals: AtomicU64,
+    pub(super) subscriptions_refused: AtomicU64,
     pub(super) read_pauses: AtomicU64,
     pub(super) recoveries: AtomicU64,
 }
@@ -152,6 +237,8 @@ impl Stats {
             handled: get(&counters.handled),
             failed: get(&counters.failed),
             duplicates: get(&counters.duplicates),
+            redelivered: get(&counters.redelivered),
+            carried: get(&counters.carried),
             unrouted: get(&counters.unrouted),
             dropped_oldest: get(&counters.dropped_oldest),
             dropped_new: get(&counters.dropped_new),
@@ -175,6 +262,8 @@ impl Stats {
             recoveries: get(&runtime.recoveries),
             connections: get(&runtime.connections),
             connection_failures: get(&runtime.connection_failures),
+            connection_refusals: get(&runtime.connection_refusals),
+            subscriptions_refused: get(&runtime.subscriptions_refused),
         }
     }
 }
@@ -243,7 +332,7 @@ pub(super) struct StatsView {
 /// ```no_run
 /// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
 /// let running = tower_mqtt::serve(config, router).spawn()?;
-/// running.ready().await; // subscribed
+/// running.ready().await?; // subscribed
 /// println!("{:?}", running.stats());
 /// let report = running.shutdown().await;
 /// assert!(report.disconnected_cleanly);
@@ -251,7 +340,7 @@ pub(super) struct StatsView {
 /// ```
 pub struct Running {
     task: JoinHandle<ShutdownReport>,
-    ready: watch::Receiver<bool>,
+    ready: watch::Receiver<Readiness>,
     handle: ShutdownHandle,
     state: watch::Receiver<ConnectionState>,
     publisher: Publisher,
@@ -269,7 +358,7 @@ impl fmt::Debug for Running {
 impl Running {
     pub(super) fn new(
         task: JoinHandle<ShutdownReport>,
-        ready: watch::Receiver<bool>,
+        ready: watch::Receiver<Readiness>,
         handle: ShutdownHandle,
         state: watch::Receiver<ConnectionState>,
         publisher: Publisher,
@@ -316,12 +405,31 @@ impl Running {
         self.state.clone()
     }
 
-    /// Waits until the client is connected and the broker has acknowledged
-    /// its subscriptions: from then on, messages on the router's topics reach
-    /// the handlers.
-    pub async fn ready(&self) {
+    /// Waits until the client is connected and the broker has answered its
+    /// subscriptions: from then on, messages on the router's topics reach
+    /// the handlers. Fails when the broker refused any of them (they are
+    /// logged at ERROR, counted in [`Stats::subscriptions_refused`] and
+    /// reported in the health), or when the client shut down first.
+    ///
+    /// ```no_run
+    /// # async fn run(config: tower_mqtt::config::Config, router: tower_mqtt::Router) -> Result<(), tower_mqtt::BoxError> {
+    /// let running = tower_mqtt::serve(config, router).spawn()?;
+    /// if let Err(refused) = running.ready().await {
+    ///     eprintln!("not serving everything: {refused}");
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn ready(&self) -> Result<(), ReadyError> {
         let mut ready = self.ready.clone();
-        let _ = ready.wait_for(|ready| *ready).await;
+        let outcome = ready
+            .wait_for(|ready| *ready != Readiness::Pending)
+            .await
+            .map(|ready| ready.clone());
+        match outcome {
+            Ok(Readiness::Refused(refused)) => Err(ReadyError::Refused(refused)),
+            Ok(_) => Ok(()),
+            Err(_) => Err(ReadyError::Closed),
+        }
     }
 
     /// Waits until the client is connected.

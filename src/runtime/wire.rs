@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttc::{Event, EventLoop, Outgoing, Packet};
-use tracing::warn;
 
 use super::delivery::Deliveries;
 use crate::{
@@ -43,25 +42,54 @@ pub(crate) fn request(publish: &rumqttc::Publish) -> Result<Request<Bytes>, Topi
 }
 
 /// The router's filters with the QoS to subscribe at.
-///
-/// rumqttc forgets which QoS 2 deliveries await PUBREL when a connection
-/// drops, then treats the broker's resent PUBREL in a resumed session as an
-/// error and reconnects, forever. QoS 1 with dedup gives the same guarantee
-/// without that loop, so a persistent session subscribes at QoS 1 instead.
-pub(crate) fn subscriptions(router: &Router, clean_session: bool) -> Vec<(String, QoS)> {
+pub(crate) fn subscriptions(router: &Router) -> Vec<(String, QoS)> {
     router
         .subscriptions()
         .into_iter()
-        .map(|(filter, qos)| {
-            let qos = if qos == QoS::ExactlyOnce && !clean_session {
-                warn!(%filter, "QoS 2 with a persistent session is subscribed at QoS 1");
-                QoS::AtLeastOnce
-            } else {
-                qos
-            };
-            (filter.as_str().to_owned(), qos)
-        })
+        .map(|(filter, qos)| (filter.as_str().to_owned(), qos))
         .collect()
+}
+
+/// Lets rumqttc answer a PUBREL for any packet id.
+///
+/// rumqttc answers PUBREL with PUBCOMP only for packet ids it saw a QoS 2
+/// PUBLISH for on the current connection; any other PUBREL fails the
+/// connection ("unsolicited pubrel"). A resumed session resends the PUBREL of
+/// every QoS 2 message acknowledged (PUBREC) before the connection, or the
+/// process, ended [MQTT-4.4.0-1], so the next connection would fail the same
+/// way, forever. The protocol asks for a PUBCOMP for every PUBREL
+/// [MQTT-4.3.3-2] and the broker sends PUBREL only after our PUBREC, so every
+/// packet id is marked as awaiting one, through rumqttc's own incoming-publish
+/// path (its bit set is private). Marking all 65,535 takes a few milliseconds
+/// per resumed session with a QoS 2 route.
+pub(crate) fn expect_pubrels(eventloop: &mut EventLoop) {
+    let events = eventloop.state.events.len();
+    let mut marker = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Bytes::new());
+    for pkid in 1..=u16::MAX {
+        marker.pkid = pkid;
+        // Only bookkeeping: with manual acks nothing is written.
+        let _ = eventloop
+            .state
+            .handle_incoming_packet(Packet::Publish(marker.clone()));
+        if pkid % 1024 == 0 {
+            eventloop.state.events.truncate(events);
+        }
+    }
+    eventloop.state.events.truncate(events);
+}
+
+/// A CONNACK refusal in words, with its return code.
+pub(crate) fn describe_refusal(code: rumqttc::ConnectReturnCode) -> String {
+    use rumqttc::ConnectReturnCode as Code;
+    let (number, words) = match code {
+        Code::Success => (0, "accepted"),
+        Code::RefusedProtocolVersion => (1, "unacceptable protocol version"),
+        Code::BadClientId => (2, "client identifier rejected"),
+        Code::ServiceUnavailable => (3, "server unavailable"),
+        Code::BadUserNamePassword => (4, "bad user name or password"),
+        Code::NotAuthorized => (5, "not authorized"),
+    };
+    format!("{words} (CONNACK return code {number})")
 }
 
 /// Writes a PINGREQ past rumqttc, which is not being polled (reading is
@@ -118,12 +146,18 @@ pub(crate) async fn await_close(eventloop: &mut EventLoop, timeout: Duration) ->
 /// Reads the events rumqttc buffered before the connection failed (it records
 /// an outgoing publish before writing it, and reads packets in batches): a
 /// publish it reported written and acks that arrived still count, or the
-/// confirmation FIFO would drift by one. Incoming publishes are left
+/// confirmation FIFO would drift by one; so do acknowledgements it reported
+/// written (`ack_written`). Incoming publishes are left
 /// unacknowledged; the broker sends them again if it can.
-pub(crate) fn salvage_events(eventloop: &mut EventLoop, deliveries: &Deliveries) {
+pub(crate) fn salvage_events(
+    eventloop: &mut EventLoop,
+    deliveries: &Deliveries,
+    mut ack_written: impl FnMut(),
+) {
     for event in eventloop.state.events.drain(..) {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => deliveries.written(pkid),
+            Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_)) => ack_written(),
             Event::Incoming(Packet::PubAck(ack)) => deliveries.confirmed(ack.pkid),
             Event::Incoming(Packet::PubComp(comp)) => deliveries.confirmed(comp.pkid),
             _ => {}

@@ -4,18 +4,25 @@
 //!
 //! - [`broker`] / [`TestBroker`]: mosquitto when installed, else the embedded broker.
 //!   CI (env `CI` non-empty) must have mosquitto and never falls back.
+//! - [`broker_matrix`] / [`TestBroker::start_kind`]: the same scenario on every broker
+//!   available here (mosquitto, the embedded rumqttd, aedes); CI must have all three.
 //! - [`Mosquitto`]: a mosquitto process per test on a free port; stop, kill, restart on
 //!   the same port with sessions kept.
-//! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses.
+//! - [`Aedes`]: an aedes (node) process per test; refuses chosen subscriptions,
+//!   requires a login, serves MQTT over WebSocket.
+//! - [`Proxy`]: a TCP proxy between client and broker that cuts, stalls and refuses,
+//!   and checks the client's acknowledgement order ([`Proxy::assert_acks_in_order`]).
 //! - [`Probe`], [`publish_raw`], [`MosquittoSub`]: plain clients that observe the wire
 //!   independently of tower-mqtt.
+//! - [`WireClient`]: a scripted client that sends exactly the packets a test writes
+//!   (acks withheld, out of order, stale), to provoke a broker.
 //! - [`Pki`], [`TlsFront`]: certificates made by the test, mosquitto TLS listener
 //!   settings, and a TLS-terminating front (ALPN, `wss://`).
 //! - [`WsBroker`]: rumqttd with a WebSocket listener.
 //!
 //! ```ignore
 //! mod support;
-//! use support::{broker, Probe, Proxy};
+//! use support::{broker, broker_matrix, Probe, Proxy, TestBroker};
 //!
 //! #[tokio::test]
 //! async fn reconnects_after_a_cut() {
@@ -26,6 +33,14 @@
 //!     proxy.cut().await;
 //!     // ... assert it reconnects and delivers, observed by the probe ...
 //! }
+//!
+//! #[tokio::test]
+//! async fn acks_in_receive_order_on_every_broker() {
+//!     for kind in broker_matrix() {
+//!         let broker = TestBroker::start_kind(kind).await;
+//!         // ... same scenario; `kind` in every assertion message ...
+//!     }
+//! }
 //! ```
 //!
 //! The helpers wait in real time with bounded deadlines (10 s unless given); do not use
@@ -34,15 +49,23 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+mod acks;
+mod aedes;
+mod frames;
 mod mosquitto;
 mod probe;
 mod proxy;
 mod tls;
 mod websocket;
+mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
 
 // Re-exports for test files; each binary uses a different subset.
+#[allow(unused_imports)]
+pub(crate) use acks::{AckKind, AckReport, AckTally, ConnectionAcks, ConnectionReport, PerKind};
+#[allow(unused_imports)]
+pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 #[allow(unused_imports)]
 pub(crate) use mosquitto::{find_binary, on_ci, Mosquitto, HOST};
 #[allow(unused_imports)]
@@ -58,10 +81,129 @@ pub(crate) use rumqttc::QoS;
 pub(crate) use tls::{ClientCerts, File, FrontSeen, Leaf, Pki, TlsFront};
 #[allow(unused_imports)]
 pub(crate) use websocket::WsBroker;
+#[allow(unused_imports)]
+pub(crate) use wire::{accepted, WireClient, WireEnd};
 
-/// A running broker for a test: mosquitto when installed, else the embedded broker.
+/// The brokers a scenario can run on.
 ///
-/// Only a mosquitto broker can be stopped, killed or restarted; on the embedded one those
+/// They differ where MQTT lets them and where they stray from it. Measured with a
+/// scripted MQTT 3.1.1 client ([`WireClient`]), and kept true by
+/// `brokers_behave_as_broker_kind_says` in `tests/support_selftest.rs`:
+///
+/// | | mosquitto 2.0.11 | rumqttd 0.20 (embedded) | aedes 0.51.3 |
+/// |---|---|---|---|
+/// | persistent session (`clean_session = false`) | kept; survives a graceful restart | kept in memory | kept in memory |
+/// | unacked QoS 1/2 PUBLISH after reconnect | resent, same ids, DUP = 1 | resent, same ids, DUP = 0 | resent, same ids, DUP = 0 |
+/// | PUBREC sent, no PUBCOMP, reconnect | PUBREL resent | nothing resent | PUBREL resent |
+/// | PUBACK/PUBREC out of receive order | accepted | connection closed ("out of order ack") | accepted |
+/// | PUBACK for an id it never sent | ignored | connection closed | ignored |
+/// | SUBSCRIBE with an invalid filter (`a/#/b`) | connection closed | granted | connection closed |
+/// | refusing a subscription (SUBACK 0x80) | impossible: ACL-denied filters are granted | impossible | [`AedesOptions::deny`] |
+/// | WebSocket listener | not in Debian 12's build | not configured | [`AedesOptions::websocket`] |
+/// | packet ids of a new session | from 1 | from 1 | arbitrary (for example 31457) |
+///
+/// DUP = 0 on a redelivery breaks [MQTT-3.3.1-1]; a client must not rely on DUP to
+/// recognise one. A client that acks an id from an earlier connection on a new one is
+/// disconnected by rumqttd, unless that id was redelivered first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum BrokerKind {
+    /// A mosquitto process ([`Mosquitto`]): the fleet's broker and the reference.
+    Mosquitto,
+    /// The in-process rumqttd (`tower_mqtt::embedded`): strict about ack order.
+    Embedded,
+    /// An aedes process ([`Aedes`]): refusals and WebSocket.
+    Aedes,
+}
+
+impl BrokerKind {
+    /// All kinds, in the order [`broker_matrix`] lists them.
+    pub(crate) const ALL: [BrokerKind; 3] = [
+        BrokerKind::Mosquitto,
+        BrokerKind::Embedded,
+        BrokerKind::Aedes,
+    ];
+
+    /// `"mosquitto"`, `"embedded"` or `"aedes"`, for messages.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            BrokerKind::Mosquitto => "mosquitto",
+            BrokerKind::Embedded => "embedded",
+            BrokerKind::Aedes => "aedes",
+        }
+    }
+
+    /// Whether this kind can be started here; why not otherwise.
+    pub(crate) fn available(self) -> Result<(), String> {
+        match self {
+            BrokerKind::Mosquitto => find_binary("mosquitto").map(|_| ()).ok_or_else(|| {
+                String::from("`mosquitto` is not installed (apt-get install mosquitto)")
+            }),
+            #[cfg(feature = "embedded-broker")]
+            BrokerKind::Embedded => Ok(()),
+            #[cfg(not(feature = "embedded-broker"))]
+            BrokerKind::Embedded => Err(String::from("the `embedded-broker` feature is off")),
+            BrokerKind::Aedes => aedes_available(),
+        }
+    }
+
+    /// Whether it closes the connection on a PUBACK or PUBREC that is not for the
+    /// oldest unacknowledged PUBLISH, or for an id it never sent (rumqttd).
+    pub(crate) fn closes_on_unexpected_ack(self) -> bool {
+        self == BrokerKind::Embedded
+    }
+
+    /// Whether a PUBLISH redelivered to a resumed session carries DUP = 1
+    /// [MQTT-3.3.1-1] (mosquitto only).
+    pub(crate) fn sets_dup_on_redelivery(self) -> bool {
+        self == BrokerKind::Mosquitto
+    }
+
+    /// Whether, after a reconnect, it resends PUBREL for a QoS 2 delivery the client
+    /// answered with PUBREC but never completed [MQTT-4.4.0-1] (not rumqttd).
+    pub(crate) fn resends_pubrel(self) -> bool {
+        self != BrokerKind::Embedded
+    }
+
+    /// Whether a test can make it refuse a subscription with SUBACK 0x80 (aedes).
+    pub(crate) fn can_refuse_subscriptions(self) -> bool {
+        self == BrokerKind::Aedes
+    }
+
+    /// Whether it can be stopped and restarted with its sessions (mosquitto).
+    pub(crate) fn can_restart(self) -> bool {
+        self == BrokerKind::Mosquitto
+    }
+}
+
+impl std::fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The brokers available here, for running one scenario on each:
+/// mosquitto, the embedded rumqttd and aedes.
+///
+/// A missing one is left out with a printed reason; on CI (env `CI` non-empty) a
+/// missing one panics, because CI must run every scenario on all three.
+pub(crate) fn broker_matrix() -> Vec<BrokerKind> {
+    BrokerKind::ALL
+        .into_iter()
+        .filter(|kind| match kind.available() {
+            Ok(()) => true,
+            Err(reason) => {
+                assert!(!on_ci(), "CI must run against {kind}: {reason}");
+                eprintln!("broker matrix: skipping {kind}: {reason}");
+                false
+            }
+        })
+        .collect()
+}
+
+/// A running broker for a test: mosquitto when installed, else the embedded broker; or
+/// any [`BrokerKind`] through [`TestBroker::start_kind`].
+///
+/// Only a mosquitto broker can be stopped, killed or restarted; on the others those
 /// return [`NotMosquitto`], so a test that needs them can skip (see [`TestBroker::restart`]).
 pub(crate) enum TestBroker {
     /// A mosquitto process owned by the test.
@@ -69,6 +211,8 @@ pub(crate) enum TestBroker {
     /// The in-process rumqttd broker (`tower_mqtt::embedded`).
     #[cfg(feature = "embedded-broker")]
     Embedded(tower_mqtt::embedded::EmbeddedBroker),
+    /// An aedes (node) process owned by the test.
+    Aedes(Aedes),
 }
 
 /// Starts a broker for one test: mosquitto when installed, else the embedded broker.
@@ -96,6 +240,27 @@ impl TestBroker {
         panic!("no mosquitto and the `embedded-broker` feature is off: no broker to test against");
     }
 
+    /// Starts a broker of `kind` with default settings (for mosquitto the generated
+    /// config of [`Mosquitto::start`], for aedes [`AedesOptions::new`]).
+    ///
+    /// # Panics
+    ///
+    /// If `kind` is not available here (iterate [`broker_matrix`] to skip those), or it
+    /// fails to start.
+    pub(crate) async fn start_kind(kind: BrokerKind) -> TestBroker {
+        if let Err(reason) = kind.available() {
+            panic!("cannot start {kind}: {reason}");
+        }
+        match kind {
+            BrokerKind::Mosquitto => TestBroker::Mosquitto(Mosquitto::start().await),
+            #[cfg(feature = "embedded-broker")]
+            BrokerKind::Embedded => TestBroker::embedded(),
+            #[cfg(not(feature = "embedded-broker"))]
+            BrokerKind::Embedded => unreachable!("`available` said no"),
+            BrokerKind::Aedes => TestBroker::Aedes(Aedes::start().await),
+        }
+    }
+
     /// The embedded broker, whether or not mosquitto is installed.
     ///
     /// # Panics
@@ -114,6 +279,7 @@ impl TestBroker {
             TestBroker::Mosquitto(broker) => broker.url(),
             #[cfg(feature = "embedded-broker")]
             TestBroker::Embedded(broker) => broker.url(),
+            TestBroker::Aedes(broker) => broker.url(),
         }
     }
 
@@ -123,6 +289,7 @@ impl TestBroker {
             TestBroker::Mosquitto(broker) => broker.port(),
             #[cfg(feature = "embedded-broker")]
             TestBroker::Embedded(broker) => broker.port(),
+            TestBroker::Aedes(broker) => broker.port(),
         }
     }
 
@@ -138,13 +305,19 @@ impl TestBroker {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port()))
     }
 
-    /// `"mosquitto"` or `"embedded"`, for messages.
-    pub(crate) fn kind(&self) -> &'static str {
+    /// Which kind of broker this is.
+    pub(crate) fn broker_kind(&self) -> BrokerKind {
         match self {
-            TestBroker::Mosquitto(_) => "mosquitto",
+            TestBroker::Mosquitto(_) => BrokerKind::Mosquitto,
             #[cfg(feature = "embedded-broker")]
-            TestBroker::Embedded(_) => "embedded",
+            TestBroker::Embedded(_) => BrokerKind::Embedded,
+            TestBroker::Aedes(_) => BrokerKind::Aedes,
         }
+    }
+
+    /// `"mosquitto"`, `"embedded"` or `"aedes"`, for messages.
+    pub(crate) fn kind(&self) -> &'static str {
+        self.broker_kind().name()
     }
 
     /// Whether this is a mosquitto process (which can be stopped and restarted).
@@ -153,13 +326,20 @@ impl TestBroker {
     }
 
     /// The mosquitto process, if this is one.
-    // Always `Some` without the embedded broker to fall back to.
-    #[cfg_attr(not(feature = "embedded-broker"), allow(clippy::unnecessary_wraps))]
     pub(crate) fn mosquitto(&mut self) -> Option<&mut Mosquitto> {
         match self {
             TestBroker::Mosquitto(broker) => Some(broker),
             #[cfg(feature = "embedded-broker")]
             TestBroker::Embedded(_) => None,
+            TestBroker::Aedes(_) => None,
+        }
+    }
+
+    /// The aedes process, if this is one.
+    pub(crate) fn aedes(&mut self) -> Option<&mut Aedes> {
+        match self {
+            TestBroker::Aedes(broker) => Some(broker),
+            _ => None,
         }
     }
 
@@ -188,12 +368,14 @@ impl TestBroker {
         Ok(())
     }
 
-    /// The broker log (mosquitto only; a note otherwise), for assertion messages.
+    /// The broker log (mosquitto and aedes; a note for the embedded broker), for
+    /// assertion messages.
     pub(crate) fn log(&self) -> String {
         match self {
             TestBroker::Mosquitto(broker) => broker.log(),
             #[cfg(feature = "embedded-broker")]
             TestBroker::Embedded(_) => String::from("(embedded broker: no log file)"),
+            TestBroker::Aedes(broker) => broker.log(),
         }
     }
 }
@@ -207,6 +389,7 @@ impl std::fmt::Debug for TestBroker {
                 .debug_struct("EmbeddedBroker")
                 .field("port", &broker.port())
                 .finish_non_exhaustive(),
+            TestBroker::Aedes(broker) => broker.fmt(f),
         }
     }
 }
@@ -218,8 +401,9 @@ pub(crate) struct NotMosquitto;
 impl std::fmt::Display for NotMosquitto {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(
-            "the embedded broker cannot be stopped or restarted; this test needs mosquitto \
-             (apt-get install mosquitto)",
+            "only mosquitto can be stopped or restarted with its sessions (the embedded \
+             broker runs in-process, aedes keeps sessions in memory); this test needs \
+             mosquitto (apt-get install mosquitto)",
         )
     }
 }

@@ -1,4 +1,5 @@
-//! A TCP proxy between client and broker for injecting network faults.
+//! A TCP proxy between client and broker for injecting network faults and checking
+//! the order of the client's acknowledgements.
 //!
 //! The client connects to [`Proxy::url`]; every accepted connection is relayed to the
 //! upstream broker until the test cuts, stalls or refuses it.
@@ -17,6 +18,11 @@
 //! proxy.hold_subscribes();    // SUBSCRIBEs (and what follows them) wait at the proxy
 //! assert!(proxy.wait_for_subscribes_seen(1, Duration::from_secs(10)).await);
 //! proxy.release_subscribes();
+//!
+//! // Acknowledgement order [MQTT-4.6.0-2/3/4], counted on every relayed connection
+//! // (see `acks.rs`): a consumer routed through the proxy for the whole test.
+//! assert!(proxy.wait_for_client_acks(100, Duration::from_secs(10)).await);
+//! proxy.assert_acks_in_order();
 //! ```
 //!
 //! Dropping the proxy aborts its accept loop and every relay task.
@@ -33,6 +39,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use super::acks::{AckReport, ConnectionAcks};
 
 /// What the proxy does with bytes and connections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +74,10 @@ struct Shared {
     hold_subscribes: watch::Sender<bool>,
     /// SUBSCRIBE packets clients sent through the proxy (cut, held or relayed).
     subscribes_seen: watch::Sender<usize>,
+    /// Ack-order ledgers of every relayed connection, live or ended, in accept order.
+    acks: Mutex<Vec<Arc<Mutex<ConnectionAcks>>>>,
+    /// PUBACK, PUBREC and PUBREL packets clients sent, over all connections.
+    client_acks: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -79,6 +91,35 @@ impl Shared {
         let tasks = live.drain().map(|(_, task)| task).collect();
         self.live_count.send_replace(live.len());
         tasks
+    }
+
+    /// Registers the ack ledger of a newly relayed connection.
+    fn new_ledger(&self, id: u64) -> Arc<Mutex<ConnectionAcks>> {
+        let ledger = Arc::new(Mutex::new(ConnectionAcks::new(id)));
+        self.acks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Arc::clone(&ledger));
+        ledger
+    }
+
+    fn ack_report(&self) -> AckReport {
+        let ledgers = self.acks.lock().unwrap_or_else(PoisonError::into_inner);
+        AckReport::from_connections(ledgers.iter().map(|ledger| lock(ledger).report()).collect())
+    }
+}
+
+fn lock(ledger: &Mutex<ConnectionAcks>) -> std::sync::MutexGuard<'_, ConnectionAcks> {
+    ledger.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Ends a connection's ack accounting when its relay task ends or is aborted, so ids
+/// still owed at a cut are not taken for violations.
+struct LedgerGuard(Arc<Mutex<ConnectionAcks>>);
+
+impl Drop for LedgerGuard {
+    fn drop(&mut self) {
+        lock(&self.0).close();
     }
 }
 
@@ -112,10 +153,13 @@ impl Proxy {
             live: Mutex::new(HashMap::new()),
             live_count: watch::Sender::new(0),
             accepted: watch::Sender::new(0),
-            next_id: AtomicU64::new(0),
+            // From 1, so the first connection is "conn 1" in ack reports.
+            next_id: AtomicU64::new(1),
             cut_next_subscribe: AtomicBool::new(false),
             hold_subscribes: watch::Sender::new(false),
             subscribes_seen: watch::Sender::new(0),
+            acks: Mutex::new(Vec::new()),
+            client_acks: watch::Sender::new(0),
         });
         let acceptor = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
         Proxy {
@@ -221,6 +265,43 @@ impl Proxy {
             .is_ok_and(|changed| changed.is_ok())
     }
 
+    /// Ack-order accounting over every connection relayed so far, live or ended
+    /// [MQTT-4.6.0-2/3/4].
+    ///
+    /// Only what has passed the proxy is counted: wait for the acks a test expects
+    /// ([`wait_for_client_acks`](Proxy::wait_for_client_acks)) before reading it.
+    pub(crate) fn ack_report(&self) -> AckReport {
+        self.shared.ack_report()
+    }
+
+    /// Panics, describing the first violations and the counts, if any client sent a
+    /// PUBACK, PUBREC or PUBREL out of order on any connection. Unsolicited acks (for
+    /// ids not owed on that connection) do not fail this; read them from
+    /// [`ack_report`](Proxy::ack_report).
+    #[track_caller]
+    pub(crate) fn assert_acks_in_order(&self) {
+        let report = self.ack_report();
+        assert!(
+            report.violations() == 0,
+            "acks out of receive order [MQTT-4.6.0-2/3/4]: {}\n{report}",
+            report.described_violations().join("; ")
+        );
+    }
+
+    /// PUBACK, PUBREC and PUBREL packets clients have sent through the proxy so far.
+    pub(crate) fn client_acks(&self) -> u64 {
+        *self.shared.client_acks.borrow()
+    }
+
+    /// Waits until clients have sent at least `n` PUBACK, PUBREC and PUBREL packets in
+    /// all; `false` if `timeout` passes first.
+    pub(crate) async fn wait_for_client_acks(&self, n: u64, timeout: Duration) -> bool {
+        let mut acks = self.shared.client_acks.subscribe();
+        tokio::time::timeout(timeout, acks.wait_for(|total| *total >= n))
+            .await
+            .is_ok_and(|changed| changed.is_ok())
+    }
+
     /// Live relayed connections.
     pub(crate) fn connections(&self) -> usize {
         *self.shared.live_count.borrow()
@@ -299,7 +380,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         let mut live = shared.live();
         let task = tokio::spawn(async move {
             let _guard = guard;
-            relay(inbound, upstream, mode, faults).await;
+            relay(id, inbound, upstream, mode, faults).await;
         });
         live.insert(id, task);
         shared.live_count.send_replace(live.len());
@@ -309,6 +390,7 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
 
 /// Relays one connection until both directions end or either fails.
 async fn relay(
+    id: u64,
     inbound: TcpStream,
     upstream: SocketAddr,
     mode: watch::Receiver<Mode>,
@@ -318,6 +400,8 @@ async fn relay(
         // Upstream down: the client sees its connection closed, as with a dead broker.
         return;
     };
+    let ledger = shared.new_ledger(id);
+    let _closes = LedgerGuard(Arc::clone(&ledger));
     let _ = inbound.set_nodelay(true);
     let _ = outbound.set_nodelay(true);
     let (client_read, client_write) = inbound.into_split();
@@ -327,22 +411,33 @@ async fn relay(
             client_read,
             broker_write,
             mode.clone(),
-            Some(SubscribeFaults::new(shared))
+            Side::Client(ClientSide {
+                shared,
+                ledger: Arc::clone(&ledger),
+            })
         ),
-        pump(broker_read, client_write, mode, None),
+        pump(broker_read, client_write, mode, Side::Broker(ledger)),
     );
+}
+
+/// Which direction a [`pump`] copies, with what it accounts for there.
+enum Side {
+    /// Client to broker: acks, and the SUBSCRIBE faults.
+    Client(ClientSide),
+    /// Broker to client: the PUBLISH and PUBREC packets the client owes acks for.
+    Broker(Arc<Mutex<ConnectionAcks>>),
 }
 
 /// Copies one direction, holding bytes back while the proxy is stalled. On end of
 /// stream the write side is shut down, so half-closes pass through.
 ///
-/// `subscribes` is given for the client-to-broker direction only: it finds
-/// SUBSCRIBE packets in the byte stream and applies the SUBSCRIBE faults.
+/// Every chunk is accounted for before it is written, so a PUBLISH is on the books
+/// before the client can possibly ack it.
 async fn pump(
     mut from: OwnedReadHalf,
     mut to: OwnedWriteHalf,
     mut mode: watch::Receiver<Mode>,
-    mut subscribes: Option<SubscribeFaults>,
+    side: Side,
 ) -> io::Result<()> {
     let mut buf = vec![0_u8; 16 * 1024];
     loop {
@@ -355,85 +450,44 @@ async fn pump(
         // A stall that began while this read was pending holds these bytes too.
         wait_unstalled(&mut mode).await?;
         let mut chunk = &buf[..n];
-        if let Some(faults) = &mut subscribes {
-            if let Some(at) = faults.scan(chunk) {
-                to.write_all(&chunk[..at]).await?;
-                chunk = &chunk[at..];
-                faults.apply().await?;
+        match &side {
+            Side::Broker(ledger) => lock(ledger).broker_sent(chunk),
+            Side::Client(client) => {
+                if let Some(at) = client.scan(chunk) {
+                    to.write_all(&chunk[..at]).await?;
+                    chunk = &chunk[at..];
+                    client.apply_subscribe_faults().await?;
+                }
             }
         }
         to.write_all(chunk).await?;
     }
 }
 
-/// The first byte of an MQTT 3.1.1 SUBSCRIBE packet (type 8, flags 0b0010).
-const SUBSCRIBE: u8 = 0x82;
-
-/// Finds SUBSCRIBE packets in the client's byte stream and applies the proxy's
-/// SUBSCRIBE faults to them.
-struct SubscribeFaults {
+/// The client-to-broker side of a connection: its ack ledger and the proxy's
+/// SUBSCRIBE faults.
+struct ClientSide {
     shared: Arc<Shared>,
-    framing: Framing,
+    ledger: Arc<Mutex<ConnectionAcks>>,
 }
 
-/// Where the scanner is in the MQTT framing: a fixed-header byte, the
-/// variable-length "remaining length", or the rest of a packet.
-#[derive(Clone, Copy, Debug)]
-enum Framing {
-    Header,
-    Length { value: usize, shift: u32 },
-    Body(usize),
-}
-
-impl SubscribeFaults {
-    fn new(shared: Arc<Shared>) -> Self {
-        Self {
-            shared,
-            framing: Framing::Header,
+impl ClientSide {
+    /// Accounts for `chunk`; returns the offset of the first SUBSCRIBE packet that
+    /// starts in it, if any.
+    fn scan(&self, chunk: &[u8]) -> Option<usize> {
+        let (subscribes, first, acks) = {
+            let mut ledger = lock(&self.ledger);
+            let before = ledger.client_acks();
+            let (subscribes, first) = ledger.client_sent(chunk);
+            (subscribes, first, ledger.client_acks() - before)
+        };
+        if subscribes > 0 {
+            self.shared
+                .subscribes_seen
+                .send_modify(|seen| *seen += subscribes);
         }
-    }
-
-    /// Scans `chunk`, counting the SUBSCRIBE packets that start in it; returns
-    /// the offset of the first one, if any. The framing state carries over
-    /// between chunks.
-    fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
-        let mut first = None;
-        let mut i = 0;
-        while i < chunk.len() {
-            match self.framing {
-                Framing::Header => {
-                    if chunk[i] == SUBSCRIBE {
-                        first.get_or_insert(i);
-                        self.shared.subscribes_seen.send_modify(|seen| *seen += 1);
-                    }
-                    self.framing = Framing::Length { value: 0, shift: 0 };
-                    i += 1;
-                }
-                Framing::Length { value, shift } => {
-                    let byte = chunk[i];
-                    let value = value | (usize::from(byte & 0x7f) << shift);
-                    self.framing = if byte & 0x80 != 0 {
-                        Framing::Length {
-                            value,
-                            shift: shift + 7,
-                        }
-                    } else if value == 0 {
-                        Framing::Header
-                    } else {
-                        Framing::Body(value)
-                    };
-                    i += 1;
-                }
-                Framing::Body(remaining) => {
-                    let take = remaining.min(chunk.len() - i);
-                    i += take;
-                    self.framing = if take == remaining {
-                        Framing::Header
-                    } else {
-                        Framing::Body(remaining - take)
-                    };
-                }
-            }
+        if acks > 0 {
+            self.shared.client_acks.send_modify(|total| *total += acks);
         }
         first
     }
@@ -441,7 +495,7 @@ impl SubscribeFaults {
     /// Called before a SUBSCRIBE is relayed: cuts the connection if a cut is
     /// armed (an error ends the relay and drops both sockets), else waits while
     /// SUBSCRIBEs are held.
-    async fn apply(&self) -> io::Result<()> {
+    async fn apply_subscribe_faults(&self) -> io::Result<()> {
         if self.shared.cut_next_subscribe.swap(false, Ordering::SeqCst) {
             return Err(io::Error::other("proxy: cut at the client's SUBSCRIBE"));
         }

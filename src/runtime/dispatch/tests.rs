@@ -6,8 +6,13 @@ use std::{
 
 use tokio::sync::{mpsc, Semaphore};
 
+use bytes::Bytes;
+
 use super::*;
-use crate::Subscription;
+use crate::{
+    subscription::{Ack, Overflow},
+    Subscription,
+};
 
 type Released = mpsc::UnboundedReceiver<(u64, AckPacket)>;
 
@@ -17,7 +22,7 @@ fn limits(max_pending: usize) -> Limits {
         max_pending,
         max_pending_bytes: usize::MAX / 2,
         max_message_size: 1024,
-        ack_order: AckOrder::Topic,
+        ack_order: AckOrder::Connection,
         queues: QueueDefaults::default(),
     }
 }
@@ -153,9 +158,13 @@ async fn a_topic_runs_in_order_and_every_message_is_acknowledged() {
 }
 
 #[tokio::test]
-async fn a_held_topic_delays_neither_handling_nor_acks_of_another() {
+async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acks_of_another() {
     let service = Recorder::new(&["slow"]);
-    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits(1000));
+    let limits = Limits {
+        ack_order: AckOrder::Topic,
+        ..limits(1000)
+    };
+    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits);
     d.push(&qos1("slow", 1), OverLimit::Withhold);
     for pkid in 2..=50 {
         d.push(&qos1("fast", pkid), OverLimit::Withhold);
@@ -175,13 +184,9 @@ async fn a_held_topic_delays_neither_handling_nor_acks_of_another() {
 }
 
 #[tokio::test]
-async fn global_order_holds_every_ack_behind_the_oldest() {
+async fn receive_order_holds_every_ack_behind_the_oldest_but_not_the_handling() {
     let service = Recorder::new(&["slow"]);
-    let limits = Limits {
-        ack_order: AckOrder::Global,
-        ..limits(1000)
-    };
-    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits);
+    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits(1000));
     d.push(&qos1("slow", 1), OverLimit::Withhold);
     for pkid in 2..=10 {
         d.push(&qos1("fast", pkid), OverLimit::Withhold);
@@ -237,7 +242,11 @@ async fn the_pending_limit_pauses_then_withholds_until_the_next_connection() {
     );
     assert_eq!(d.released_on_connection(), 4);
     assert_eq!(get(&counters.peak_pending), 4);
-    d.new_connection();
+    for _ in 0..4 {
+        d.ack_written();
+    }
+    d.connection_lost();
+    d.connected(true);
     assert!(!d.is_withholding());
     service.gate.add_permits(1);
     d.push(&qos1("t", 5), OverLimit::Withhold);
@@ -331,12 +340,10 @@ async fn drop_oldest_drops_the_topics_oldest_waiting_message() {
     settle(&d).await;
     let handled: Vec<u16> = service.seen().into_iter().map(|s| s.1).collect();
     assert_eq!(handled, [1, 4, 5]);
-    let mut acks = acked(&mut rx);
-    acks.sort_unstable();
     assert_eq!(
-        acks,
+        acked(&mut rx),
         [1, 2, 3, 4, 5],
-        "dropped messages are acknowledged too"
+        "dropped messages are acknowledged too, in receive order"
     );
 }
 
@@ -408,4 +415,162 @@ async fn an_unordered_topic_fills_every_worker() {
     service.gate.add_permits(20);
     settle(&d).await;
     assert_eq!(service.seen().len(), 20);
+}
+
+fn redelivered(topic: &str, pkid: u16) -> rumqttc::Publish {
+    let mut p = qos1(topic, pkid);
+    p.dup = true;
+    p
+}
+
+/// Ends the connection as the poll loop does, with `written` of its
+/// acknowledgements on the wire, and starts the next one.
+fn reconnect<S>(d: &Dispatcher<S>, written: u64, session_present: bool)
+where
+    S: Service<Request<Bytes>, Response = Outcome> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    for _ in 0..written {
+        d.ack_written();
+    }
+    d.connection_lost();
+    d.connected(session_present);
+}
+
+#[tokio::test]
+async fn redeliveries_of_held_messages_join_them_across_many_reconnects() {
+    // One topic held on a gate: 1 runs, the rest queue; the connection drops
+    // five times and each time the broker delivers every unacknowledged
+    // message again.
+    let service = Recorder::new(&["t"]);
+    let (d, counters, mut rx) = dispatcher(Router::new(), service.clone(), limits(100_000));
+    let total = 3000u16;
+    for pkid in 1..=total {
+        d.push(&qos1("t", pkid), OverLimit::Withhold);
+    }
+    while d.load().running == 0 {
+        tokio::task::yield_now().await;
+    }
+    for _ in 0..5 {
+        reconnect(&d, 0, true);
+        for pkid in 1..=total {
+            d.push(&redelivered("t", pkid), OverLimit::Withhold);
+        }
+        assert_eq!(
+            d.load().pending,
+            usize::from(total),
+            "a redelivery adds nothing"
+        );
+    }
+    service.gate.add_permits(usize::from(total));
+    settle(&d).await;
+    let seen: Vec<u16> = service.seen().into_iter().map(|s| s.1).collect();
+    assert_eq!(
+        seen,
+        (1..=total).collect::<Vec<u16>>(),
+        "each once, in order"
+    );
+    assert_eq!(acked(&mut rx), (1..=total).collect::<Vec<u16>>());
+    assert_eq!(get(&counters.redelivered), 5 * u64::from(total));
+    assert_eq!(get(&counters.peak_pending), u64::from(total));
+    assert_eq!(d.load(), Load::default());
+}
+
+#[tokio::test]
+async fn a_handled_message_whose_ack_never_left_is_acknowledged_not_rerun() {
+    let service = Recorder::new(&["slow"]);
+    let (d, counters, mut rx) = dispatcher(Router::new(), service.clone(), limits(100));
+    d.push(&qos1("slow", 1), OverLimit::Withhold);
+    d.push(&qos1("fast", 2), OverLimit::Withhold);
+    d.push(&qos1("fast", 3), OverLimit::Withhold);
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(service.seen().len(), 2, "2 and 3 handled, waiting behind 1");
+    reconnect(&d, 0, true);
+    // The broker sends them again in its order; 2 and 3 are acknowledged at
+    // once, in turn, without running again.
+    d.push(&redelivered("slow", 1), OverLimit::Withhold);
+    d.push(&redelivered("fast", 2), OverLimit::Withhold);
+    d.push(&redelivered("fast", 3), OverLimit::Withhold);
+    assert!(acked(&mut rx).is_empty(), "still behind 1");
+    service.gate.add_permits(1);
+    settle(&d).await;
+    assert_eq!(acked(&mut rx), [1, 2, 3]);
+    assert_eq!(service.seen().len(), 3);
+    assert_eq!(get(&counters.redelivered), 3);
+}
+
+#[tokio::test]
+async fn released_acks_that_were_not_written_are_recognised_too() {
+    let service = Recorder::new(&[]);
+    let (d, counters, mut rx) = dispatcher(Router::new(), service.clone(), limits(100));
+    for pkid in 1..=4 {
+        d.push(&qos1("t", pkid), OverLimit::Withhold);
+    }
+    settle(&d).await;
+    assert_eq!(acked(&mut rx), [1, 2, 3, 4]);
+    // Only 1 and 2 reached the wire.
+    reconnect(&d, 2, true);
+    for pkid in 3..=4 {
+        d.push(&redelivered("t", pkid), OverLimit::Withhold);
+    }
+    assert_eq!(acked(&mut rx), [3, 4]);
+    assert_eq!(service.seen().len(), 4, "nothing ran twice");
+    assert_eq!(get(&counters.redelivered), 2);
+}
+
+#[tokio::test]
+async fn without_a_session_the_old_copies_run_and_nothing_is_acknowledged() {
+    let service = Recorder::new(&["t"]);
+    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits(100));
+    for pkid in 1..=3 {
+        d.push(&qos1("t", pkid), OverLimit::Keep);
+    }
+    reconnect(&d, 0, false);
+    // A new session may reuse the ids for new messages.
+    d.push(&qos1("t", 1), OverLimit::Keep);
+    service.gate.add_permits(4);
+    settle(&d).await;
+    assert_eq!(service.seen().len(), 4);
+    assert_eq!(acked(&mut rx), [1], "only the new connection's message");
+}
+
+#[tokio::test]
+async fn another_message_under_a_carried_id_is_handled_as_new() {
+    let service = Recorder::new(&["t"]);
+    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits(100));
+    d.push(&qos1("t", 1), OverLimit::Withhold);
+    reconnect(&d, 0, true);
+    let mut other = qos1("t", 1);
+    other.payload = Bytes::from_static(b"another");
+    d.push(&other, OverLimit::Withhold);
+    assert_eq!(d.load().pending, 2);
+    service.gate.add_permits(2);
+    settle(&d).await;
+    assert_eq!(service.seen().len(), 2);
+    assert_eq!(acked(&mut rx), [1]);
+}
+
+#[tokio::test]
+async fn under_topic_order_a_redelivery_waits_in_its_topics_line() {
+    let service = Recorder::new(&["a"]);
+    let limits = Limits {
+        ack_order: AckOrder::Topic,
+        ..limits(100)
+    };
+    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits);
+    d.push(&qos1("a", 1), OverLimit::Withhold);
+    reconnect(&d, 0, true);
+    d.push(&qos1("b", 2), OverLimit::Withhold);
+    d.push(&redelivered("a", 1), OverLimit::Withhold);
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(acked(&mut rx), [2], "b does not wait for a");
+    service.gate.add_permits(1);
+    settle(&d).await;
+    assert_eq!(acked(&mut rx), [1]);
+    assert_eq!(service.seen().len(), 2);
 }
