@@ -59,7 +59,7 @@ pub use extract::{Data, State};
 pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
 pub use publisher::{Publish, PublishError, Published, Publisher, Recorded};
-pub use request::{Extensions, QoS, Request};
+pub use request::{Extensions, HandledBefore, QoS, Request};
 pub use router::Router;
 pub use runtime::{
     shutdown_signal, Client, ConnectionState, Running, Serve, ShutdownHandle, ShutdownReport,

@@ -37,9 +37,7 @@ use tokio::{
     io::{AsyncBufReadExt, BufReader},
     sync::watch,
 };
-use tower_mqtt::{
-    config::Config, Client, ConnectionState, Envelope, Request, Router, Running, Subscription,
-};
+use tower_mqtt::{config::Config, Client, ConnectionState, Envelope, Request, Router, Running};
 use tower_mqtt_layers::StandardStack;
 
 /// Bound for a single step (connect, subscribe, a message to arrive).

@@ -37,7 +37,7 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use extract::{Data, State};
 pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
-pub use request::{Extensions, QoS, Request};
+pub use request::{Extensions, HandledBefore, QoS, Request};
 pub use router::Router;
 pub use subscription::{Ack, AckOrder, IntoSubscription, Overflow, Subscription, UnknownAckOrder};
 pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};

@@ -29,6 +29,27 @@ pub use http::Extensions;
 
 use crate::topic::{TopicError, TopicName};
 
+/// Marks a delivery that repeats a message this client handled and
+/// acknowledged on an earlier connection: the same packet id, topic and
+/// payload, delivered again because the acknowledgement was lost when that
+/// connection broke. The runtime puts it into the request's extensions; the
+/// dedup layer answers such an envelope as a duplicate however long ago it
+/// was handled. A raw payload (not an envelope) still runs: the fleet never
+/// treats those as duplicates.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower_mqtt::{HandledBefore, Request};
+///
+/// let req = Request::builder("tts/say")
+///     .extension(HandledBefore)
+///     .body(Bytes::from_static(b"{}"))
+///     .unwrap();
+/// assert!(req.extensions().get::<HandledBefore>().is_some());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandledBefore;
+
 /// MQTT quality of service: how hard the broker and client try to deliver.
 ///
 /// ```

@@ -22,6 +22,15 @@
 //! [`Decode`](crate::decode::Decode)) are never duplicates: their id was made up
 //! on arrival, so two copies cannot be told apart from two messages.
 //!
+//! # Beyond the window
+//!
+//! A request the runtime marked [`HandledBefore`](tower_mqtt_core::HandledBefore)
+//! repeats a message handled and acknowledged on an earlier connection, whose
+//! acknowledgement was lost with that connection; a broker may deliver it again
+//! long after the window forgot it (mosquitto 2.0.11 queued such redeliveries
+//! behind thousands of newer messages). An envelope so marked is a duplicate
+//! whatever the window remembers; a raw payload still is not.
+//!
 //! # Concurrent copies and failures
 //!
 //! The key is claimed atomically before the inner service is called, so of two

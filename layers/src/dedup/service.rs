@@ -11,7 +11,7 @@ use std::{
 
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
-use tower_mqtt_core::{Envelope, Outcome, Request};
+use tower_mqtt_core::{Envelope, HandledBefore, Outcome, Request};
 
 use super::{
     key::DedupKey,
@@ -191,6 +191,18 @@ where
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         let claim = match &self.layer.store {
+            Some(_) if is_handled_before(&req) => {
+                let env = req.body();
+                tracing::debug!(
+                    topic = %req.topic(),
+                    event_type = env.event_type(),
+                    id = env.id(),
+                    "delivered again after its acknowledgement was lost",
+                );
+                return ResponseFuture {
+                    kind: Kind::Duplicate,
+                };
+            }
             Some(store) if req.extensions().get::<RawPayload>().is_none() => {
                 match store.claim(DedupKey::new(req.body())) {
                     Ok(claim) => Some(claim),
@@ -219,6 +231,14 @@ where
             },
         }
     }
+}
+
+/// A delivery the runtime knows was handled and acknowledged on an earlier
+/// connection ([`HandledBefore`]), unless it is a raw payload, which the fleet
+/// never treats as a duplicate.
+fn is_handled_before(req: &Request<Envelope>) -> bool {
+    let extensions = req.extensions();
+    extensions.get::<HandledBefore>().is_some() && extensions.get::<RawPayload>().is_none()
 }
 
 pin_project! {

@@ -207,6 +207,37 @@ async fn raw_payloads_are_never_duplicates() {
 }
 
 #[tokio::test]
+async fn a_delivery_handled_before_is_a_duplicate_beyond_the_window_unless_raw() {
+    let (calls, handler) = counting(|| Outcome::Handled);
+    // A window of one entry has long forgotten the first copy.
+    let svc = Dedup::with_limits(handler, std::time::Duration::from_secs(30), 1);
+    assert!(matches!(
+        send(&svc, msg("t", json!({"x": 1}))).await,
+        Outcome::Handled
+    ));
+    assert!(matches!(
+        send(&svc, msg("t", json!({"x": 2}))).await,
+        Outcome::Handled
+    ));
+    let mut again = msg("t", json!({"x": 1}));
+    again.extensions_mut().insert(tower_mqtt::HandledBefore);
+    assert!(matches!(send(&svc, again).await, Outcome::Duplicate));
+    let mut raw = msg("t", json!({"x": 3}));
+    raw.extensions_mut().insert(tower_mqtt::HandledBefore);
+    raw.extensions_mut()
+        .insert(RawPayload::new(bytes::Bytes::from_static(br#"{"x":3}"#)));
+    assert!(matches!(send(&svc, raw).await, Outcome::Handled));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    // Dedup turned off lets it run.
+    let (calls, handler) = counting(|| Outcome::Handled);
+    let off = DedupLayer::disabled().layer(handler);
+    let mut again = msg("t", json!({"x": 1}));
+    again.extensions_mut().insert(tower_mqtt::HandledBefore);
+    assert!(matches!(send(&off, again).await, Outcome::Handled));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn of_two_concurrent_copies_exactly_one_reaches_the_handler() {
     let (mock, mut handle) = mock::pair::<Request<Envelope>, Outcome>();
     let svc = DedupLayer::new().layer(mock);

@@ -25,9 +25,16 @@
 //! many reconnects come and whatever the dedup layer's window, and holds no
 //! payload: at most one ticket per packet id (65,535), a few dozen bytes each.
 //!
-//! An acknowledgement written just before a connection broke may still be lost
-//! with it; the broker then delivers that message again, and the dedup layer
-//! (which remembers the most recent deliveries) recognises it.
+//! **Acknowledged, perhaps.** An acknowledgement written just before a
+//! connection broke may be lost with it, and the broker then delivers that
+//! message again, possibly much later (mosquitto 2.0.11 queued such
+//! redeliveries behind thousands of newer messages, beyond the dedup layer's
+//! window). The last acknowledgements written on a connection are remembered
+//! too, up to a bound; a delivery that matches one is marked
+//! [`HandledBefore`](crate::HandledBefore) for the dedup layer. It is not
+//! acknowledged here without handling: once the broker has our
+//! acknowledgement it may give the packet id to a new message, and a new
+//! message with the same bytes (a raw payload sent twice) must run.
 
 use std::collections::VecDeque;
 
@@ -136,8 +143,15 @@ pub(super) struct Acks {
     tickets: Slab<Ticket>,
     lines: Slab<Line>,
     carried: HashMap<u16, TicketId>,
-    /// Released on this connection and perhaps not yet written, oldest first.
-    unwritten: VecDeque<(AckPacket, u64)>,
+    /// Released on this connection, oldest first: the written ones (the last
+    /// `remembered` of them) and those perhaps not yet written.
+    released_log: VecDeque<(AckPacket, u64)>,
+    /// Written on an earlier connection and perhaps lost with it: fingerprints
+    /// by packet id, and their order for the bound.
+    maybe_acked: HashMap<u16, u64>,
+    maybe_acked_order: VecDeque<(u16, u64)>,
+    /// How many written acknowledgements are remembered.
+    remembered: usize,
     /// Released on this connection.
     released: u64,
     /// Handled tickets holding a slot: finished messages waiting for their
@@ -149,8 +163,9 @@ pub(super) struct Acks {
 
 impl Acks {
     /// Released acknowledgements go to `out`, tagged with their connection's
-    /// epoch.
-    pub(super) fn new(out: UnboundedSender<(u64, AckPacket)>) -> Self {
+    /// epoch; the last `remembered` written ones are remembered when a
+    /// connection ends.
+    pub(super) fn new(out: UnboundedSender<(u64, AckPacket)>, remembered: usize) -> Self {
         let mut lines = Slab::new();
         let connection = lines.insert(Line::default());
         debug_assert_eq!(connection, CONNECTION_LINE);
@@ -158,7 +173,10 @@ impl Acks {
             tickets: Slab::new(),
             lines,
             carried: HashMap::new(),
-            unwritten: VecDeque::new(),
+            released_log: VecDeque::new(),
+            maybe_acked: HashMap::new(),
+            maybe_acked_order: VecDeque::new(),
+            remembered,
             released: 0,
             waiting: 0,
             epoch: 0,
@@ -275,12 +293,25 @@ impl Acks {
             }
             self.carry(ticket);
         }
-        // The newest releases beyond those written never reached the broker.
+        // The newest releases beyond those written never reached the broker;
+        // the written ones before them perhaps did not either.
         let unwritten =
             usize::try_from(self.released.saturating_sub(written)).unwrap_or(usize::MAX);
-        let skip = self.unwritten.len().saturating_sub(unwritten);
-        let tail: Vec<_> = self.unwritten.drain(..).skip(skip).collect();
-        for (packet, fingerprint) in tail {
+        let split = self.released_log.len().saturating_sub(unwritten);
+        let log: Vec<_> = self.released_log.drain(..).collect();
+        let (written_log, unwritten_log) = log.split_at(split);
+        for &(packet, fingerprint) in written_log {
+            self.maybe_acked.insert(packet.pkid, fingerprint);
+            self.maybe_acked_order.push_back((packet.pkid, fingerprint));
+        }
+        while self.maybe_acked_order.len() > self.remembered {
+            if let Some((pkid, fingerprint)) = self.maybe_acked_order.pop_front() {
+                if self.maybe_acked.get(&pkid) == Some(&fingerprint) {
+                    self.maybe_acked.remove(&pkid);
+                }
+            }
+        }
+        for &(packet, fingerprint) in unwritten_log {
             let ticket = self.tickets.insert(Ticket {
                 packet,
                 fingerprint,
@@ -301,7 +332,20 @@ impl Acks {
             for pkid in pkids {
                 self.uncarry(pkid);
             }
+            self.maybe_acked.clear();
+            self.maybe_acked_order.clear();
         }
+    }
+
+    /// Whether a delivery repeats a message whose acknowledgement was written
+    /// on an earlier connection (see the [module docs](self)). A packet id
+    /// checked here is forgotten either way: the broker has moved on from it.
+    pub(super) fn handled_before(&mut self, packet: AckPacket, fingerprint: u64) -> bool {
+        !self.maybe_acked.is_empty()
+            && self
+                .maybe_acked
+                .remove(&packet.pkid)
+                .is_some_and(|remembered| remembered == fingerprint)
     }
 
     /// Finished messages waiting for their turn.
@@ -354,11 +398,12 @@ impl Acks {
             // The receiver lives as long as the runtime; after shutdown there
             // is nothing left to acknowledge to.
             let _ = self.out.send((self.epoch, entry.packet));
-            self.unwritten.push_back((entry.packet, entry.fingerprint));
+            self.released_log
+                .push_back((entry.packet, entry.fingerprint));
         }
-        let unwritten = self.released.saturating_sub(written);
-        while self.unwritten.len() as u64 > unwritten {
-            self.unwritten.pop_front();
+        let keep = self.released.saturating_sub(written) + self.remembered as u64;
+        while self.released_log.len() as u64 > keep {
+            self.released_log.pop_front();
         }
     }
 }
@@ -378,7 +423,7 @@ mod tests {
 
     fn acks() -> (Acks, mpsc::UnboundedReceiver<(u64, AckPacket)>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Acks::new(tx), rx)
+        (Acks::new(tx, 4), rx)
     }
 
     fn sent(rx: &mut mpsc::UnboundedReceiver<(u64, AckPacket)>) -> Vec<u16> {
@@ -485,6 +530,30 @@ mod tests {
             acks.rejoin(packet(1), 1, CONNECTION_LINE, false, 0),
             Rejoin::New
         );
+    }
+
+    #[test]
+    fn written_acknowledgements_are_remembered_as_perhaps_lost() {
+        let (mut acks, _rx) = acks();
+        for pkid in 1..=6 {
+            let ticket = acks.take(packet(pkid), u64::from(pkid), CONNECTION_LINE);
+            acks.handled(ticket, u64::from(pkid));
+        }
+        // All six written; the last four (the bound) are remembered.
+        acks.connection_lost(6);
+        acks.connected(true);
+        assert_eq!(acks.carried(), 0, "nothing certain to carry");
+        assert!(!acks.handled_before(packet(2), 2), "beyond the bound");
+        assert!(acks.handled_before(packet(5), 5));
+        assert!(!acks.handled_before(packet(5), 5), "each is used once");
+        assert!(
+            !acks.handled_before(packet(6), 60),
+            "other bytes: another message"
+        );
+        assert!(!acks.handled_before(packet(6), 6), "that id has moved on");
+        acks.connection_lost(0);
+        acks.connected(false);
+        assert!(!acks.handled_before(packet(4), 4), "a new session forgets");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     outcome::{BoxError, Outcome},
-    request::Request,
+    request::{HandledBefore, Request},
     subscription::{Ack, AckOrder, Overflow},
     topic::TopicName,
 };
@@ -58,6 +58,7 @@ where
             // gets it again.
             return;
         }
+        let mut handled_before = false;
         if let Some(acked) = ack {
             if state.acks.carrying() && self.rejoin(state, publish, acked, written) {
                 return;
@@ -66,6 +67,7 @@ where
                 counters.withheld.fetch_add(1, Ordering::Relaxed);
                 return;
             }
+            handled_before = state.acks.handled_before(acked.packet, acked.fingerprint);
         }
         if bytes > limits.max_message_size {
             counters.oversized.fetch_add(1, Ordering::Relaxed);
@@ -100,6 +102,9 @@ where
         }
         if let Some(publisher) = &self.shared.publisher {
             request.extensions_mut().insert(publisher.clone());
+        }
+        if handled_before {
+            request.extensions_mut().insert(HandledBefore);
         }
         let lane_id = self.lane_for(state, request.topic());
         let route_index = state.lanes[lane_id].route;

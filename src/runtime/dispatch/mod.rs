@@ -285,7 +285,7 @@ where
                     by_topic: HashTable::new(),
                     ready: VecDeque::new(),
                     routes,
-                    acks: Acks::new(released),
+                    acks: Acks::new(released, limits.max_pending),
                     queued: 0,
                     running: 0,
                     pending_bytes: 0,

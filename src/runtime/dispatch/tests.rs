@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::{
+    request::HandledBefore,
     subscription::{Ack, Overflow},
     Subscription,
 };
@@ -42,6 +43,8 @@ fn qos1(topic: &str, pkid: u16) -> rumqttc::Publish {
 #[derive(Clone)]
 struct Recorder {
     seen: Arc<StdMutex<Vec<(String, u16)>>>,
+    /// Packet ids of the requests marked [`HandledBefore`].
+    marked: Arc<StdMutex<Vec<u16>>>,
     gate: Arc<Semaphore>,
     gated: Arc<[&'static str]>,
 }
@@ -50,6 +53,7 @@ impl Recorder {
     fn new(gated: &[&'static str]) -> Self {
         Self {
             seen: Arc::default(),
+            marked: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
             gated: gated.into(),
         }
@@ -80,6 +84,9 @@ impl Service<Request<Bytes>> for Recorder {
                 this.gate.acquire().await.unwrap().forget();
             }
             let pkid = u16::from_be_bytes([req.body()[0], req.body()[1]]);
+            if req.extensions().get::<HandledBefore>().is_some() {
+                this.marked.lock().unwrap().push(pkid);
+            }
             this.seen.lock().unwrap().push((topic, pkid));
             Ok(Outcome::Handled)
         })
@@ -519,6 +526,26 @@ async fn released_acks_that_were_not_written_are_recognised_too() {
     assert_eq!(acked(&mut rx), [3, 4]);
     assert_eq!(service.seen().len(), 4, "nothing ran twice");
     assert_eq!(get(&counters.redelivered), 2);
+}
+
+#[tokio::test]
+async fn a_redelivery_of_a_message_acknowledged_on_the_wire_is_marked_for_dedup() {
+    let service = Recorder::new(&[]);
+    let (d, _, mut rx) = dispatcher(Router::new(), service.clone(), limits(100));
+    for pkid in 1..=3 {
+        d.push(&qos1("t", pkid), OverLimit::Withhold);
+    }
+    settle(&d).await;
+    assert_eq!(acked(&mut rx), [1, 2, 3]);
+    // All three reached the wire; the broker may have lost the last ones.
+    reconnect(&d, 3, true);
+    d.push(&redelivered("t", 3), OverLimit::Withhold);
+    let mut other = qos1("t", 2);
+    other.payload = Bytes::from_static(b"\x00\x02 another message");
+    d.push(&other, OverLimit::Withhold);
+    settle(&d).await;
+    assert_eq!(*service.marked.lock().unwrap(), [3], "only the same bytes");
+    assert_eq!(acked(&mut rx), [3, 2], "both handled and acknowledged here");
 }
 
 #[tokio::test]
