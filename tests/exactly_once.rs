@@ -227,8 +227,8 @@ async fn a_qos2_route_gets_each_message_once_across_a_consumer_kill_9() {
         proxy.ack_report()
     );
     child.start_kill().expect("SIGKILL the consumer");
-    let status = child.wait().await.unwrap();
-    assert!(!status.success(), "killed, not exited: {status:?}");
+    let exit = child.wait().await.unwrap();
+    assert!(!exit.success(), "killed, not exited: {exit:?}");
     let before_kill = proxy.ack_report();
 
     // The same session in this process: the rest comes back, the handled ones

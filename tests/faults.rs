@@ -555,6 +555,7 @@ async fn a_killed_consumer_gets_its_unacknowledged_messages_back() {
 // src/runtime/backoff.rs returns exactly the minimum for the first attempt, so
 // clients that lost the broker together all come back at the same instant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::too_many_lines)] // one scenario, read top to bottom
 async fn fifty_clients_reconnect_and_resubscribe_after_a_broker_restart() {
     let Some(mut broker) = mosquitto().await else {
         return;

@@ -95,11 +95,11 @@ async fn a_refused_subscription_fails_ready_names_its_filter_and_reports_unhealt
     let _guard = logs.install();
     let service = "refusals";
     let mut health = Probe::subscribe(&broker.url(), &format!("system/health/{service}")).await;
-    let handled = Arc::new(Mutex::new(Vec::new()));
+    let topics = Arc::new(Mutex::new(Vec::new()));
     let handler = {
-        let handled = handled.clone();
+        let topics = topics.clone();
         move |req: Request<Envelope>| {
-            handled.lock().unwrap().push(req.topic().to_string());
+            topics.lock().unwrap().push(req.topic().to_string());
             std::future::ready(())
         }
     };
@@ -150,13 +150,13 @@ async fn a_refused_subscription_fails_ready_names_its_filter_and_reports_unhealt
     )
     .await;
     tokio::time::timeout(WAIT, async {
-        while handled.lock().unwrap().is_empty() {
+        while topics.lock().unwrap().is_empty() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await
     .expect("the granted route is served");
-    assert_eq!(*handled.lock().unwrap(), ["open/news"]);
+    assert_eq!(*topics.lock().unwrap(), ["open/news"]);
     running.shutdown().await;
 }
 
@@ -172,13 +172,13 @@ async fn a_refused_connection_logs_its_return_code_once_backs_off_and_shows_in_t
     let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
 
     let started = Instant::now();
-    let mut state = running.state();
+    let mut connection = running.state();
     let reason = tokio::time::timeout(WAIT, async {
         loop {
-            if let ConnectionState::Disconnected { reason, .. } = &*state.borrow_and_update() {
+            if let ConnectionState::Disconnected { reason, .. } = &*connection.borrow_and_update() {
                 return reason.clone();
             }
-            state.changed().await.unwrap();
+            connection.changed().await.unwrap();
         }
     })
     .await

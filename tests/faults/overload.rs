@@ -293,3 +293,14 @@ async fn overload_cut_every_three_seconds_handles_each_once() {
 async fn a_backlog_of_twenty_thousand_drains_through_a_slow_handler_on_one_connection() {
     overload(Overload::backlog(20_000)).await;
 }
+
+/// The floor: 1 s is the shortest keep-alive rumqttc takes (it panics below,
+/// and configuration refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_with_the_shortest_keep_alive_keeps_its_connection() {
+    overload(Overload {
+        keep_alive: Some(Duration::from_secs(1)),
+        ..Overload::at_rate(1_500, 1_000)
+    })
+    .await;
+}

@@ -69,31 +69,8 @@ where
             }
             handled_before = state.acks.handled_before(acked.packet, acked.fingerprint);
         }
-        if bytes > limits.max_message_size {
-            counters.oversized.fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = self.shared.warnings.admit(Warning::Oversized as usize) {
-                error!(
-                    topic = %publish.topic,
-                    size = bytes,
-                    limit = limits.max_message_size,
-                    suppressed,
-                    "message larger than the limit; acknowledged and dropped"
-                );
-            }
-            self.ack_now(state, ack, CONNECTION_LINE, written);
+        let Some(mut request) = self.admissible(state, publish, ack, written) else {
             return;
-        }
-        let mut request = match super::super::wire::request(publish) {
-            Ok(request) => request,
-            Err(err) => {
-                counters.invalid_topic.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = self.shared.warnings.admit(Warning::InvalidTopic as usize)
-                {
-                    warn!(topic = %publish.topic, error = %err, suppressed, "invalid topic; acknowledged and skipped");
-                }
-                self.ack_now(state, ack, CONNECTION_LINE, written);
-                return;
-            }
         };
         let past_limit = state.pending() >= limits.max_pending
             || state.pending_bytes + bytes > limits.max_pending_bytes;
@@ -144,6 +121,46 @@ where
         }
     }
 
+    /// The request for a message small enough and with a valid topic; the
+    /// others are acknowledged (in their turn) and skipped.
+    fn admissible(
+        &self,
+        state: &mut State,
+        publish: &rumqttc::Publish,
+        ack: Option<Acked>,
+        written: u64,
+    ) -> Option<Request<Bytes>> {
+        let counters = &self.shared.counters;
+        let limit = self.shared.limits.max_message_size;
+        let bytes = publish.payload.len();
+        if bytes > limit {
+            counters.oversized.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = self.shared.warnings.admit(Warning::Oversized as usize) {
+                error!(
+                    topic = %publish.topic,
+                    size = bytes,
+                    limit,
+                    suppressed,
+                    "message larger than the limit; acknowledged and dropped"
+                );
+            }
+            state.ack_now(ack, CONNECTION_LINE, written);
+            return None;
+        }
+        match super::super::wire::request(publish) {
+            Ok(request) => Some(request),
+            Err(err) => {
+                counters.invalid_topic.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.shared.warnings.admit(Warning::InvalidTopic as usize)
+                {
+                    warn!(topic = %publish.topic, error = %err, suppressed, "invalid topic; acknowledged and skipped");
+                }
+                state.ack_now(ack, CONNECTION_LINE, written);
+                None
+            }
+        }
+    }
+
     /// A delivery that may be a message held from an earlier connection:
     /// whether it was (and so is dealt with).
     fn rejoin(
@@ -162,16 +179,16 @@ where
         } else {
             None
         };
-        let line = lane.map_or(CONNECTION_LINE, |lane| state.lanes[lane].line);
+        let ack_line = lane.map_or(CONNECTION_LINE, |lane| state.lanes[lane].line);
         let outcome = state.acks.rejoin(
             acked.packet,
             acked.fingerprint,
-            line,
+            ack_line,
             state.withholding,
             written,
         );
         if let Some(lane) = lane {
-            self.forget_if_idle(state, lane);
+            state.forget_if_idle(lane);
         }
         match outcome {
             Rejoin::Joined => {
@@ -265,16 +282,16 @@ where
                         topic,
                         "queue full with other topics; dropped the new message",
                     );
-                    self.ack_now(state, ack, line, written);
-                    self.forget_if_idle(state, lane_id);
+                    state.ack_now(ack, line, written);
+                    state.forget_if_idle(lane_id);
                     false
                 }
             }
             _ => {
                 counters.dropped_new.fetch_add(1, Ordering::Relaxed);
                 self.warn_dropped(topic, "queue full; dropped the new message");
-                self.ack_now(state, ack, line, written);
-                self.forget_if_idle(state, lane_id);
+                state.ack_now(ack, line, written);
+                state.forget_if_idle(lane_id);
                 false
             }
         }
@@ -286,13 +303,15 @@ where
             warn!(%topic, suppressed, "{what}");
         }
     }
+}
 
+impl State {
     /// Acknowledges a message that is not queued (dropped or invalid), in its
     /// turn of `line`.
-    fn ack_now(&self, state: &mut State, ack: Option<Acked>, line: LineId, written: u64) {
+    fn ack_now(&mut self, ack: Option<Acked>, line: LineId, written: u64) {
         if let Some(acked) = ack {
-            let ticket = state.acks.take(acked.packet, acked.fingerprint, line);
-            state.acks.handled(ticket, written);
+            let ticket = self.acks.take(acked.packet, acked.fingerprint, line);
+            self.acks.handled(ticket, written);
         }
     }
 }

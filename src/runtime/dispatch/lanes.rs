@@ -124,20 +124,6 @@ where
         }
     }
 
-    /// Drops a lane that holds nothing, so topics seen once do not pile up.
-    pub(super) fn forget_if_idle(&self, state: &mut State, lane_id: usize) {
-        let lane = &state.lanes[lane_id];
-        if !lane.idle(&state.acks) || lane.scheduled {
-            return;
-        }
-        let hash = lane.hash;
-        if let Ok(entry) = state.by_topic.find_entry(hash, |&id| id == lane_id) {
-            entry.remove();
-        }
-        let lane = state.lanes.remove(lane_id);
-        state.acks.free_line(lane.line);
-    }
-
     /// Puts a lane with startable work in the ready queue, and starts a
     /// worker when the ready lanes outnumber the workers about to take one.
     pub(super) fn schedule(&self, state: &mut State, lane_id: usize) {
@@ -165,5 +151,21 @@ where
             let this = self.clone();
             state.tasks.spawn(this.work());
         }
+    }
+}
+
+impl State {
+    /// Drops a lane that holds nothing, so topics seen once do not pile up.
+    pub(super) fn forget_if_idle(&mut self, lane_id: usize) {
+        let lane = &self.lanes[lane_id];
+        if !lane.idle(&self.acks) || lane.scheduled {
+            return;
+        }
+        let hash = lane.hash;
+        if let Ok(entry) = self.by_topic.find_entry(hash, |&id| id == lane_id) {
+            entry.remove();
+        }
+        let lane = self.lanes.remove(lane_id);
+        self.acks.free_line(lane.line);
     }
 }

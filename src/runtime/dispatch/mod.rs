@@ -259,11 +259,11 @@ where
     ) -> Self {
         // One queue per route, in the router's order, and one for messages no
         // route matches (they go to the fallback).
-        let mut routes: Vec<RouteQueue> = router
+        let mut queues: Vec<RouteQueue> = router
             .routes()
             .map(|sub| RouteQueue::new(Some(sub), limits.queues))
             .collect();
-        routes.push(RouteQueue::new(None, limits.queues));
+        queues.push(RouteQueue::new(None, limits.queues));
         let limits = Limits {
             max_in_flight: limits.max_in_flight.max(1),
             max_pending: limits.max_pending.max(1),
@@ -284,7 +284,7 @@ where
                     lanes: Slab::new(),
                     by_topic: HashTable::new(),
                     ready: VecDeque::new(),
-                    routes,
+                    routes: queues,
                     acks: Acks::new(released, limits.max_pending),
                     queued: 0,
                     running: 0,
@@ -384,7 +384,7 @@ where
             .map(|(id, _)| id)
             .collect();
         for id in idle {
-            self.forget_if_idle(state, id);
+            state.forget_if_idle(id);
         }
         self.note_load(state);
         self.shared.room.notify_waiters();

@@ -125,7 +125,7 @@ where
             state.acks.handled(ticket, written);
         }
         self.schedule(state, lane_id);
-        self.forget_if_idle(state, lane_id);
+        state.forget_if_idle(lane_id);
         self.note_load(state);
         if state.has_room(&self.shared.limits) {
             self.shared.room.notify_waiters();
