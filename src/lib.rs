@@ -98,6 +98,11 @@ pub use topic::{TopicError, TopicFilter, TopicName, TopicParams};
 #[cfg(doctest)]
 pub struct ReadmeDoctests;
 
+/// The connection guide's examples, compiled and run as doctests.
+#[doc = include_str!("../docs/CONNECTING.md")]
+#[cfg(doctest)]
+pub struct ConnectingDoctests;
+
 /// The testing guide's examples, compiled and run as doctests.
 #[doc = include_str!("../docs/TESTING.md")]
 #[cfg(doctest)]

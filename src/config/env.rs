@@ -1,10 +1,9 @@
 //! Reading `MQTT_*` variables onto a configuration.
 
-use std::path::PathBuf;
-
 use super::{
-    expect, invalid, parse_url, var, Config, ConfigError, Duration, OfflineOverflow,
-    MAX_MQTT_PACKET, MAX_MQTT_STRING, MAX_REQUEST_CHANNEL_CAPACITY, MAX_SECONDS, MIN_PACKET_SIZE,
+    credentials::apply_credentials, expect, invalid, parse_url, tls::apply_tls, var, Config,
+    ConfigError, Duration, OfflineOverflow, MAX_MQTT_PACKET, MAX_MQTT_STRING,
+    MAX_REQUEST_CHANNEL_CAPACITY, MAX_SECONDS, MIN_PACKET_SIZE,
 };
 
 impl Config {
@@ -30,7 +29,7 @@ impl Config {
             var: var::URL,
             expected: expect::URL,
         })?;
-        Self::apply(Config::new(&url)?, &vars)
+        Self::apply(Config::new(&url)?, &vars, Some(&url))
     }
 
     /// This configuration with every `MQTT_*` variable that is set in the
@@ -71,31 +70,34 @@ impl Config {
         lookup: F,
     ) -> Result<Config, ConfigError> {
         let vars = Vars(lookup);
-        if let Some(url) = vars.get(var::URL) {
-            let (broker, credentials) = parse_url(url.trim())?;
+        let url = vars.get(var::URL);
+        if let Some(url) = &url {
+            let (mut broker, credentials) = parse_url(url)?;
+            // TLS settings made in code (a client certificate, say) still apply
+            // to another TLS URL; the variables below may replace them.
+            if let (Some(tls), Some(old)) = (&mut broker.tls, self.broker.tls.take()) {
+                *tls = old;
+            }
             self.broker = broker;
+            if credentials.as_ref().is_some_and(|c| c.password.is_some()) {
+                self.password_source = None;
+            }
             self.credentials = credentials;
         }
-        Self::apply(self, &vars)
+        Self::apply(self, &vars, url.as_deref())
     }
 
-    /// Puts the variables that are set on top of `config`, and validates.
+    /// Puts the variables that are set on top of `config`, and validates. `url`
+    /// is `MQTT_URL` when it was set in the same environment.
     #[allow(clippy::too_many_lines)] // one field per variable, nothing else
     fn apply<F: Fn(&str) -> Option<String>>(
         mut config: Config,
         vars: &Vars<F>,
+        url: Option<&str>,
     ) -> Result<Config, ConfigError> {
-        if let Some(ca_file) = vars.get(var::CA_FILE) {
-            if let Some(tls) = &mut config.broker.tls {
-                tls.ca_file = Some(PathBuf::from(ca_file));
-            } else {
-                tracing::warn!(
-                    ca_file,
-                    broker = %config.broker,
-                    "MQTT_CA_FILE is ignored: MQTT_URL does not use TLS (mqtts://)"
-                );
-            }
-        }
+        apply_tls(&mut config, vars)?;
+        let shown_url = url.map(super::url::redact_url).unwrap_or_default();
+        apply_credentials(&mut config, vars, url.is_some(), &shown_url)?;
         if let Some(name) = vars.parse(var::SOURCE_NAME, expect::NAME, parse_name)? {
             config = config.with_source_name(name);
         }
@@ -198,14 +200,14 @@ pub(super) struct Vars<F>(pub(super) F);
 
 impl<F: Fn(&str) -> Option<String>> Vars<F> {
     /// The trimmed value of `name`; `None` when unset or empty.
-    fn get(&self, name: &str) -> Option<String> {
+    pub(super) fn get(&self, name: &str) -> Option<String> {
         (self.0)(name)
             .map(|value| value.trim().to_owned())
             .filter(|value| !value.is_empty())
     }
 
     /// The value of `name` parsed by `parse`, which returns `None` for a bad value.
-    fn parse<T>(
+    pub(super) fn parse<T>(
         &self,
         name: &'static str,
         expected: &'static str,

@@ -80,6 +80,43 @@ pub enum ConfigError {
         /// The broker, without credentials.
         broker: String,
     },
+    /// A file named by a variable cannot be read (a client certificate or key).
+    #[error("{var}={path:?} cannot be read ({source}): expected {expected}")]
+    FileUnreadable {
+        /// The variable (`MQTT_CLIENT_CERT_FILE`, `MQTT_CLIENT_KEY_FILE`).
+        var: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        source: io::Error,
+        /// What it should contain.
+        expected: &'static str,
+    },
+    /// A file named by a variable was read but its content cannot be used.
+    #[error("{var}={path:?} is invalid ({reason}): expected {expected}")]
+    FileInvalid {
+        /// The variable (`MQTT_CLIENT_CERT_FILE`, `MQTT_CLIENT_KEY_FILE`).
+        var: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its content (never the content itself).
+        reason: String,
+        /// What it should contain.
+        expected: &'static str,
+    },
+    /// The password could not be had from its source: the file of
+    /// `MQTT_PASSWORD_FILE`, or the function given to
+    /// [`Config::with_password_fn`](super::Config::with_password_fn).
+    /// The message never holds the password.
+    #[error("{var}: the password could not be read from {source_name} ({reason})")]
+    PasswordUnavailable {
+        /// `MQTT_PASSWORD_FILE`, or `MQTT_PASSWORD` for a function.
+        var: &'static str,
+        /// The file, quoted, or `the password function`.
+        source_name: String,
+        /// Why not.
+        reason: String,
+    },
     /// rustls rejected the TLS client configuration.
     #[error("{var}={value:?} cannot be used: the TLS setup failed ({reason})")]
     Tls {
@@ -102,6 +139,9 @@ impl ConfigError {
             | ConfigError::CaFileUnreadable { var, .. }
             | ConfigError::CaFileInvalid { var, .. }
             | ConfigError::NoTrustAnchors { var, .. }
+            | ConfigError::FileUnreadable { var, .. }
+            | ConfigError::FileInvalid { var, .. }
+            | ConfigError::PasswordUnavailable { var, .. }
             | ConfigError::Tls { var, .. } => var,
         }
     }

@@ -8,8 +8,14 @@
 //!
 //! | variable | meaning | default |
 //! |---|---|---|
-//! | `MQTT_URL` | the broker: `mqtt://[user[:password]@]host[:port]` or `mqtts://…` | required |
-//! | `MQTT_CA_FILE` | PEM file of CA certificates trusted besides the system roots (`mqtts` only) | none |
+//! | `MQTT_URL` | the broker: `mqtt://[user[:password]@]host[:port]`, `mqtts://…`, or over WebSockets `ws://…[/path]` and `wss://…[/path]` (feature `websocket`) | required |
+//! | `MQTT_USERNAME` | user name, when it is not in `MQTT_URL` | none |
+//! | `MQTT_PASSWORD` | password, when it is not in `MQTT_URL` (taken as it is, not trimmed) | none |
+//! | `MQTT_PASSWORD_FILE` | file holding the password, read again before every connect (one trailing line break dropped) | none |
+//! | `MQTT_CA_FILE` | PEM file of CA certificates trusted besides the system roots (TLS only) | none |
+//! | `MQTT_CLIENT_CERT_FILE` | PEM file of the client certificate chain, for brokers that require one (mTLS; TLS only) | none |
+//! | `MQTT_CLIENT_KEY_FILE` | PEM file of its private key: PKCS#8, PKCS#1 RSA or SEC1 EC (set with `MQTT_CLIENT_CERT_FILE`) | none |
+//! | `MQTT_TLS_ALPN` | application protocols offered in the TLS handshake, comma-separated, such as `x-amzn-mqtt-ca` | none |
 //! | `MQTT_CLIENT_ID` | MQTT client id; must be unique per running instance | `<source name>-<8 random hex digits>` |
 //! | `MQTT_SOURCE_NAME` | the name of this service | `tower-mqtt` |
 //! | `MQTT_KEEPALIVE` | keep-alive, whole seconds from 1 to 65535 | `60` |
@@ -40,13 +46,39 @@
 //!
 //! The URL schemes are `mqtt://` (port 1883 by default) and `mqtts://` (TLS, port 8883 by
 //! default); `tcp://` is accepted for `mqtt://`, and `ssl://` and `tls://` for `mqtts://`.
+//! With the `websocket` feature, `ws://` (port 80) and `wss://` (TLS, port 443) carry MQTT
+//! over WebSockets, with the URL's path (`/` if none; `/mqtt` for most brokers) in the
+//! upgrade request. TLS settings apply to `wss://` as to `mqtts://`.
 //! User name and password are percent-decoded, so a password containing `/`, `?` or `#`
 //! is written `%2F`, `%3F`, `%23`. IPv6 addresses go in brackets: `mqtt://[::1]:1883`.
-//! A query string or a path other than `/` is an error: every other setting has its own
-//! variable.
+//! A query string, or a path other than `/` on `mqtt://` and `mqtts://`, is an error:
+//! every other setting has its own variable.
+//!
+//! # Credentials
+//!
+//! The user name comes from `MQTT_URL` or `MQTT_USERNAME`, the password from `MQTT_URL`,
+//! `MQTT_PASSWORD` or `MQTT_PASSWORD_FILE`. Each has one place in the environment: a
+//! user name in both `MQTT_URL` and `MQTT_USERNAME`, or a password in two places, is an
+//! error naming both, since a deployment that sets two rarely knows which one wins. So
+//! `MQTT_URL=mqtts://svc@broker` with `MQTT_PASSWORD_FILE` is fine, and so is a URL
+//! without user info with `MQTT_USERNAME` and `MQTT_PASSWORD`. What the environment sets
+//! replaces what code set ([`Config::with_env`]). `MQTT_PASSWORD_FILE` and
+//! [`Config::with_password_fn`] are read before every connect, so a rotated secret or a
+//! short-lived token is used without a restart.
 //!
 //! The password is kept in a [`Password`], whose `Debug` and `Display` print `***`; it
-//! never appears in the `Debug` output of [`Config`] nor in any [`ConfigError`].
+//! never appears in the `Debug` output of [`Config`], in any [`ConfigError`], in the
+//! connection state nor in any log line, at any level.
+//!
+//! # TLS
+//!
+//! One crypto provider is compiled in, *ring*. [`Tls`] holds the settings of a TLS URL;
+//! [`Config::with_rustls_config`] takes a complete [`rustls::ClientConfig`] for anything
+//! the variables do not cover. A failed handshake (an unknown CA, a certificate for
+//! another host, a client certificate the broker refuses) is logged at ERROR with the
+//! broker and rustls' reason the first time and whenever the reason changes, is shown by
+//! the connection state, and is retried with the reconnect backoff like any other
+//! failure.
 //!
 //! # Example
 //!
@@ -96,6 +128,8 @@
 //! # Ok::<(), tower_mqtt::config::ConfigError>(())
 //! ```
 
+mod connect;
+mod credentials;
 mod env;
 mod error;
 mod tls;
@@ -107,6 +141,12 @@ use std::time::Duration;
 use crate::publisher::OfflineOverflow;
 use crate::subscription::{AckOrder, Overflow};
 
+pub use self::{
+    credentials::{PasswordFn, PasswordSource},
+    error::ConfigError,
+    tls::{ClientAuth, Tls},
+    url::{BrokerAddr, Credentials, Password},
+};
 use self::{
     env::{
         channel_capacity_ok, generate_client_id, keep_alive_ok, name_ok, packet_size_ok, seconds,
@@ -116,15 +156,21 @@ use self::{
     tls::tls_client_config,
     url::{host_ok, parse_url},
 };
-pub use self::{
-    error::ConfigError,
-    url::{BrokerAddr, Credentials, Password, Tls},
-};
+/// The rustls crate this crate is built with, for
+/// [`Config::with_rustls_config`]: its `ClientConfig` is the standard type for a
+/// TLS client configuration, and using it from here keeps the versions in step.
+pub use tokio_rustls::rustls;
 
 /// Names of the environment variables.
 mod var {
     pub(super) const URL: &str = "MQTT_URL";
     pub(super) const CA_FILE: &str = "MQTT_CA_FILE";
+    pub(super) const USERNAME: &str = "MQTT_USERNAME";
+    pub(super) const PASSWORD: &str = "MQTT_PASSWORD";
+    pub(super) const PASSWORD_FILE: &str = "MQTT_PASSWORD_FILE";
+    pub(super) const CLIENT_CERT_FILE: &str = "MQTT_CLIENT_CERT_FILE";
+    pub(super) const CLIENT_KEY_FILE: &str = "MQTT_CLIENT_KEY_FILE";
+    pub(super) const TLS_ALPN: &str = "MQTT_TLS_ALPN";
     pub(super) const CLIENT_ID: &str = "MQTT_CLIENT_ID";
     pub(super) const SOURCE_NAME: &str = "MQTT_SOURCE_NAME";
     pub(super) const KEEPALIVE: &str = "MQTT_KEEPALIVE";
@@ -160,8 +206,34 @@ mod expect {
                                          at most 86400, such as 30 or 0.5";
     pub(super) const URL: &str = "a broker URL such as mqtt://host:1883, mqtts://host:8883 \
                                   or mqtt://user:password@host:1883";
-    pub(super) const SCHEME: &str = "a URL starting with mqtt:// or mqtts:// \
+    pub(super) const SCHEME: &str = "a URL starting with mqtt://, mqtts://, ws:// or wss:// \
                                      (tcp://, ssl:// and tls:// are accepted aliases)";
+    pub(super) const WEBSOCKET_FEATURE: &str = "mqtt:// or mqtts://: ws:// and wss:// need \
+                                                tower-mqtt's `websocket` cargo feature";
+    pub(super) const WEBSOCKET_PATH: &str = "a WebSocket path of printable ASCII without \
+                                             spaces (percent-encode others), such as /mqtt";
+    pub(super) const CERT_FILE: &str = "a PEM file of the client certificate chain, the \
+                                        client's own certificate first";
+    pub(super) const KEY_FILE: &str = "a PEM file of the client certificate's private key: \
+                                       PKCS#8, PKCS#1 RSA or SEC1 EC, unencrypted";
+    pub(super) const KEY_MATCHES_CERT: &str = "the private key of the first certificate in \
+                                               MQTT_CLIENT_CERT_FILE (this key does not \
+                                               match it)";
+    pub(super) const KEY_WITH_CERT: &str = "the PEM file of the private key, since \
+                                            MQTT_CLIENT_CERT_FILE is set";
+    pub(super) const CERT_WITH_KEY: &str = "the PEM file of the client certificate chain, \
+                                            since MQTT_CLIENT_KEY_FILE is set";
+    pub(super) const ALPN: &str = "protocol names separated by commas, each of 1 to 255 \
+                                   printable ASCII characters, such as x-amzn-mqtt-ca";
+    pub(super) const CUSTOM_TLS: &str = "unset: a complete rustls ClientConfig was given \
+                                         (Config::with_rustls_config) and is used as it is";
+    pub(super) const ONE_PLACE: &str = "each of the user name and the password in one place \
+                                        only: the user name in MQTT_URL or MQTT_USERNAME, the \
+                                        password in MQTT_URL, MQTT_PASSWORD or \
+                                        MQTT_PASSWORD_FILE";
+    pub(super) const USER_FOR_PASSWORD: &str = "a user name as well (MQTT_USERNAME or user@ in \
+                                                MQTT_URL): MQTT sends a password only with a \
+                                                user name";
     pub(super) const HOST: &str = "a host name or IP address after '//' (and after '@' when \
                                    a user name is given), such as mqtt://broker.local:1883";
     pub(super) const HOST_CHARS: &str = "a host name or IPv4 address made of letters, digits, \
@@ -210,6 +282,8 @@ const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 const MQTT_PORT: u16 = 1883;
 const MQTTS_PORT: u16 = 8883;
+const WS_PORT: u16 = 80;
+const WSS_PORT: u16 = 443;
 /// Longest duration accepted for any seconds variable: one day.
 const MAX_SECONDS: Duration = Duration::from_secs(86_400);
 /// Longest string MQTT can encode (a two-byte length prefix).
@@ -228,10 +302,17 @@ const MAX_REQUEST_CHANNEL_CAPACITY: usize = 1 << 20;
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Config {
-    /// The broker to connect to (`MQTT_URL`, `MQTT_CA_FILE`).
+    /// The broker to connect to (`MQTT_URL`), with its TLS settings (`MQTT_CA_FILE`,
+    /// `MQTT_CLIENT_CERT_FILE`, `MQTT_CLIENT_KEY_FILE`, `MQTT_TLS_ALPN`).
     pub broker: BrokerAddr,
-    /// User name and password from the URL's `user:password@`, if any.
+    /// User name and password: from the URL's `user:password@`, `MQTT_USERNAME` and
+    /// `MQTT_PASSWORD`, or code.
     pub credentials: Option<Credentials>,
+    /// Where the password is fetched from before every connect (`MQTT_PASSWORD_FILE`,
+    /// [`with_password_file`](Self::with_password_file),
+    /// [`with_password_fn`](Self::with_password_fn)); it replaces the password of
+    /// [`credentials`](Self::credentials).
+    pub password_source: Option<PasswordSource>,
     /// MQTT client id (`MQTT_CLIENT_ID`). By default `<source_name>-<8 random lowercase
     /// hex digits>`, so that several instances of one service can run at once.
     pub client_id: String,
@@ -319,6 +400,7 @@ impl Config {
         Ok(Config {
             broker,
             credentials,
+            password_source: None,
             client_id: generate_client_id(DEFAULT_SOURCE_NAME),
             source_name: DEFAULT_SOURCE_NAME.to_owned(),
             keep_alive: DEFAULT_KEEP_ALIVE,
@@ -366,9 +448,12 @@ impl Config {
         self
     }
 
-    /// Sets the user name and password.
+    /// Sets the user name and password; a password source set before is dropped.
     #[must_use]
     pub fn with_credentials(mut self, credentials: Credentials) -> Self {
+        if credentials.password.is_some() {
+            self.password_source = None;
+        }
         self.credentials = Some(credentials);
         self
     }
@@ -570,3 +655,5 @@ enum ClientIdOrigin {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod transport_tests;

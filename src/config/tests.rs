@@ -564,7 +564,7 @@ fn url_errors() {
         ("broker:1883", expect::URL),
         ("", expect::URL),
         ("http://h", expect::SCHEME),
-        ("ws://h", expect::SCHEME),
+        ("mqtt+ws://h", expect::SCHEME),
         ("mqtt://", expect::HOST),
         ("mqtt://:1883", expect::HOST),
         ("mqtt://user:pw@", expect::HOST),
@@ -942,7 +942,7 @@ mod properties {
 
         #[test]
         fn url_like_strings_never_panic(
-            scheme in "(mqtt|mqtts|tcp|ssl|tls|http|)",
+            scheme in "(mqtt|mqtts|tcp|ssl|tls|ws|wss|http|)",
             rest in "[a-z0-9:@/?#%\\[\\]. +-]{0,40}",
         ) {
             let raw = format!("{scheme}://{rest}");
@@ -976,7 +976,7 @@ mod properties {
 
         #[test]
         fn arbitrary_environment_values_never_panic(
-            values in proptest::collection::vec(any::<String>(), 15),
+            values in proptest::collection::vec(any::<String>(), 21),
         ) {
             let names = [
                 "MQTT_URL", "MQTT_CA_FILE", "MQTT_CLIENT_ID", "MQTT_SOURCE_NAME",
@@ -984,12 +984,15 @@ mod properties {
                 "MQTT_HEARTBEAT_INTERVAL", "MQTT_DEDUPE_TTL", "MQTT_DEDUPE_MAX_ENTRIES",
                 "MQTT_RECONNECT_MIN_DELAY", "MQTT_RECONNECT_MAX_DELAY",
                 "MQTT_CLEAN_SESSION", "MQTT_MAX_PACKET_SIZE",
-                "MQTT_REQUEST_CHANNEL_CAPACITY",
+                "MQTT_REQUEST_CHANNEL_CAPACITY", "MQTT_USERNAME", "MQTT_PASSWORD",
+                "MQTT_PASSWORD_FILE", "MQTT_CLIENT_CERT_FILE", "MQTT_CLIENT_KEY_FILE",
+                "MQTT_TLS_ALPN",
             ];
             // A fixed URL so that every other variable is reached; URLs have their
             // own properties above.
             let lookup = |name: &str| match names.iter().position(|n| *n == name)? {
-                0 => Some("mqtt://h".to_owned()),
+                // TLS, so that the TLS variables are read too.
+                0 => Some("mqtts://h".to_owned()),
                 index => Some(values[index].clone()),
             };
             if let Ok(config) = Config::from_lookup(lookup) {

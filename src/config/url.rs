@@ -1,16 +1,20 @@
 //! `MQTT_URL`: the broker's address and the credentials, and how they are
 //! printed without the password.
 
-use std::{fmt, net::Ipv6Addr, path::PathBuf};
+use std::{fmt, net::Ipv6Addr};
 
 use percent_encoding::percent_decode_str;
 
-use super::{expect, invalid, var, ConfigError, MAX_MQTT_STRING, MQTTS_PORT, MQTT_PORT};
+use super::{
+    expect, invalid, var, ConfigError, Tls, MAX_MQTT_STRING, MQTTS_PORT, MQTT_PORT, WSS_PORT,
+    WS_PORT,
+};
 
-/// Where the broker is: host, port and, for `mqtts://`, TLS settings.
+/// Where the broker is: host, port, TLS settings and, for MQTT over WebSockets, the
+/// HTTP path.
 ///
-/// `Display` prints `mqtt://host:port` or `mqtts://host:port` (IPv6 hosts in brackets)
-/// and never includes credentials.
+/// `Display` prints the URL without credentials: `mqtt://host:port`, `mqtts://host:port`,
+/// `ws://host:port/path` or `wss://host:port/path` (IPv6 hosts in brackets).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BrokerAddr {
@@ -18,8 +22,11 @@ pub struct BrokerAddr {
     pub host: String,
     /// TCP port.
     pub port: u16,
-    /// `Some` for a TLS connection (`mqtts://`).
+    /// `Some` for a TLS connection (`mqtts://` or `wss://`).
     pub tls: Option<Tls>,
+    /// `Some(path)` for MQTT over WebSockets (`ws://` or `wss://`), such as `/mqtt`;
+    /// `None` for MQTT over TCP. Needs the `websocket` feature.
+    pub websocket_path: Option<String>,
 }
 
 impl BrokerAddr {
@@ -27,34 +34,36 @@ impl BrokerAddr {
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
+
+    /// Whether MQTT goes over WebSockets (`ws://` or `wss://`).
+    ///
+    /// ```
+    /// # #[cfg(feature = "websocket")] {
+    /// let config = tower_mqtt::config::Config::new("wss://broker.example/mqtt")?;
+    /// assert!(config.broker.is_websocket() && config.broker.is_tls());
+    /// assert_eq!(config.broker.to_string(), "wss://broker.example:443/mqtt");
+    /// # }
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    pub fn is_websocket(&self) -> bool {
+        self.websocket_path.is_some()
+    }
 }
 
 impl fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.is_tls() { "mqtts" } else { "mqtt" };
+        let scheme = match (self.is_websocket(), self.is_tls()) {
+            (false, false) => "mqtt",
+            (false, true) => "mqtts",
+            (true, false) => "ws",
+            (true, true) => "wss",
+        };
         if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)?;
         } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)?;
         }
-    }
-}
-
-/// TLS settings of a `mqtts://` connection.
-///
-/// The system's root certificates are always trusted; `ca_file` adds the certificates
-/// of a PEM file (`MQTT_CA_FILE`), such as a private CA's.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Tls {
-    /// PEM file of CA certificates trusted besides the system roots.
-    pub ca_file: Option<PathBuf>,
-}
-
-impl Tls {
-    /// TLS that trusts the system roots and, if given, the certificates in `ca_file`.
-    pub fn new(ca_file: Option<PathBuf>) -> Self {
-        Tls { ca_file }
+        f.write_str(self.websocket_path.as_deref().unwrap_or(""))
     }
 }
 
@@ -133,11 +142,7 @@ pub(super) fn parse_url(raw: &str) -> Result<(BrokerAddr, Option<Credentials>), 
     let Some((scheme, rest)) = raw.split_once("://") else {
         return Err(error(expect::URL));
     };
-    let (tls, default_port) = match scheme.to_ascii_lowercase().as_str() {
-        "mqtt" | "tcp" => (None, MQTT_PORT),
-        "mqtts" | "ssl" | "tls" => (Some(Tls::default()), MQTTS_PORT),
-        _ => return Err(error(expect::SCHEME)),
-    };
+    let (tls, websocket, default_port) = parse_scheme(scheme).map_err(error)?;
 
     // The authority ends at the first '/', '?' or '#' (RFC 3986).
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -152,9 +157,7 @@ pub(super) fn parse_url(raw: &str) -> Result<(BrokerAddr, Option<Credentials>), 
     if tail.contains('#') {
         return Err(error(expect::FRAGMENT));
     }
-    if !tail.is_empty() && tail != "/" {
-        return Err(error(expect::PATH));
-    }
+    let websocket_path = websocket_path(tail, websocket).map_err(error)?;
 
     // The last '@' ends the user information, so an unencoded '@' in a password works.
     let (userinfo, host_port) = match authority.rfind('@') {
@@ -233,8 +236,39 @@ pub(super) fn parse_url(raw: &str) -> Result<(BrokerAddr, Option<Credentials>), 
         host: host.to_owned(),
         port,
         tls,
+        websocket_path,
     };
     Ok((broker, credentials))
+}
+
+/// TLS, WebSocket and the default port of a scheme.
+fn parse_scheme(scheme: &str) -> Result<(Option<Tls>, bool, u16), &'static str> {
+    let parts = match scheme.to_ascii_lowercase().as_str() {
+        "mqtt" | "tcp" => (None, false, MQTT_PORT),
+        "mqtts" | "ssl" | "tls" => (Some(Tls::default()), false, MQTTS_PORT),
+        "ws" => (None, true, WS_PORT),
+        "wss" => (Some(Tls::default()), true, WSS_PORT),
+        _ => return Err(expect::SCHEME),
+    };
+    if parts.1 && cfg!(not(feature = "websocket")) {
+        return Err(expect::WEBSOCKET_FEATURE);
+    }
+    Ok(parts)
+}
+
+/// The path after the host: the HTTP path of a WebSocket upgrade, sent as it is
+/// written, or nothing for MQTT over TCP. Errors are the expected form.
+fn websocket_path(tail: &str, websocket: bool) -> Result<Option<String>, &'static str> {
+    if !websocket {
+        return match tail {
+            "" | "/" => Ok(None),
+            _ => Err(expect::PATH),
+        };
+    }
+    if !tail.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(expect::WEBSOCKET_PATH);
+    }
+    Ok(Some(if tail.is_empty() { "/" } else { tail }.to_owned()))
 }
 
 /// `raw` with everything between the user name's ':' and the last '@' replaced by `***`.

@@ -1,7 +1,5 @@
 //! Checking a configuration, and what it hands to rumqttc and the inbound stack.
 
-use std::sync::Arc;
-
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
 use super::{
@@ -156,6 +154,8 @@ impl Config {
             return Err(invalid(var::OFFLINE_MAX_AGE, value, expect::SECONDS));
         }
         self.validate_limits()?;
+        self.validate_credentials()?;
+        self.validate_tls()?;
         if !channel_capacity_ok(self.request_channel_capacity) {
             let value = self.request_channel_capacity.to_string();
             return Err(invalid(
@@ -192,15 +192,64 @@ impl Config {
             .set_max_packet_size(self.max_incoming_packet_size, self.max_packet_size)
             .set_request_channel_capacity(self.request_channel_capacity);
         if let Some(credentials) = &self.credentials {
-            let password = credentials.password.as_ref().map_or("", Password::expose);
+            // Read here too, so that a missing password file stops the start.
+            let password = self.current_password()?;
+            let password = password.as_ref().map_or("", Password::expose);
             options.set_credentials(credentials.username.clone(), password);
         }
-        if let Some(tls) = &self.broker.tls {
-            let client_config = tls_client_config(&self.broker, tls)?;
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(client_config),
-            )));
+        let tls = match &self.broker.tls {
+            Some(tls) => Some(TlsConfiguration::Rustls(tls_client_config(
+                &self.broker,
+                tls,
+            )?)),
+            None => None,
+        };
+        match (&self.broker.websocket_path, tls) {
+            (None, None) => {}
+            (None, Some(tls)) => {
+                options.set_transport(Transport::tls_with_config(tls));
+            }
+            #[cfg(feature = "websocket")]
+            (Some(_), tls) => {
+                // rumqttc takes a WebSocket broker as a whole URL and reads the
+                // host and port back from it; the user info is never part of it.
+                options = self.websocket_options(&options, tls);
+            }
+            #[cfg(not(feature = "websocket"))]
+            (Some(_), _) => {
+                let value = self.broker.to_string();
+                return Err(invalid(var::URL, value, expect::WEBSOCKET_FEATURE));
+            }
         }
         Ok(options)
+    }
+}
+
+#[cfg(feature = "websocket")]
+impl Config {
+    /// `options` rebuilt for rumqttc's WebSocket transport, whose broker address
+    /// is the URL (without user info) rather than the host.
+    fn websocket_options(
+        &self,
+        options: &MqttOptions,
+        tls: Option<TlsConfiguration>,
+    ) -> MqttOptions {
+        let mut ws = MqttOptions::new(
+            options.client_id(),
+            self.broker.to_string(),
+            self.broker.port,
+        );
+        ws.set_keep_alive(options.keep_alive())
+            .set_clean_session(options.clean_session())
+            .set_max_packet_size(self.max_incoming_packet_size, self.max_packet_size)
+            .set_request_channel_capacity(options.request_channel_capacity())
+            .set_transport(match tls {
+                Some(tls) => Transport::wss_with_config(tls),
+                None => Transport::Ws,
+            });
+        if let Some(login) = options.credentials() {
+            ws.set_credentials(login.username, login.password);
+        }
+        ws
     }
 }

@@ -145,6 +145,8 @@ where
         let mut collided_since: Option<Instant> = None;
         let mut liveness = Liveness::default();
         let mut last_refusal: Option<String> = None;
+        // Credentials fetched before each connect, failures described (config/connect.rs).
+        let mut attempts = self.config.connection_attempts();
         loop {
             collided_since = match (&self.eventloop.state.collision, collided_since) {
                 (None, _) => None,
@@ -179,6 +181,8 @@ where
                 Step::Failed(Failure::Lost(
                     "outgoing publishes stuck on a packet id collision".to_owned(),
                 ))
+            } else if let Err(reason) = attempts.prepare(&mut self.eventloop) {
+                Step::Failed(Failure::Lost(reason)) // no password: a failed attempt
             } else {
                 // The loop owns the keep-alive check (see above).
                 self.eventloop.state.await_pingresp = false;
@@ -194,7 +198,7 @@ where
                         Err(ConnectionError::ConnectionRefused(code)) => {
                             Step::Failed(Failure::Refused(wire::describe_refusal(code)))
                         }
-                        Err(err) => Step::Failed(Failure::Lost(err.to_string())),
+                        Err(err) => Step::Failed(Failure::Lost(attempts.failed(&err))), // TLS reasons
                     },
                 }
             };
@@ -224,6 +228,7 @@ where
                     connected_at = Some(Instant::now());
                     collided_since = None;
                     last_refusal = None;
+                    attempts.connected(); // a later failure is reported anew
                     self.dispatcher.connected(ack.session_present);
                     if ack.session_present && expects_pubrel {
                         wire::expect_pubrels(&mut self.eventloop);

@@ -20,6 +20,9 @@
 //!   consumer with SIGKILL or to stop a broker that cannot stop in-process.
 //! - [`WireClient`]: a scripted client that sends exactly the packets a test writes
 //!   (acks withheld, out of order, stale), to provoke a broker.
+//! - [`Pki`], [`TlsFront`]: certificates made by the test, mosquitto TLS listener
+//!   settings, and a TLS-terminating front (ALPN, `wss://`).
+//! - [`WsBroker`]: rumqttd with a WebSocket listener.
 //!
 //! ```ignore
 //! mod support;
@@ -58,6 +61,8 @@ mod ledger;
 mod mosquitto;
 mod probe;
 mod proxy;
+mod tls;
+mod websocket;
 mod wire;
 
 use std::net::{Ipv4Addr, SocketAddr};
@@ -82,6 +87,10 @@ pub(crate) use probe::{
 pub(crate) use proxy::Proxy;
 #[allow(unused_imports)]
 pub(crate) use rumqttc::QoS;
+#[allow(unused_imports)]
+pub(crate) use tls::{ClientCerts, File, FrontSeen, Leaf, Pki, TlsFront};
+#[allow(unused_imports)]
+pub(crate) use websocket::WsBroker;
 #[allow(unused_imports)]
 pub(crate) use wire::{accepted, WireClient, WireEnd};
 
