@@ -23,7 +23,6 @@ use tower_mqtt::{
     config::Config, Ack, AckOrder, Client, Envelope, HandlerError, Publisher, Request, Router,
     Subscription,
 };
-use tower_mqtt_layers::StandardStack;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -114,9 +113,9 @@ impl Seen {
 
 /// Creates the persistent session with its subscription, then leaves.
 async fn create_session(url: &str, client_id: &str, router: Router) {
-    let running = Client::new(config(url, client_id))
-        .unwrap()
-        .spawn(router, StandardStack::new());
+    let running = tower_mqtt::serve(config(url, client_id), router)
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -142,9 +141,12 @@ async fn a_big_backlog_is_handled_exactly_once_within_the_pending_limit() {
     create_session(&url, &client_id, router.clone()).await;
     publish_backlog(&url, "bench/load", count).await;
 
-    let running = Client::new(config(&url, &client_id).with_max_pending(500, 64 << 20))
-        .unwrap()
-        .spawn(router, StandardStack::new());
+    let running = tower_mqtt::serve(
+        config(&url, &client_id).with_max_pending(500, 64 << 20),
+        router,
+    )
+    .spawn()
+    .unwrap();
     seen.wait_for(count, Duration::from_secs(300)).await;
     let stats = running.stats();
     let report = running.shutdown().await;
@@ -193,7 +195,7 @@ async fn handlers_awaiting_their_own_publishes_neither_deadlock_nor_lose() {
 
     let client = Client::new(config(&url, &client_id).with_max_pending(50, 64 << 20)).unwrap();
     *publisher.lock().unwrap() = Some(client.publisher());
-    let running = client.spawn(router, StandardStack::new());
+    let running = client.serve(router).spawn().unwrap();
     seen.wait_for(count, Duration::from_secs(300)).await;
     let stats = running.shutdown().await.stats;
     let (distinct, twice) = seen.distinct_and_twice();
@@ -232,9 +234,9 @@ async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgem
             }
         })
     };
-    let running = Client::new(config(&proxy.url(), &client_id))
-        .unwrap()
-        .spawn(router.clone(), StandardStack::new());
+    let running = tower_mqtt::serve(config(&proxy.url(), &client_id), router.clone())
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -274,9 +276,9 @@ async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgem
             std::future::ready(())
         })
     };
-    let running = Client::new(config(&url, &client_id))
-        .unwrap()
-        .spawn(router, StandardStack::new());
+    let running = tower_mqtt::serve(config(&url, &client_id), router)
+        .spawn()
+        .unwrap();
     again.wait_for(1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -378,10 +380,10 @@ async fn ack_on_receipt_is_not_delivered_again_after_a_crash() {
             hang.clone(),
         )
         .route("jobs/run", hang);
-    let running = Client::new(config(&proxy.url(), &client_id))
-        .unwrap()
+    let running = tower_mqtt::serve(config(&proxy.url(), &client_id), router)
         .drain_timeout(Duration::from_millis(100))
-        .spawn(router, StandardStack::new());
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -433,9 +435,12 @@ async fn only_the_failed_route_is_retried() {
                 })
             })
     };
-    let running = Client::new(config(&url, &probe::unique_id("retry")).with_clean_session(true))
-        .unwrap()
-        .spawn(router, StandardStack::new());
+    let running = tower_mqtt::serve(
+        config(&url, &probe::unique_id("retry")).with_clean_session(true),
+        router,
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()

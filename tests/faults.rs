@@ -37,8 +37,7 @@ use tokio::{
     io::{AsyncBufReadExt, BufReader},
     sync::watch,
 };
-use tower_mqtt::{config::Config, Client, ConnectionState, Envelope, Request, Router, Running};
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt::{config::Config, ConnectionState, Envelope, Request, Router, Running};
 
 /// Bound for a single step (connect, subscribe, a message to arrive).
 const WAIT: Duration = Duration::from_secs(15);
@@ -276,19 +275,22 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
     let url = proxy.as_ref().map_or_else(|| broker.url(), Proxy::url);
     let topic = "faults/stream";
     let ledger = Ledger::default();
-    let consumer = Client::new(config(&url, "stream-consumer").with_clean_session(false))
-        .unwrap()
-        .spawn(
-            Router::new().route(topic, ledger.handler()),
-            StandardStack::new(),
-        );
+    let consumer = tower_mqtt::serve(
+        config(&url, "stream-consumer").with_clean_session(false),
+        Router::new().route(topic, ledger.handler()),
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, consumer.ready())
         .await
         .expect("consumer ready")
         .expect("subscribed");
-    let producer = Client::new(config(&url, "stream-producer").with_clean_session(false))
-        .unwrap()
-        .spawn(Router::new(), StandardStack::new());
+    let producer = tower_mqtt::serve(
+        config(&url, "stream-producer").with_clean_session(false),
+        Router::new(),
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, producer.ready())
         .await
         .expect("producer ready")
@@ -456,9 +458,9 @@ async fn consumer_child() {
     let cfg = config(&url, "child")
         .with_client_id(client_id)
         .with_clean_session(false);
-    let running = Client::new(cfg)
-        .unwrap()
-        .spawn(Router::new().route(CHILD_TOPIC, hang), StandardStack::new());
+    let running = tower_mqtt::serve(cfg, Router::new().route(CHILD_TOPIC, hang))
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .expect("child ready")
@@ -534,10 +536,9 @@ async fn a_killed_consumer_gets_its_unacknowledged_messages_back() {
     let cfg = config(&broker.url(), "revived")
         .with_client_id(&client_id)
         .with_clean_session(false);
-    let revived = Client::new(cfg).unwrap().spawn(
-        Router::new().route(CHILD_TOPIC, ledger.handler()),
-        StandardStack::new(),
-    );
+    let revived = tower_mqtt::serve(cfg, Router::new().route(CHILD_TOPIC, ledger.handler()))
+        .spawn()
+        .unwrap();
     let all = ledger.wait_unique(total, WAIT).await;
     let (lost, twice) = ledger.tally(total);
     eprintln!(
@@ -567,10 +568,12 @@ async fn fifty_clients_reconnect_and_resubscribe_after_a_broker_restart() {
         // The default backoff (0.5 s to 5 s, full jitter), as a service runs.
         let cfg = config(&broker.url(), "storm")
             .with_reconnect_delays(Duration::from_millis(500), Duration::from_secs(5));
-        let client = Client::new(cfg).unwrap().spawn(
+        let client = tower_mqtt::serve(
+            cfg,
             Router::new().route(format!("storm/{i}").as_str(), ledger.handler()),
-            StandardStack::new(),
-        );
+        )
+        .spawn()
+        .unwrap();
         running.push(client);
     }
     for client in &running {
@@ -712,12 +715,12 @@ async fn bad_payloads_interleaved_with_good_ones_leave_the_good_ones_handled_onc
     };
     let topic = "faults/payloads";
     let ledger = Ledger::default();
-    let running = Client::new(config(&broker.url(), "payloads"))
-        .unwrap()
-        .spawn(
-            Router::new().route(topic, ledger.handler()),
-            StandardStack::new(),
-        );
+    let running = tower_mqtt::serve(
+        config(&broker.url(), "payloads"),
+        Router::new().route(topic, ledger.handler()),
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .expect("ready")
@@ -794,10 +797,9 @@ async fn oversized_message_case(clean_session: bool) {
     let topic = "faults/oversized";
     let ledger = Ledger::default();
     let cfg = config(&broker.url(), "oversized").with_clean_session(clean_session);
-    let running = Client::new(cfg).unwrap().spawn(
-        Router::new().route(topic, ledger.handler()),
-        StandardStack::new(),
-    );
+    let running = tower_mqtt::serve(cfg, Router::new().route(topic, ledger.handler()))
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .expect("ready")

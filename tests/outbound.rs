@@ -12,15 +12,10 @@ use tower_mqtt::{
     config::Config, outbound::TooLarge, reply::Replies, Client, Envelope, QoS, Request, Router,
     Running,
 };
-use tower_mqtt_layers::StandardStack;
 
 const WAIT: Duration = Duration::from_secs(15);
 
 /// The standard inbound stack, as a service runs it.
-fn stack() -> StandardStack {
-    StandardStack::new()
-}
-
 fn config(url: &str, name: &str) -> Config {
     Config::new(url)
         .unwrap()
@@ -33,9 +28,9 @@ fn config(url: &str, name: &str) -> Config {
 async fn a_hundred_concurrent_publishes_are_all_confirmed() {
     let broker = TestBroker::start().await;
     let mut probe = Probe::subscribe(&broker.url(), "load/#").await;
-    let running = Client::new(config(&broker.url(), "load"))
-        .unwrap()
-        .spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(config(&broker.url(), "load"), Router::new())
+        .spawn()
+        .unwrap();
     let publisher = running.publisher();
     let tasks = (0..100).map(|n| {
         let publisher = publisher.clone();
@@ -57,7 +52,7 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     let broker = TestBroker::start().await;
     let mut probe = Probe::subscribe(&broker.url(), "big").await;
     let cfg = config(&broker.url(), "big").with_max_packet_size(4096);
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
     let publisher = running.publisher();
     let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
     let err = publisher.publish("big", huge).await.unwrap_err();
@@ -98,12 +93,12 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
         std::future::ready(())
     };
     let receiver_cfg = config(&broker.url(), "outage-rx").with_clean_session(false);
-    let receiver = Client::new(receiver_cfg)
-        .unwrap()
-        .spawn(Router::new().route("outage/seq", record), stack());
-    let sender = Client::new(config(&broker.url(), "outage-tx"))
-        .unwrap()
-        .spawn(Router::new(), stack());
+    let receiver = tower_mqtt::serve(receiver_cfg, Router::new().route("outage/seq", record))
+        .spawn()
+        .unwrap();
+    let sender = tower_mqtt::serve(config(&broker.url(), "outage-tx"), Router::new())
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, receiver.connected())
         .await
         .unwrap();
@@ -180,15 +175,18 @@ async fn fifty_concurrent_request_reply_round_trips() {
             Ok::<_, tower_mqtt::BoxError>(())
         }
     };
-    let responder = responder_client.spawn(Router::new().route("memory/query", respond), stack());
+    let responder = responder_client
+        .serve(Router::new().route("memory/query", respond))
+        .spawn()
+        .unwrap();
 
     let replies = Replies::new();
-    let requester = Client::new(config(&broker.url(), "llm-worker"))
-        .unwrap()
-        .spawn(
-            Router::new().route_service("memory/results", replies.clone()),
-            stack(),
-        );
+    let requester = tower_mqtt::serve(
+        config(&broker.url(), "llm-worker"),
+        Router::new().route_service("memory/results", replies.clone()),
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, requester.connected())
         .await
         .unwrap();
@@ -255,9 +253,9 @@ async fn mosquitto_sub_sees_exactly_the_five_keys() {
         eprintln!("skipped: mosquitto_sub is not installed");
         return;
     };
-    let running = Client::new(config(&broker.url(), "wire"))
-        .unwrap()
-        .spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(config(&broker.url(), "wire"), Router::new())
+        .spawn()
+        .unwrap();
     let publisher = running.publisher();
     let env = Envelope::new("stt.final", json!({"text": "hi", "confidence": 0.5})).unwrap();
     let expected = env.clone().with_source("wire").to_vec();
@@ -295,9 +293,9 @@ async fn mosquitto_sub_sees_exactly_the_five_keys() {
 
 /// A client whose connection runs through `proxy`, with a small offline buffer.
 async fn through_proxy(proxy: &Proxy, name: &str, cfg: impl FnOnce(Config) -> Config) -> Running {
-    let running = Client::new(cfg(config(&proxy.url(), name)))
-        .unwrap()
-        .spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(cfg(config(&proxy.url(), name)), Router::new())
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();

@@ -17,8 +17,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS as WireQoS};
 use serde_json::json;
 use support::{Proxy, TestBroker};
 use tokio::sync::mpsc;
-use tower_mqtt::{config::Config, Client, ConnectionState, Envelope, Request, Router, Running};
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt::{config::Config, ConnectionState, Envelope, Request, Router, Running};
 
 /// Upper bound for every wait: a failing test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(15);
@@ -62,9 +61,9 @@ fn recording_router(filters: &[&str]) -> (Router, Seen) {
 }
 
 fn spawn(config: Config, router: Router) -> Running {
-    Client::new(config)
+    tower_mqtt::serve(config, router)
+        .spawn()
         .expect("valid config")
-        .spawn(router, StandardStack::new())
 }
 
 async fn ready(running: &Running) {

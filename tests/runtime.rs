@@ -19,15 +19,10 @@ use tokio::sync::mpsc;
 use tower_mqtt::{
     config::Config, Client, ConnectionState, Envelope, Overflow, Request, Router, Subscription,
 };
-use tower_mqtt_layers::StandardStack;
 
 const WAIT: Duration = Duration::from_secs(15);
 
 /// The standard inbound stack, as a service runs it.
-fn stack() -> StandardStack {
-    StandardStack::new()
-}
-
 fn config(url: &str, name: &str) -> Config {
     Config::new(url)
         .expect("test URL")
@@ -64,9 +59,9 @@ async fn subscribes_to_the_router_and_handles_messages() {
     let router = Router::new()
         .route("tts/say", recorder(tx.clone()))
         .route("camera/+/frame", recorder(tx));
-    let running = Client::new(config(&broker.url(), "subscriber"))
-        .unwrap()
-        .spawn(router, stack());
+    let running = tower_mqtt::serve(config(&broker.url(), "subscriber"), router)
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();
@@ -116,9 +111,9 @@ async fn reconnects_and_resubscribes_after_a_broker_restart() {
     // The default delays (0.5 s to 5 s), as a service would run.
     let cfg = config(&broker.url(), "restart")
         .with_reconnect_delays(Duration::from_millis(500), Duration::from_secs(5));
-    let running = Client::new(cfg)
-        .unwrap()
-        .spawn(Router::new().route("llm/request", recorder(tx)), stack());
+    let running = tower_mqtt::serve(cfg, Router::new().route("llm/request", recorder(tx)))
+        .spawn()
+        .unwrap();
     let mut state = running.state();
     tokio::time::timeout(WAIT, running.connected())
         .await
@@ -196,9 +191,12 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
             }
         }
     };
-    let running = Client::new(config(&broker.url(), "order"))
-        .unwrap()
-        .spawn(Router::new().route("order/+", handler), stack());
+    let running = tower_mqtt::serve(
+        config(&broker.url(), "order"),
+        Router::new().route("order/+", handler),
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();
@@ -327,9 +325,9 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
         .overflow(policy);
     let mut cfg = config(&broker.url(), "overflow");
     cfg = cfg.with_keep_alive(Duration::from_secs(2));
-    let running = Client::new(cfg)
-        .unwrap()
-        .spawn(Router::new().route(sub, handler), stack());
+    let running = tower_mqtt::serve(cfg, Router::new().route(sub, handler))
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.connected())
         .await
         .unwrap();
@@ -427,19 +425,21 @@ async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
     let broker = TestBroker::start().await;
     let (seen, gate, handler) = gated_recorder();
     let cfg = config(&broker.url(), "block").with_keep_alive(Duration::from_secs(2));
-    let running = Client::new(cfg).unwrap().spawn(
+    let running = tower_mqtt::serve(
+        cfg,
         Router::new().route(Subscription::new("jobs/slow").capacity(8), handler),
-        stack(),
-    );
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
         .expect("subscribed");
 
     let total = 120;
-    let sender = Client::new(config(&broker.url(), "block-tx"))
-        .unwrap()
-        .spawn(Router::new(), stack());
+    let sender = tower_mqtt::serve(config(&broker.url(), "block-tx"), Router::new())
+        .spawn()
+        .unwrap();
     for n in 0..total {
         let job = Envelope::new("jobs.slow", json!({"n": n})).unwrap();
         sender.publisher().publish("jobs/slow", job).await.unwrap();
@@ -499,10 +499,10 @@ async fn unacknowledged_messages_come_back_with_a_persistent_session() {
     let cfg = config(&proxy.url(), "persistent")
         .with_client_id(&client_id)
         .with_clean_session(false);
-    let first = Client::new(cfg)
-        .unwrap()
+    let first = tower_mqtt::serve(cfg, Router::new().route("jobs/run", hang))
         .drain_timeout(Duration::from_millis(100))
-        .spawn(Router::new().route("jobs/run", hang), stack());
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, first.connected()).await.unwrap();
     let job = Envelope::new("jobs.run", json!({"job": 42})).unwrap();
     let publish = async {
@@ -535,9 +535,9 @@ async fn unacknowledged_messages_come_back_with_a_persistent_session() {
     let cfg = config(&broker.url(), "persistent")
         .with_client_id(&client_id)
         .with_clean_session(false);
-    let second = Client::new(cfg)
-        .unwrap()
-        .spawn(Router::new().route("jobs/run", recorder(tx)), stack());
+    let second = tower_mqtt::serve(cfg, Router::new().route("jobs/run", recorder(tx)))
+        .spawn()
+        .unwrap();
     let (_, env) = recv(&mut rx).await;
     assert_eq!(env.id(), job.id());
     second.shutdown().await;
@@ -552,7 +552,7 @@ async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
         probe::Probe::subscribe(&broker.url(), &format!("system/health/{service}")).await;
 
     let cfg = config(&proxy.url(), &service).with_health(true);
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
     let ready = health.next(WAIT).await.expect("ready health");
     let ready = Envelope::from_slice(&ready.payload).unwrap();
     assert_eq!(ready.data()["event"], "ready");
@@ -570,7 +570,7 @@ async fn last_will_on_an_abrupt_drop_and_none_on_a_clean_shutdown() {
 
     // Clean: the final health is "shutdown" and no Will follows.
     let cfg = config(&broker.url(), &service).with_health(true);
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
     let ready = health.next(WAIT).await.expect("ready again");
     assert_eq!(
         Envelope::from_slice(&ready.payload).unwrap().data()["event"],
@@ -609,10 +609,13 @@ async fn shutdown_lets_running_handlers_finish() {
             }
         }
     };
-    let running = Client::new(config(&broker.url(), "drain"))
-        .unwrap()
-        .drain_timeout(Duration::from_secs(5))
-        .spawn(Router::new().route("work/+", slow), stack());
+    let running = tower_mqtt::serve(
+        config(&broker.url(), "drain"),
+        Router::new().route("work/+", slow),
+    )
+    .drain_timeout(Duration::from_secs(5))
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -649,10 +652,13 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
             }
         }
     };
-    let running = Client::new(config(&broker.url(), "abandon"))
-        .unwrap()
-        .drain_timeout(Duration::from_millis(200))
-        .spawn(Router::new().route("stuck", stuck), stack());
+    let running = tower_mqtt::serve(
+        config(&broker.url(), "abandon"),
+        Router::new().route("stuck", stuck),
+    )
+    .drain_timeout(Duration::from_millis(200))
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -685,14 +691,14 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
     };
     let total = 64;
     let (seen, gate, handler) = gated_recorder();
-    let running = Client::new(cfg())
-        .unwrap()
-        .max_in_flight(total)
-        .drain_timeout(WAIT)
-        .spawn(
-            Router::new().route(Subscription::new("work/+").unordered(), handler),
-            stack(),
-        );
+    let running = tower_mqtt::serve(
+        cfg(),
+        Router::new().route(Subscription::new("work/+").unordered(), handler),
+    )
+    .max_in_flight(total)
+    .drain_timeout(WAIT)
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -729,9 +735,9 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
     // The same session again: nothing comes back, and a new message does
     // arrive, so the session is the persistent one.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let second = Client::new(cfg())
-        .unwrap()
-        .spawn(Router::new().route("work/+", recorder(tx)), stack());
+    let second = tower_mqtt::serve(cfg(), Router::new().route("work/+", recorder(tx)))
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, second.ready())
         .await
         .unwrap()
@@ -812,7 +818,7 @@ async fn a_stalled_connection_is_detected_by_the_heartbeat_and_replaced() {
         .with_keep_alive(Duration::from_secs(60))
         .with_heartbeat(true)
         .with_heartbeat_interval(Duration::from_millis(200));
-    let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
+    let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -904,7 +910,10 @@ async fn a_handler_publishing_into_a_full_channel_does_not_deadlock() {
             Ok::<_, tower_mqtt::BoxError>(())
         }
     };
-    let running = client.spawn(Router::new().route("fanout/in", fan_out), stack());
+    let running = client
+        .serve(Router::new().route("fanout/in", fan_out))
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -947,10 +956,13 @@ async fn an_unordered_route_runs_one_topic_concurrently() {
         }
     };
     let route = Subscription::new("frames/cam").unordered();
-    let running = Client::new(config(&broker.url(), "unordered"))
-        .unwrap()
-        .max_in_flight(4)
-        .spawn(Router::new().route(route, handler), stack());
+    let running = tower_mqtt::serve(
+        config(&broker.url(), "unordered"),
+        Router::new().route(route, handler),
+    )
+    .max_in_flight(4)
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -975,5 +987,49 @@ async fn an_unordered_route_runs_one_topic_concurrently() {
     let max = max_running.load(Ordering::SeqCst);
     assert!(max >= 2, "one topic ran concurrently: {max}");
     assert!(max <= 4, "the in-flight limit holds: {max}");
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_start_hook_runs_once_and_the_connect_hook_after_every_connect() {
+    let broker = TestBroker::start().await;
+    let proxy = Proxy::start(broker.addr()).await;
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let connected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = |counter: &Arc<std::sync::atomic::AtomicUsize>| {
+        let counter = counter.clone();
+        move |_publisher: tower_mqtt::Publisher| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::ready(())
+        }
+    };
+    let running = tower_mqtt::serve(
+        config(&proxy.url(), "hooks"),
+        Router::new().route("hooks/in", |_: Request<Envelope>| std::future::ready(())),
+    )
+    .on_start(count(&started))
+    .on_connect(count(&connected))
+    .spawn()
+    .unwrap();
+    let hooks_ran = |n: usize| {
+        let connected = connected.clone();
+        async move {
+            tokio::time::timeout(WAIT, async {
+                while connected.load(std::sync::atomic::Ordering::SeqCst) < n {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the connect hook ran");
+        }
+    };
+    hooks_ran(1).await;
+    for reconnect in 2..=3 {
+        proxy.cut().await;
+        hooks_ran(reconnect).await;
+    }
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1, "once");
+    assert_eq!(connected.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(running.stats().connections, 3);
     running.shutdown().await;
 }

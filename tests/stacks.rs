@@ -16,12 +16,8 @@ use serde_json::json;
 use support::{publish_raw, unique_id, Probe, TestBroker};
 use tower::{layer::layer_fn, ServiceExt};
 use tower_mqtt::{
-    config::Config,
-    layers::{isolation::DeadLetter, StandardStack},
-    outbound::Reply,
-    publisher::Outbound,
-    reply::Replies,
-    Client, Envelope, Publisher, Request, Router,
+    config::Config, layers::isolation::DeadLetter, outbound::Reply, publisher::Outbound,
+    reply::Replies, Client, Envelope, Publisher, Request, Router,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -48,18 +44,18 @@ async fn a_reply_through_the_outbound_stack_takes_the_request_id() {
             .body(results)?;
         publisher.send(reply).await
     };
-    let responder = responder.spawn(
-        Router::new().route("memory/query", respond),
-        cfg.inbound_stack(),
-    );
+    let responder = responder
+        .serve(Router::new().route("memory/query", respond))
+        .spawn()
+        .unwrap();
 
     let replies = Replies::new();
-    let requester = Client::new(config(&broker.url(), "llm-worker"))
-        .unwrap()
-        .spawn(
-            Router::new().route_service("memory/results", replies.clone()),
-            StandardStack::new(),
-        );
+    let requester = tower_mqtt::serve(
+        config(&broker.url(), "llm-worker"),
+        Router::new().route_service("memory/results", replies.clone()),
+    )
+    .spawn()
+    .unwrap();
     tokio::time::timeout(WAIT, responder.ready())
         .await
         .unwrap()
@@ -100,7 +96,11 @@ async fn a_failing_message_is_dead_lettered_through_the_outbound_stack() {
             ))
         }
     };
-    let running = client.spawn(Router::new().route("tts/say", fragile), stack);
+    let running = client
+        .serve(Router::new().route("tts/say", fragile))
+        .inbound_stack(stack)
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -151,7 +151,9 @@ async fn health_goes_through_the_publish_layer() {
     let running = Client::new(config(&broker.url(), &service).with_health(true))
         .unwrap()
         .publish_layer(counting)
-        .spawn(Router::new(), StandardStack::new());
+        .serve(Router::new())
+        .spawn()
+        .unwrap();
     let ready = health.next(WAIT).await.expect("ready");
     assert_eq!(
         Envelope::from_slice(&ready.payload).unwrap().data()["event"],
@@ -171,10 +173,9 @@ async fn raw_python_payloads_and_duplicates_on_the_way_in() {
         std::future::ready(())
     };
     let cfg = config(&broker.url(), "stt-consumer");
-    let running = Client::new(cfg.clone()).unwrap().spawn(
-        Router::new().route("stt/final", record),
-        cfg.inbound_stack(),
-    );
+    let running = tower_mqtt::serve(cfg, Router::new().route("stt/final", record))
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -256,13 +257,16 @@ async fn bad_input_and_a_panicking_handler_lose_nothing_else() {
         let _n = req.body().data()["n"].as_i64().expect("n is missing");
     };
     let cfg = config(&broker.url(), "robust");
-    let running = Client::new(cfg.clone()).unwrap().spawn(
-        Router::new()
-            .route("robust/good", good)
-            .route("robust/panic", explode),
-        cfg.inbound_stack()
-            .retry(tower_mqtt_layers::MessageRetryLayer::new(1)),
-    );
+    let stack = cfg
+        .inbound_stack()
+        .retry(tower_mqtt_layers::MessageRetryLayer::new(1));
+    let router = Router::new()
+        .route("robust/good", good)
+        .route("robust/panic", explode);
+    let running = tower_mqtt::serve(cfg, router)
+        .inbound_stack(stack)
+        .spawn()
+        .unwrap();
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()

@@ -22,7 +22,7 @@ use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publ
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle, time::timeout};
 use tower_mqtt::layers::{decode::DecodeLayer, EventRegistry};
-use tower_mqtt::{config::Config, Client, Envelope, Request, Router, Running, Subscription};
+use tower_mqtt::{config::Config, Envelope, Request, Router, Running, Subscription};
 
 use crate::{
     broker::HOST,
@@ -186,11 +186,12 @@ impl Handle {
                 }
             },
         );
-        let client = Client::new(config.clone()).map_err(|err| err.to_string())?;
-        Ok(Self::Tower(match consumer {
-            Consumer::Decode => client.spawn(router, DecodeLayer::new(EventRegistry::fleet())),
-            Consumer::Raw | Consumer::Standard => client.spawn(router, config.inbound_stack()),
-        }))
+        let serve = tower_mqtt::serve(config.clone(), router);
+        let serve = match consumer {
+            Consumer::Decode => serve.inbound_stack(DecodeLayer::new(EventRegistry::fleet())),
+            Consumer::Raw | Consumer::Standard => serve,
+        };
+        Ok(Self::Tower(serve.spawn().map_err(|err| err.to_string())?))
     }
 
     /// Waits until the consumer is connected and subscribed.

@@ -12,7 +12,7 @@
 //! an ordered route hands over a topic's next message only once the previous
 //! one is done, which would make every batch of one topic a batch of one. A
 //! batch is also at most the client's in-flight limit
-//! (`Client::max_in_flight`, 64 by default), since each waiting message holds
+//! (`Serve::max_in_flight`, 64 by default), since each waiting message holds
 //! a handler slot.
 //!
 //! ```

@@ -32,6 +32,60 @@ impl Config {
         Self::apply(Config::new(&url)?, &vars, Some(&url))
     }
 
+    /// The service's defaults in code, the deployment's in the environment,
+    /// with `MQTT_URL` required: `defaults` is applied to a configuration for
+    /// the broker `MQTT_URL` names, and every `MQTT_*` variable that is set
+    /// goes on top. Unset, `MQTT_URL` is the error [`from_env`](Self::from_env)
+    /// gives; a service that may fall back to a local broker uses
+    /// `Config::new(default_url)?…with_env()` instead.
+    ///
+    /// ```no_run
+    /// use tower_mqtt::config::Config;
+    ///
+    /// # fn main() -> Result<(), tower_mqtt::config::ConfigError> {
+    /// let config = Config::from_env_with(|defaults| {
+    ///     defaults.with_source_name("memory-worker").with_health(true)
+    /// })?; // MQTT_URL must be set; MQTT_SOURCE_NAME, MQTT_ENABLE_HEALTH, ... win
+    /// # Ok(()) }
+    /// ```
+    pub fn from_env_with(defaults: impl FnOnce(Config) -> Config) -> Result<Config, ConfigError> {
+        Self::from_lookup_with(
+            |name| std::env::var_os(name).map(|value| value.to_string_lossy().into_owned()),
+            defaults,
+        )
+    }
+
+    /// [`from_env_with`](Self::from_env_with) with the variables read through
+    /// `lookup`.
+    ///
+    /// ```
+    /// use tower_mqtt::config::Config;
+    ///
+    /// let defaults = |config: Config| config.with_source_name("memory-worker").with_health(true);
+    /// let env = |var: &str| match var {
+    ///     "MQTT_URL" => Some("mqtt://broker.prod:1883".to_owned()),
+    ///     "MQTT_ENABLE_HEALTH" => Some("false".to_owned()),
+    ///     _ => None,
+    /// };
+    /// let config = Config::from_lookup_with(env, defaults)?;
+    /// assert_eq!(config.source_name, "memory-worker"); // the code's default
+    /// assert!(!config.enable_health); // the environment wins
+    ///
+    /// let unset = Config::from_lookup_with(|_| None, defaults).unwrap_err();
+    /// assert!(unset.is_missing_url());
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    pub fn from_lookup_with<F: Fn(&str) -> Option<String>>(
+        lookup: F,
+        defaults: impl FnOnce(Config) -> Config,
+    ) -> Result<Config, ConfigError> {
+        let url = Vars(&lookup).get(var::URL).ok_or(ConfigError::Missing {
+            var: var::URL,
+            expected: expect::URL,
+        })?;
+        defaults(Config::new(&url)?).with_lookup(lookup)
+    }
+
     /// This configuration with every `MQTT_*` variable that is set in the
     /// process environment on top (`MQTT_URL` too): the service's defaults in
     /// code, the deployment's in the environment, in one expression.

@@ -10,7 +10,7 @@
 //!   even when the broker resumes a session. The state is observable with [`Client::state`].
 //! - **Dispatch** on its own tasks: the poll loop never waits for a handler.
 //!   Each topic has a FIFO; a topic's messages run in arrival order, topics
-//!   side by side, at most [`Client::max_in_flight`] at once. Each route has
+//!   side by side, at most [`Serve::max_in_flight`] at once. Each route has
 //!   a capacity with an [`Overflow`](crate::Overflow) policy.
 //! - **A memory bound of its own**: at most `max_pending` messages and
 //!   `max_pending_bytes` payload bytes are held (queued, running, or waiting
@@ -69,15 +69,18 @@ mod heartbeat;
 pub(crate) mod outbox;
 mod poll;
 mod running;
+mod serve;
 mod sink;
+mod supervisor;
 pub(crate) mod wire;
 
 pub use crate::publisher::DeliveryError;
 
 pub use self::{
-    client::{Client, Serve, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_IN_FLIGHT},
+    client::Client,
     running::{
         shutdown_signal, ConnectionState, DecodeFailures, ReadyError, RefusedSubscription, Running,
         ShutdownHandle, ShutdownReport, Stats,
     },
+    serve::{Serve, DEFAULT_DRAIN_TIMEOUT, DEFAULT_MAX_IN_FLIGHT},
 };

@@ -31,12 +31,12 @@ use tracing::{debug, error, info, warn};
 use super::{
     ack_writer::AckGate,
     backoff::Backoff,
-    client::GOODBYE_TIMEOUT,
     delivery::Deliveries,
     dispatch::{Dispatcher, OverLimit},
     heartbeat::Heartbeat,
     outbox::Outbox,
     running::{ConnectionState, Readiness, RefusedSubscription, RuntimeCounters},
+    supervisor::GOODBYE_TIMEOUT,
     wire,
 };
 use crate::{
@@ -68,6 +68,10 @@ pub(super) struct PollLoop<S> {
     pub(super) outbox: Arc<Outbox>,
     pub(super) publisher: Publisher,
     pub(super) on_connect: Vec<OnConnect>,
+    /// Run once, after the first subscribe.
+    pub(super) on_start: Vec<OnConnect>,
+    /// Whether the first subscribe has happened.
+    pub(super) started: bool,
     pub(super) state: Arc<watch::Sender<ConnectionState>>,
     pub(super) counters: Arc<RuntimeCounters>,
     pub(super) reading_paused: Arc<AtomicBool>,
@@ -489,12 +493,18 @@ where
     /// refused the client is ready, announces it in its health and runs the
     /// on-connect hooks; a refusal is an ERROR per filter, a counter, a health
     /// report of `ok=false` and a `ready()` that fails.
-    fn subscribed(&self, refused: Vec<RefusedSubscription>) {
+    fn subscribed(&mut self, refused: Vec<RefusedSubscription>) {
         if refused.is_empty() {
             debug!(filters = self.filters.len(), "subscribed");
             self.ready.send_replace(Readiness::Ready);
             if self.config.enable_health {
                 self.report_health(Health::ready());
+            }
+            if !self.started {
+                self.started = true;
+                for hook in &self.on_start {
+                    tokio::spawn(hook(self.publisher.clone()));
+                }
             }
             for hook in &self.on_connect {
                 tokio::spawn(hook(self.publisher.clone()));
