@@ -286,7 +286,10 @@ impl<F: Fn(&str) -> Option<String>> Vars<F> {
 }
 
 pub(super) fn generate_client_id(source_name: &str) -> String {
-    format!("{source_name}-{:08x}", rand::random::<u32>())
+    format!(
+        "{source_name}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
 }
 
 pub(super) fn parse_name(raw: &str) -> Option<String> {

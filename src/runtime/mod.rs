@@ -61,7 +61,6 @@
 //! [`Outcome`]: crate::Outcome
 
 mod ack_writer;
-mod backoff;
 mod client;
 pub(crate) mod delivery;
 mod dispatch;

@@ -25,12 +25,15 @@ use tokio::{
     sync::{watch, Notify},
     time::Instant,
 };
-use tower::Service;
+use tower::{
+    retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff},
+    util::rng::HasherRng,
+    Service,
+};
 use tracing::{debug, error, info, warn};
 
 use super::{
     ack_writer::AckGate,
-    backoff::Backoff,
     delivery::Deliveries,
     dispatch::{Dispatcher, OverLimit},
     heartbeat::Heartbeat,
@@ -49,6 +52,44 @@ use crate::{
 
 /// A connection that stays up this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+
+/// Delays between connection attempts: tower's exponential backoff, from the
+/// minimum doubling up to the maximum, each delay with up to as much again of
+/// random jitter (capped at the maximum).
+///
+/// rumqttc reconnects on the very next poll after an error, with no delay at
+/// all; a fleet that lost its broker at once would hammer it the moment it
+/// returned. The jitter spreads even the first attempts over [min, 2 min], and
+/// each client keeps the phase its early delays gave it.
+struct Reconnect {
+    make: ExponentialBackoffMaker<HasherRng>,
+    backoff: ExponentialBackoff,
+}
+
+impl Reconnect {
+    fn new(config: &Config) -> Self {
+        // Configuration checked that 0 < min <= max.
+        let mut make = ExponentialBackoffMaker::new(
+            config.reconnect_min_delay,
+            config.reconnect_max_delay,
+            1.0,
+            HasherRng::new(),
+        )
+        .expect("reconnect delays are validated");
+        let backoff = make.make_backoff();
+        Self { make, backoff }
+    }
+
+    /// The wait before the next attempt.
+    fn next(&mut self) -> tokio::time::Sleep {
+        self.backoff.next_backoff()
+    }
+
+    /// Starts over after a connection that stayed up.
+    fn reset(&mut self) {
+        self.backoff = self.make.make_backoff();
+    }
+}
 
 /// A hook run after every connect and subscribe.
 pub(super) type OnConnect =
@@ -126,10 +167,7 @@ where
     /// since the previous one while reading was not paused.
     #[allow(clippy::too_many_lines)]
     pub(super) async fn run(mut self) -> bool {
-        let mut backoff = Backoff::new(
-            self.config.reconnect_min_delay,
-            self.config.reconnect_max_delay,
-        );
+        let mut backoff = Reconnect::new(&self.config);
         let mut connected_at: Option<Instant> = None;
         let force = self
             .heartbeat
@@ -317,7 +355,7 @@ where
         &mut self,
         step: Step,
         connected_at: &mut Option<Instant>,
-        backoff: &mut Backoff,
+        backoff: &mut Reconnect,
         last_refusal: &mut Option<String>,
     ) -> bool {
         if self.stopping.load(Ordering::SeqCst) {
@@ -391,7 +429,7 @@ where
         &mut self,
         step: Step,
         connected_at: &mut Option<Instant>,
-        backoff: &mut Backoff,
+        backoff: &mut Reconnect,
     ) -> bool {
         if connected_at
             .take()
@@ -436,13 +474,14 @@ where
         let (reason, delay) = match step {
             Step::Recover => {
                 self.counters.recoveries.fetch_add(1, Ordering::Relaxed);
-                ("taking withheld messages back".to_owned(), Duration::ZERO)
+                ("taking withheld messages back".to_owned(), None)
             }
             Step::Failed(failure) => {
                 self.counters
                     .connection_failures
                     .fetch_add(1, Ordering::Relaxed);
-                let delay = backoff.next_delay();
+                let wait = backoff.next();
+                let delay = wait.deadline().saturating_duration_since(Instant::now());
                 let reason = match failure {
                     Failure::Refused(reason) => {
                         debug!(%reason, retry_in_ms = delay.as_millis(), "refused; retrying");
@@ -453,15 +492,18 @@ where
                         reason
                     }
                 };
-                (reason, delay)
+                (reason, Some(wait))
             }
             Step::Event(_) => unreachable!("only failures end a connection"),
         };
-        self.state.send_replace(ConnectionState::Disconnected {
-            reason,
-            retry_in: delay,
+        let retry_in = delay.as_ref().map_or(Duration::ZERO, |wait| {
+            wait.deadline().saturating_duration_since(Instant::now())
         });
-        tokio::time::sleep(delay).await;
+        self.state
+            .send_replace(ConnectionState::Disconnected { reason, retry_in });
+        if let Some(wait) = delay {
+            wait.await;
+        }
         if self.stopping.load(Ordering::SeqCst) {
             return false;
         }
