@@ -101,9 +101,8 @@
 //! assert_eq!(credentials.password.as_ref().unwrap().expose(), "s3cr/t");
 //! assert!(!format!("{config:?}").contains("s3cr"));
 //!
-//! // Options for `rumqttc::AsyncClient::new`, validated so that rumqttc cannot panic.
-//! let options = config.mqtt_options()?;
-//! assert_eq!(options.broker_address(), ("broker.local".to_owned(), 1884));
+//! // Checked before anything connects: `serve` and `Client::new` do the same.
+//! config.validate()?;
 //! # Ok::<(), tower_mqtt::config::ConfigError>(())
 //! ```
 //!
@@ -297,8 +296,8 @@ const MAX_REQUEST_CHANNEL_CAPACITY: usize = 1 << 20;
 ///
 /// Built by [`Config::from_env`], [`Config::from_lookup`] or [`Config::new`] and adjusted
 /// with the `with_*` setters. The setters do not validate; [`Config::validate`] does,
-/// and [`Config::mqtt_options`] calls it, so a bad value is reported before anything
-/// connects. `Debug` never shows the password.
+/// and [`Client::new`](crate::Client::new) and [`serve`](crate::serve) call it, so a
+/// bad value is reported before anything connects. `Debug` never shows the password.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Config {

@@ -348,7 +348,7 @@ impl Config {
     /// private key of `key_file`, to brokers that require one (mTLS):
     /// `MQTT_CLIENT_CERT_FILE` and `MQTT_CLIENT_KEY_FILE`. See [`ClientAuth`] for
     /// the formats. The files are read when the connection is configured
-    /// ([`Config::mqtt_options`]), where a missing file, a file that is not PEM, one
+    /// (by [`Client::new`](crate::Client::new) and [`serve`](crate::serve)), where a missing file, a file that is not PEM, one
     /// without a certificate or a key, or a key that does not belong to the
     /// certificate is an error naming the variable and the file.
     ///

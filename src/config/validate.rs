@@ -167,7 +167,8 @@ impl Config {
         Ok(())
     }
 
-    /// Options for `rumqttc::AsyncClient::new(options, config.request_channel_capacity)`.
+    /// The rumqttc options of this configuration (no rumqttc type is public:
+    /// `Client::new` is the way in).
     ///
     /// Sets the client id, broker host and port, credentials, keep-alive, clean session,
     /// the packet size limit (incoming and outgoing), the request channel capacity and,
@@ -179,7 +180,7 @@ impl Config {
     /// that panic on bad input (`set_keep_alive` below one second, `set_clean_session(false)`
     /// with an empty client id) are never reached with one. Reading the CA file and the
     /// system certificate store happens here, so their errors appear here.
-    pub fn mqtt_options(&self) -> Result<MqttOptions, ConfigError> {
+    pub(crate) fn mqtt_options(&self) -> Result<MqttOptions, ConfigError> {
         self.validate()?;
         let mut options = MqttOptions::new(
             self.client_id.clone(),
