@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use futures_util::future::join_all;
 use serde_json::json;
@@ -125,17 +125,23 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
         .unwrap()
         .unwrap();
     // Publish while the broker is down: they wait in the client, in order.
+    // Each publish is polled once, which hands it to the client, before the
+    // next one starts.
     let mut pending = Vec::new();
     for n in 0..20 {
         let publisher = publisher.clone();
         let env = Envelope::new("outage.test", json!({"n": n})).unwrap();
-        pending.push(tokio::spawn(async move {
-            publisher.publish("outage/seq", env).await
-        }));
-        // Let each task hand its publish to the client before the next starts.
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut publish = Box::pin(async move { publisher.publish("outage/seq", env).await });
+        std::future::poll_fn(|cx| {
+            assert!(
+                publish.as_mut().poll(cx).is_pending(),
+                "no confirmation while the broker is down"
+            );
+            std::task::Poll::Ready(())
+        })
+        .await;
+        pending.push(tokio::spawn(publish));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     broker.restart().await.unwrap();
     for handle in pending {
         tokio::time::timeout(WAIT, handle)

@@ -157,11 +157,20 @@ async fn the_sink_runs_in_the_failed_messages_correlation_scope() {
 }
 
 #[test]
-fn without_a_runtime_dead_letters_are_dropped_not_panicking() {
-    let (sink, _letters) = channel_sink();
+fn without_a_runtime_dead_letters_are_logged_and_dropped() {
+    let (logs, _guard) = capture();
+    let (sink, mut letters) = channel_sink();
     let mut policy = DeadLetter::new(sink);
     let kept = policy.keep(&msg());
     policy.dead_letter(kept, &HandlerError::new("x"));
+    assert!(letters.try_recv().is_err(), "nothing was sent");
+    let errors = logs.at(Level::ERROR);
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        errors[0].message(),
+        "cannot dead-letter outside a tokio runtime"
+    );
+    assert_eq!(errors[0].fields["topic"], "mqtt/dead_letter");
 }
 
 #[test]
