@@ -1,5 +1,6 @@
 //! An in-process MQTT broker for examples, tests and local development
-//! (feature `embedded-broker`, on by default).
+//! (feature `embedded-broker`, off by default: services do not compile a
+//! broker; this crate's examples and tests turn it on).
 //!
 //! [`EmbeddedBroker::start`] runs a [rumqttd](https://docs.rs/rumqttd) 0.20 broker on
 //! `127.0.0.1` at a free port ([`EmbeddedBroker::start_on`]: at a port you choose),
@@ -8,6 +9,12 @@
 //! `mosquitto` binary exists.
 //!
 //! Its limits are generous: packets up to 16 MiB, 10 000 connections, no authentication.
+//! One is not: rumqttd sends a client at most 100 unacknowledged deliveries and,
+//! while those are out, answers nothing that client sends, not even the PUBACK of
+//! its own publish. A handler that awaits its confirmed reply can then stall behind
+//! acknowledgements that wait for it; acknowledge such request routes on receipt
+//! (`Subscription::ack(Ack::OnReceipt)`) when serving them from this broker
+//! (`docs/RELIABILITY.md` has the measurement).
 //! It is not a production broker: it listens on loopback only, keeps no state on disk,
 //! and, as rumqttd does, keeps at most 4 segments of 16 MiB of messages per topic in
 //! memory, so a subscriber that falls further behind than that loses messages.
