@@ -32,12 +32,9 @@ async fn broker() -> Mosquitto {
 }
 
 fn config(url: &str, client_id: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
+    support::service_config(url, "backlog")
         .with_client_id(client_id)
-        .with_source_name("backlog")
         .with_clean_session(false)
-        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 fn backlog_size() -> usize {

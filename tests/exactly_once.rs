@@ -26,12 +26,9 @@ const WAIT: Duration = Duration::from_secs(20);
 const TOPIC: &str = "exactly/once";
 
 fn config(url: &str, client_id: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
+    support::service_config(url, "exactly-once")
         .with_client_id(client_id)
-        .with_source_name("exactly-once")
         .with_clean_session(false)
-        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 fn route() -> Subscription {

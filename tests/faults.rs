@@ -19,6 +19,8 @@
 
 mod support;
 
+use support::service_config as config;
+
 use std::{
     collections::BTreeMap,
     io::Write as _,
@@ -73,14 +75,6 @@ async fn mosquitto() -> Option<TestBroker> {
         eprintln!("skipped: the fault suite needs mosquitto");
         None
     }
-}
-
-fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
-        .with_client_id(support::unique_id(name))
-        .with_source_name(name)
-        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 fn good(seq: usize) -> Envelope {

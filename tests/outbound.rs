@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::service_config as config;
+
 use std::{future::Future, time::Duration};
 
 use futures_util::future::join_all;
@@ -14,15 +16,6 @@ use tower_mqtt::{
 };
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// The standard inbound stack, as a service runs it.
-fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .unwrap()
-        .with_client_id(support::unique_id(name))
-        .with_source_name(name)
-        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(1))
-}
 
 #[tokio::test]
 async fn a_hundred_concurrent_publishes_are_all_confirmed() {

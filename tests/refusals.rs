@@ -10,6 +10,8 @@
 
 mod support;
 
+use support::service_config as config;
+
 use std::{
     io,
     sync::{Arc, Mutex},
@@ -26,14 +28,6 @@ use tower_mqtt::{
 use tracing_subscriber::fmt::MakeWriter;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
-        .with_client_id(support::unique_id(name))
-        .with_source_name(name)
-        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(1))
-}
 
 /// Everything logged while it is the thread's default subscriber, at every
 /// level. The tests run on a current-thread runtime, so the runtime's own

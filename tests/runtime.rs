@@ -3,6 +3,8 @@
 
 mod support;
 
+use support::service_config as config;
+
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -21,15 +23,6 @@ use tower_mqtt::{
 };
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// The standard inbound stack, as a service runs it.
-fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
-        .with_client_id(probe::unique_id(name))
-        .with_source_name(name)
-        .with_reconnect_delays(Duration::from_millis(100), Duration::from_secs(2))
-}
 
 fn envelope_bytes(event: &str, data: serde_json::Value) -> Vec<u8> {
     Envelope::new(event, data).unwrap().to_vec()

@@ -4,6 +4,8 @@
 
 mod support;
 
+use support::service_config as config;
+
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -16,18 +18,11 @@ use serde_json::json;
 use support::{publish_raw, unique_id, Probe, TestBroker};
 use tower::{layer::layer_fn, ServiceExt};
 use tower_mqtt::{
-    config::Config, layers::isolation::DeadLetter, outbound::Reply, publisher::Outbound,
-    reply::Replies, Client, Envelope, Publisher, Request, Router,
+    layers::isolation::DeadLetter, outbound::Reply, publisher::Outbound, reply::Replies, Client,
+    Envelope, Publisher, Request, Router,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .unwrap()
-        .with_client_id(unique_id(name))
-        .with_source_name(name)
-}
 
 #[tokio::test]
 async fn a_reply_through_the_outbound_stack_takes_the_request_id() {

@@ -85,6 +85,24 @@ pub(crate) use probe::{
 };
 #[allow(unused_imports)]
 pub(crate) use proxy::Proxy;
+
+/// The configuration every test service starts from: a unique client id made
+/// from `name`, `name` as the source name, and reconnect delays of 100 ms to
+/// 1 s, so that faults are recovered from quickly. Tests add what they need.
+///
+/// # Panics
+///
+/// If `url` is not a broker URL.
+pub(crate) fn service_config(url: &str, name: &str) -> tower_mqtt::config::Config {
+    tower_mqtt::config::Config::new(url)
+        .expect("a test broker URL")
+        .with_client_id(unique_id(name))
+        .with_source_name(name)
+        .with_reconnect_delays(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(1),
+        )
+}
 #[allow(unused_imports)]
 pub(crate) use rumqttc::QoS;
 #[allow(unused_imports)]
