@@ -1026,3 +1026,91 @@ async fn the_start_hook_runs_once_and_the_connect_hook_after_every_connect() {
     assert_eq!(running.stats().connections, 3);
     running.shutdown().await;
 }
+
+#[tokio::test]
+async fn heartbeats_go_out_on_the_keepalive_topic_at_their_interval() {
+    let broker = TestBroker::start().await;
+    let client_id = probe::unique_id("beating");
+    let mut beats =
+        probe::Probe::subscribe(&broker.url(), &format!("system/keepalive/{client_id}")).await;
+    let interval = Duration::from_millis(300);
+    let cfg = config(&broker.url(), "beating")
+        .with_client_id(&client_id)
+        .with_heartbeat(true)
+        .with_heartbeat_interval(interval);
+    let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
+    let got = beats.take(5, WAIT).await;
+    assert_eq!(got.len(), 5, "five heartbeats on the keepalive topic");
+    let mut stamps = Vec::new();
+    for beat in &got {
+        assert_eq!(beat.qos, WireQoS::AtMostOnce);
+        assert!(!beat.retain);
+        let body: serde_json::Value = serde_json::from_slice(&beat.payload).unwrap();
+        let object = body.as_object().expect("a JSON object");
+        assert_eq!(object.len(), 3, "{body}");
+        assert_eq!((&body["ok"], &body["event"]), (&json!(true), &json!("hb")));
+        stamps.push(body["ts"].as_f64().expect("ts in epoch seconds"));
+    }
+    // Stamped when sent: the spacing is the sender's interval, whatever the
+    // delivery's jitter (generous bounds for a busy machine).
+    for pair in stamps.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            (0.5 * interval.as_secs_f64()..2.0 * interval.as_secs_f64()).contains(&gap),
+            "heartbeats {gap:.3} s apart, every {interval:?} wanted: {stamps:?}"
+        );
+    }
+    running.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_connection_behind_a_backlog_is_not_replaced_by_the_watchdog() {
+    let broker = TestBroker::start().await;
+    // The watchdog fires after three silent intervals: 0.6 s. The backlog
+    // takes seconds to read, with the heartbeat's echo behind it.
+    let cfg = config(&broker.url(), "beating-busy")
+        .with_heartbeat(true)
+        .with_heartbeat_interval(Duration::from_millis(200));
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let slow = {
+        let handled = handled.clone();
+        move |_req: Request<Envelope>| {
+            let handled = handled.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                handled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    };
+    let running = tower_mqtt::serve(cfg, Router::new().route("busy/work", slow))
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
+    let total = 1_500;
+    let messages = (0..total)
+        .map(|seq| envelope_bytes("busy.work", json!({ "seq": seq })))
+        .collect::<Vec<_>>();
+    probe::publish_all(&broker.url(), "busy/work", messages).await;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while handled.load(std::sync::atomic::Ordering::SeqCst) < total {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the backlog is handled");
+    let stats = running.stats();
+    assert_eq!(
+        (stats.connections, stats.connection_failures),
+        (1, 0),
+        "the watchdog left the healthy connection alone: {stats:?}"
+    );
+    assert!(stats.read_pauses > 0, "reading was paced: {stats:?}");
+    running.shutdown().await;
+}
