@@ -13,64 +13,19 @@ mod support;
 use support::service_config as config;
 
 use std::{
-    io,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use support::{Aedes, AedesOptions, Probe, QoS as WireQoS, TestBroker};
+use support::{Aedes, AedesOptions, Captured, Probe, QoS as WireQoS, TestBroker};
 use tower_mqtt::{
     config::{Config, Credentials, Password},
     runtime::ReadyError,
     ConnectionState, Envelope, Request, Router,
 };
-use tracing_subscriber::fmt::MakeWriter;
 
 const WAIT: Duration = Duration::from_secs(15);
-
-/// Everything logged while it is the thread's default subscriber, at every
-/// level. The tests run on a current-thread runtime, so the runtime's own
-/// tasks log here too.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::TRACE)
-            .with_ansi(false)
-            .with_writer(self.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-
-    fn lines(&self) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-impl io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Captured {
-    type Writer = Captured;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        self.clone()
-    }
-}
 
 async fn aedes(options: AedesOptions) -> Option<Aedes> {
     let broker = Aedes::try_start_with(options).await;

@@ -48,7 +48,7 @@ pub(super) fn spawn(
     mut released: mpsc::UnboundedReceiver<(u64, AckPacket)>,
     goodbye: std::sync::Arc<Notify>,
 ) -> JoinHandle<()> {
-    tokio::spawn(async move {
+    tokio::spawn(tracing::Instrument::in_current_span(async move {
         loop {
             tokio::select! {
                 biased;
@@ -63,7 +63,7 @@ pub(super) fn spawn(
                 }
             }
         }
-    })
+    }))
 }
 
 /// Hands one acknowledgement to rumqttc if its connection is still the

@@ -30,7 +30,7 @@ use tower::{
     util::rng::HasherRng,
     Service,
 };
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::{
     ack_writer::AckGate,
@@ -524,11 +524,14 @@ where
         for (filter, qos) in &self.filters {
             info!(%filter, qos = u8::from(*qos), "subscribing");
         }
-        tokio::spawn(async move {
-            if let Err(err) = client.subscribe_many(filters).await {
-                error!(error = %err, "could not subscribe");
+        tokio::spawn(
+            async move {
+                if let Err(err) = client.subscribe_many(filters).await {
+                    error!(error = %err, "could not subscribe");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 
     /// The broker answered the subscriptions of this connection. With none
@@ -575,10 +578,13 @@ where
 
     fn report_health(&self, health: Health) {
         let publisher = self.publisher.clone();
-        tokio::spawn(async move {
-            if let Err(err) = publisher.report_health(health).await {
-                warn!(error = %err, "could not publish health");
+        tokio::spawn(
+            async move {
+                if let Err(err) = publisher.report_health(health).await {
+                    warn!(error = %err, "could not publish health");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }

@@ -15,7 +15,7 @@ use tokio::{
     time::Instant,
 };
 use tower::Service;
-use tracing::info;
+use tracing::{info, Instrument};
 
 use super::{
     ack_writer::{self, AckGate},
@@ -78,17 +78,27 @@ where
     };
     let ready = Arc::new(watch::channel(Readiness::Pending).0);
     let ready_rx = ready.subscribe();
-    let task = tokio::spawn(run(
-        client,
-        Run {
-            ready,
-            router,
-            service,
-            counters,
-            runtime_counters,
-            settings,
-        },
-    ));
+    // Every line the connection's tasks log carries the client id and the
+    // broker (never its credentials).
+    let span = tracing::info_span!(
+        "mqtt.client",
+        client_id = %client.config.client_id,
+        broker = %client.config.broker
+    );
+    let task = tokio::spawn(
+        run(
+            client,
+            Run {
+                ready,
+                router,
+                service,
+                counters,
+                runtime_counters,
+                settings,
+            },
+        )
+        .instrument(span),
+    );
     Running::new(task, ready_rx, handle, state, publisher, view)
 }
 
@@ -191,9 +201,10 @@ where
         heartbeat: heartbeat.clone(),
         stopping: stopping.clone(),
     };
-    let poll_task = tokio::spawn(poll.run());
-    let drain_task = tokio::spawn(outbox.clone().drain());
-    let heartbeat_task = heartbeat.map(|hb| tokio::spawn(hb.run(sink, state.subscribe())));
+    let poll_task = tokio::spawn(poll.run().in_current_span());
+    let drain_task = tokio::spawn(outbox.clone().drain().in_current_span());
+    let heartbeat_task =
+        heartbeat.map(|hb| tokio::spawn(hb.run(sink, state.subscribe()).in_current_span()));
 
     wait_shutdown(shutdown.subscribe()).await;
     info!("shutting down: draining handlers");

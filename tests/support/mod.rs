@@ -58,6 +58,7 @@ mod aedes;
 mod child;
 mod frames;
 mod ledger;
+mod logs;
 mod mosquitto;
 mod probe;
 mod proxy;
@@ -76,6 +77,8 @@ pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 pub(crate) use child::{parent_lines, until_stdin_closes, TestChild};
 #[allow(unused_imports)]
 pub(crate) use ledger::{Ledger, Tally};
+#[allow(unused_imports)]
+pub(crate) use logs::Captured;
 #[allow(unused_imports)]
 pub(crate) use mosquitto::{find_binary, on_ci, Mosquitto, HOST};
 #[allow(unused_imports)]
