@@ -48,3 +48,38 @@ async fn connection_lines_carry_the_client_id_and_the_broker() {
         "{subscribing:?}"
     );
 }
+
+#[tokio::test]
+async fn a_message_without_a_route_is_logged_with_its_topic() {
+    let broker = TestBroker::start().await;
+    let logs = Captured::default();
+    let _guard = logs.install();
+    // Subscribed, but no route handles it.
+    let router = Router::new().subscribe(tower_mqtt::Subscription::new("stray/#"));
+    let running = tower_mqtt::serve(support::service_config(&broker.url(), "stray"), router)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(15), running.ready())
+        .await
+        .unwrap()
+        .expect("subscribed");
+    let env = Envelope::new("stray.thing", serde_json::json!({})).unwrap();
+    support::publish_raw(
+        &broker.url(),
+        "stray/thing",
+        env.to_vec(),
+        support::QoS::AtLeastOnce,
+        false,
+    )
+    .await;
+    tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        while running.stats().unrouted == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("counted as unrouted");
+    let warned = logs.lines_with(&["WARN", "no route", "topic=stray/thing"]);
+    assert_eq!(warned.len(), 1, "{:#?}", logs.lines());
+    running.shutdown().await;
+}

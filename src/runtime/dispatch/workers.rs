@@ -15,6 +15,7 @@ use crate::{
     outcome::{BoxError, Outcome},
     request::Request,
     subscription::Overflow,
+    topic::TopicName,
 };
 
 impl<S> Dispatcher<S>
@@ -32,8 +33,10 @@ where
             .expect("service poisoned")
             .clone();
         while let Some((lane_id, job)) = self.next_job() {
+            // Kept for the log lines about the outcome; an `Arc` clone.
+            let topic = job.request.topic().clone();
             let outcome = Self::handle(&mut service, job.request).await;
-            self.count(outcome);
+            self.count(outcome, &topic);
             self.finish(lane_id, job.ticket, job.bytes);
         }
     }
@@ -85,27 +88,27 @@ where
         }
     }
 
-    fn count(&self, outcome: Result<Outcome, BoxError>) {
+    fn count(&self, outcome: Result<Outcome, BoxError>, topic: &TopicName) {
         let counters = &self.shared.counters;
         match outcome {
             Ok(Outcome::Duplicate) => {
                 counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                debug!("duplicate; acknowledged without handling");
+                debug!(%topic, "duplicate; acknowledged without handling");
             }
             Ok(Outcome::Unrouted) => {
                 counters.unrouted.fetch_add(1, Ordering::Relaxed);
-                warn!("no route for the message; acknowledged");
+                warn!(%topic, "no route for the message; acknowledged");
             }
             Ok(Outcome::Failed(err)) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
                 if let Some(decode) = err.get_ref().downcast_ref::<DecodeError>() {
                     counters.decode_failures.count(decode);
                 }
-                debug!(error = %err, "failed; acknowledged");
+                debug!(%topic, error = %err, "failed; acknowledged");
             }
             Err(err) => {
                 counters.failed.fetch_add(1, Ordering::Relaxed);
-                error!(error = %err, "the service failed; acknowledged");
+                error!(%topic, error = %err, "the service failed; acknowledged");
             }
             // Handled, or an outcome added after this was written.
             Ok(_) => {
