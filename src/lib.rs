@@ -41,6 +41,7 @@ pub mod config;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded;
 pub mod health;
+pub mod metrics;
 pub mod outbound;
 pub mod publisher;
 pub mod reply;

@@ -266,7 +266,7 @@ where
             };
             match step {
                 Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
-                    self.counters.connections.fetch_add(1, Ordering::Relaxed);
+                    self.counters.connected();
                     connected_at = Some(Instant::now());
                     collided_since = None;
                     last_refusal = None;
@@ -362,9 +362,6 @@ where
             return false;
         }
         if let Step::Failed(Failure::Refused(reason)) = &step {
-            self.counters
-                .connection_refusals
-                .fetch_add(1, Ordering::Relaxed);
             if last_refusal.as_deref() != Some(reason.as_str()) {
                 error!(broker = %self.config.broker, %reason, "the broker refused the connection");
                 *last_refusal = Some(reason.clone());
@@ -384,7 +381,7 @@ where
     /// on meanwhile where it must: a PINGREQ every half keep-alive, so the
     /// broker does not drop the connection while handlers are slow.
     async fn pause(&mut self) {
-        self.counters.read_pauses.fetch_add(1, Ordering::Relaxed);
+        self.counters.paused();
         self.reading_paused.store(true, Ordering::Relaxed);
         let load = self.dispatcher.load();
         debug!(
@@ -473,13 +470,11 @@ where
         self.ready.send_replace(Readiness::Pending);
         let (reason, delay) = match step {
             Step::Recover => {
-                self.counters.recoveries.fetch_add(1, Ordering::Relaxed);
+                self.counters.recovered();
                 ("taking withheld messages back".to_owned(), None)
             }
             Step::Failed(failure) => {
-                self.counters
-                    .connection_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.failed(matches!(failure, Failure::Refused(_)));
                 let wait = backoff.next();
                 let delay = wait.deadline().saturating_duration_since(Instant::now());
                 let reason = match failure {
@@ -559,9 +554,7 @@ where
         for refusal in &refused {
             error!(filter = %refusal.filter, reason = %refusal.reason, "the broker refused a subscription");
         }
-        self.counters
-            .subscriptions_refused
-            .fetch_add(refused.len() as u64, Ordering::Relaxed);
+        self.counters.subscriptions_refused(refused.len() as u64);
         if self.config.enable_health {
             let filters: Vec<&str> = refused.iter().map(|r| r.filter.as_str()).collect();
             self.report_health(Health::new(

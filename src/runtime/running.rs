@@ -221,12 +221,85 @@ impl DecodeFailures {
 /// The runtime's own counters, beside the dispatcher's.
 #[derive(Debug, Default)]
 pub(super) struct RuntimeCounters {
-    pub(super) connections: AtomicU64,
-    pub(super) connection_failures: AtomicU64,
-    pub(super) connection_refusals: AtomicU64,
-    pub(super) subscriptions_refused: AtomicU64,
-    pub(super) read_pauses: AtomicU64,
-    pub(super) recoveries: AtomicU64,
+    connections: AtomicU64,
+    connection_failures: AtomicU64,
+    connection_refusals: AtomicU64,
+    subscriptions_refused: AtomicU64,
+    read_pauses: AtomicU64,
+    recoveries: AtomicU64,
+    metrics: ConnectionMetrics,
+}
+
+/// The connection's metric handles ([`crate::metrics`]), registered when the
+/// client starts serving.
+#[derive(Debug)]
+struct ConnectionMetrics {
+    connected: metrics::Gauge,
+    connections: metrics::Counter,
+    lost: metrics::Counter,
+    refused: metrics::Counter,
+    recoveries: metrics::Counter,
+    subscriptions_refused: metrics::Counter,
+}
+
+impl Default for ConnectionMetrics {
+    fn default() -> Self {
+        use crate::metrics as names;
+        let failures = |reason: &'static str| metrics::counter!(names::CONNECTION_FAILURES, names::SYSTEM => "mqtt", names::REASON => reason);
+        Self {
+            connected: metrics::gauge!(names::CONNECTED, names::SYSTEM => "mqtt"),
+            connections: metrics::counter!(names::CONNECTIONS, names::SYSTEM => "mqtt"),
+            lost: failures("lost"),
+            refused: failures("refused"),
+            recoveries: metrics::counter!(names::RECOVERIES, names::SYSTEM => "mqtt"),
+            subscriptions_refused: metrics::counter!(
+                names::SUBSCRIPTIONS_REFUSED,
+                names::SYSTEM => "mqtt"
+            ),
+        }
+    }
+}
+
+/// What the connection counts, each once in `Stats` and once in the metrics.
+impl RuntimeCounters {
+    pub(super) fn connected(&self) {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections.increment(1);
+        self.metrics.connected.set(1.0);
+    }
+
+    /// A connection (or an attempt) failed; `refused` by the broker's CONNACK.
+    pub(super) fn failed(&self, refused: bool) {
+        self.connection_failures.fetch_add(1, Ordering::Relaxed);
+        self.metrics.connected.set(0.0);
+        if refused {
+            self.connection_refusals.fetch_add(1, Ordering::Relaxed);
+            self.metrics.refused.increment(1);
+        } else {
+            self.metrics.lost.increment(1);
+        }
+    }
+
+    pub(super) fn recovered(&self) {
+        self.recoveries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.recoveries.increment(1);
+        self.metrics.connected.set(0.0);
+    }
+
+    pub(super) fn subscriptions_refused(&self, count: u64) {
+        self.subscriptions_refused
+            .fetch_add(count, Ordering::Relaxed);
+        self.metrics.subscriptions_refused.increment(count);
+    }
+
+    pub(super) fn paused(&self) {
+        self.read_pauses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Shut down: no longer connected.
+    pub(super) fn closed(&self) {
+        self.metrics.connected.set(0.0);
+    }
 }
 
 impl Stats {

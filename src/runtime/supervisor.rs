@@ -195,7 +195,7 @@ where
         on_start,
         started: false,
         state: state.clone(),
-        counters: runtime_counters,
+        counters: runtime_counters.clone(),
         reading_paused,
         publishes_read,
         heartbeat: heartbeat.clone(),
@@ -245,6 +245,7 @@ where
     ack_task.abort();
     let _ = ack_task.await;
     state.send_replace(ConnectionState::Closed);
+    runtime_counters.closed();
 
     let report = ShutdownReport {
         finished: drained.finished,

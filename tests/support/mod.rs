@@ -83,8 +83,8 @@ pub(crate) use logs::Captured;
 pub(crate) use mosquitto::{find_binary, on_ci, Mosquitto, HOST};
 #[allow(unused_imports)]
 pub(crate) use probe::{
-    await_pubacks, host_port, publish_all, publish_raw, unique_id, CapturedPublish, MosquittoSub,
-    Probe, ReceivedPublish,
+    await_pubacks, host_port, publish_all, publish_each, publish_raw, unique_id, CapturedPublish,
+    MosquittoSub, Probe, ReceivedPublish,
 };
 #[allow(unused_imports)]
 pub(crate) use proxy::Proxy;

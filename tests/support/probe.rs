@@ -270,12 +270,30 @@ pub(crate) async fn publish_all(
     topic: &str,
     payloads: impl IntoIterator<Item = Vec<u8>>,
 ) {
-    let payloads: Vec<Vec<u8>> = payloads.into_iter().collect();
-    let count = payloads.len();
+    publish_each(
+        url,
+        payloads
+            .into_iter()
+            .map(|payload| (topic.to_owned(), payload)),
+    )
+    .await;
+}
+
+/// [`publish_all`], each payload to its own topic.
+///
+/// # Panics
+///
+/// If the connection fails, or nothing moves for 10 s.
+pub(crate) async fn publish_each(
+    url: &str,
+    publishes: impl IntoIterator<Item = (String, Vec<u8>)>,
+) {
+    let publishes: Vec<(String, Vec<u8>)> = publishes.into_iter().collect();
+    let count = publishes.len();
     // Room for every request, so that queueing never waits for the event loop.
     let (client, mut eventloop) =
         AsyncClient::new(options(url, &unique_id("publish-all")), count + 8);
-    for payload in payloads {
+    for (topic, payload) in publishes {
         client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await

@@ -3,7 +3,7 @@
 //! overflow policy or by the limits, withheld, or acknowledged and skipped
 //! (too large, or an invalid topic). Never waits.
 
-use std::{hash::BuildHasher, sync::atomic::Ordering};
+use std::hash::BuildHasher;
 
 use bytes::Bytes;
 use tower::Service;
@@ -11,6 +11,7 @@ use tracing::{debug, error, warn};
 
 use super::{
     acks::{AckPacket, LineId, Rejoin, CONNECTION_LINE},
+    counters::Dropped,
     lanes::Job,
     Dispatcher, OverLimit, State, Warning,
 };
@@ -40,7 +41,7 @@ where
     /// be a circular wait.
     pub(crate) fn push(&self, publish: &rumqttc::Publish, over_limit: OverLimit) {
         let counters = &self.shared.counters;
-        counters.received.fetch_add(1, Ordering::Relaxed);
+        let metrics = &self.shared.metrics;
         let limits = &self.shared.limits;
         let ack = AckPacket::of(publish).map(|packet| Acked {
             packet,
@@ -56,6 +57,7 @@ where
         if !state.accepting {
             // Shutting down: leave it unacknowledged, so a persistent session
             // gets it again.
+            counters.received(metrics, None);
             return;
         }
         let mut handled_before = false;
@@ -64,7 +66,8 @@ where
                 return;
             }
             if state.withholding {
-                counters.withheld.fetch_add(1, Ordering::Relaxed);
+                counters.received(metrics, None);
+                counters.withheld(metrics);
                 return;
             }
             handled_before = state.acks.handled_before(acked.packet, acked.fingerprint);
@@ -72,9 +75,21 @@ where
         let Some(mut request) = self.admissible(state, publish, ack, written) else {
             return;
         };
+        let lane_id = self.lane_for(state, request.topic());
+        let route_index = state.lanes[lane_id].route;
+        counters.received(metrics, Some(route_index));
         let past_limit = state.pending() >= limits.max_pending
             || state.pending_bytes + bytes > limits.max_pending_bytes;
-        if past_limit && !self.admit_past_limit(state, ack.is_some(), over_limit, &publish.topic) {
+        if past_limit
+            && !self.admit_past_limit(
+                state,
+                ack.is_some(),
+                over_limit,
+                &publish.topic,
+                route_index,
+            )
+        {
+            state.forget_if_idle(lane_id);
             return;
         }
         if let Some(publisher) = &self.shared.publisher {
@@ -83,8 +98,6 @@ where
         if handled_before {
             request.extensions_mut().insert(HandledBefore);
         }
-        let lane_id = self.lane_for(state, request.topic());
-        let route_index = state.lanes[lane_id].route;
         if !self.make_room(state, lane_id, ack, request.topic(), written) {
             return;
         }
@@ -110,6 +123,7 @@ where
             request,
             ticket,
             bytes,
+            route: route_index,
         });
         if !ordered {
             state.unordered_queued += 1;
@@ -131,10 +145,12 @@ where
         written: u64,
     ) -> Option<Request<Bytes>> {
         let counters = &self.shared.counters;
+        let metrics = &self.shared.metrics;
         let limit = self.shared.limits.max_message_size;
         let bytes = publish.payload.len();
         if bytes > limit {
-            counters.oversized.fetch_add(1, Ordering::Relaxed);
+            counters.received(metrics, None);
+            counters.dropped(metrics, None, Dropped::Oversized);
             if let Some(suppressed) = self.shared.warnings.admit(Warning::Oversized as usize) {
                 error!(
                     topic = %publish.topic,
@@ -150,7 +166,8 @@ where
         match super::super::wire::request(publish) {
             Ok(request) => Some(request),
             Err(err) => {
-                counters.invalid_topic.fetch_add(1, Ordering::Relaxed);
+                counters.received(metrics, None);
+                counters.dropped(metrics, None, Dropped::InvalidTopic);
                 if let Some(suppressed) = self.shared.warnings.admit(Warning::InvalidTopic as usize)
                 {
                     warn!(topic = %publish.topic, error = %err, suppressed, "invalid topic; acknowledged and skipped");
@@ -170,7 +187,7 @@ where
         acked: Acked,
         written: u64,
     ) -> bool {
-        let counters = &self.shared.counters;
+        let (counters, metrics) = (&self.shared.counters, &self.shared.metrics);
         // Under `AckOrder::Topic` the redelivery waits in its topic's line.
         let lane = if self.shared.limits.ack_order == AckOrder::Topic {
             TopicName::new(&publish.topic)
@@ -192,13 +209,15 @@ where
         }
         match outcome {
             Rejoin::Joined => {
-                counters.redelivered.fetch_add(1, Ordering::Relaxed);
+                counters.received(metrics, None);
+                counters.redelivered(metrics);
                 debug!(topic = %publish.topic, pkid = acked.packet.pkid, "delivered again while held; joined the held copy");
                 self.note_load(state);
                 true
             }
             Rejoin::Withheld => {
-                counters.withheld.fetch_add(1, Ordering::Relaxed);
+                counters.received(metrics, None);
+                counters.withheld(metrics);
                 true
             }
             Rejoin::New => false,
@@ -213,11 +232,12 @@ where
         acknowledged: bool,
         over_limit: OverLimit,
         topic: &str,
+        route: usize,
     ) -> bool {
-        let counters = &self.shared.counters;
+        let (counters, metrics) = (&self.shared.counters, &self.shared.metrics);
         match (acknowledged, over_limit) {
             (false, _) => {
-                counters.dropped_over_limit.fetch_add(1, Ordering::Relaxed);
+                counters.dropped(metrics, Some(route), Dropped::OverLimit);
                 debug!(topic = %topic, "pending limit reached; dropped a QoS 0 message");
                 false
             }
@@ -229,11 +249,11 @@ where
                     );
                 }
                 state.withholding = true;
-                counters.withheld.fetch_add(1, Ordering::Relaxed);
+                counters.withheld(metrics);
                 false
             }
             (true, OverLimit::Keep) => {
-                counters.kept_over_limit.fetch_add(1, Ordering::Relaxed);
+                counters.kept_over_limit(metrics);
                 true
             }
         }
@@ -249,7 +269,7 @@ where
         topic: &TopicName,
         written: u64,
     ) -> bool {
-        let counters = &self.shared.counters;
+        let (counters, metrics) = (&self.shared.counters, &self.shared.metrics);
         let route_index = state.lanes[lane_id].route;
         let route = &state.routes[route_index];
         if route.queued < route.capacity {
@@ -264,7 +284,7 @@ where
             }
             Overflow::DropOldest => {
                 if let Some(oldest) = state.lanes[lane_id].jobs.pop_front() {
-                    counters.dropped_oldest.fetch_add(1, Ordering::Relaxed);
+                    counters.dropped(metrics, Some(route_index), Dropped::Oldest);
                     self.warn_dropped(topic, "queue full; dropped the oldest message on the topic");
                     state.queued -= 1;
                     state.pending_bytes -= oldest.bytes;
@@ -277,7 +297,7 @@ where
                     }
                     true
                 } else {
-                    counters.dropped_new.fetch_add(1, Ordering::Relaxed);
+                    counters.dropped(metrics, Some(route_index), Dropped::New);
                     self.warn_dropped(
                         topic,
                         "queue full with other topics; dropped the new message",
@@ -288,7 +308,7 @@ where
                 }
             }
             _ => {
-                counters.dropped_new.fetch_add(1, Ordering::Relaxed);
+                counters.dropped(metrics, Some(route_index), Dropped::New);
                 self.warn_dropped(topic, "queue full; dropped the new message");
                 state.ack_now(ack, line, written);
                 state.forget_if_idle(lane_id);

@@ -25,6 +25,8 @@ pub(super) struct Job {
     /// acknowledged on receipt.
     pub(super) ticket: Option<TicketId>,
     pub(super) bytes: usize,
+    /// The route it counts under.
+    pub(super) route: usize,
 }
 
 /// A route's settings and how many of its messages are queued.

@@ -85,6 +85,7 @@ use tower_mqtt_core::log_limit::LogLimit;
 pub(crate) use self::{acks::AckPacket, counters::Counters};
 use self::{
     acks::Acks,
+    counters::Metrics,
     lanes::{Lane, RouteQueue},
 };
 use crate::{
@@ -211,6 +212,7 @@ struct Shared<S> {
     limits: Limits,
     hasher: DefaultHashBuilder,
     counters: Arc<Counters>,
+    metrics: Metrics,
     /// Acknowledgements of this connection that rumqttc has written, counted
     /// by the poll loop; the rest are carried if the connection ends.
     acks_written: AtomicU64,
@@ -270,6 +272,7 @@ where
             max_pending_bytes: limits.max_pending_bytes.max(1),
             ..limits
         };
+        let metrics = Metrics::new(&router);
         Self {
             shared: Arc::new(Shared {
                 router,
@@ -279,6 +282,7 @@ where
                 limits,
                 hasher: DefaultHashBuilder::default(),
                 counters,
+                metrics,
                 acks_written: AtomicU64::new(0),
                 state: Mutex::new(State {
                     lanes: Slab::new(),

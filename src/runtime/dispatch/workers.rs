@@ -1,16 +1,17 @@
 //! Workers: at most `max_in_flight` tasks, each running message after message
 //! from the ready queue, with no spawn per message.
 
-use std::{panic::AssertUnwindSafe, sync::atomic::Ordering};
+use std::{
+    panic::AssertUnwindSafe,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
 use tower::{Service, ServiceExt};
 use tracing::{debug, error, warn};
 
-use tower_mqtt_layers::DecodeError;
-
-use super::{acks::TicketId, lanes::Job, Dispatcher};
+use super::{acks::TicketId, counters::ErrorType, lanes::Job, Dispatcher};
 use crate::{
     outcome::{BoxError, Outcome},
     request::Request,
@@ -35,8 +36,9 @@ where
         while let Some((lane_id, job)) = self.next_job() {
             // Kept for the log lines about the outcome; an `Arc` clone.
             let topic = job.request.topic().clone();
+            let started = Instant::now();
             let outcome = Self::handle(&mut service, job.request).await;
-            self.count(outcome, &topic);
+            self.count(outcome, &topic, job.route, started.elapsed());
             self.finish(lane_id, job.ticket, job.bytes);
         }
     }
@@ -88,31 +90,34 @@ where
         }
     }
 
-    fn count(&self, outcome: Result<Outcome, BoxError>, topic: &TopicName) {
-        let counters = &self.shared.counters;
+    fn count(
+        &self,
+        outcome: Result<Outcome, BoxError>,
+        topic: &TopicName,
+        route: usize,
+        took: Duration,
+    ) {
+        let (counters, metrics, route) = (&self.shared.counters, &self.shared.metrics, Some(route));
         match outcome {
             Ok(Outcome::Duplicate) => {
-                counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                counters.duplicate(metrics, route);
                 debug!(%topic, "duplicate; acknowledged without handling");
             }
             Ok(Outcome::Unrouted) => {
-                counters.unrouted.fetch_add(1, Ordering::Relaxed);
+                counters.unrouted(metrics, route);
                 warn!(%topic, "no route for the message; acknowledged");
             }
             Ok(Outcome::Failed(err)) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                if let Some(decode) = err.get_ref().downcast_ref::<DecodeError>() {
-                    counters.decode_failures.count(decode);
-                }
+                counters.failed(metrics, route, ErrorType::of(&err), took);
                 debug!(%topic, error = %err, "failed; acknowledged");
             }
             Err(err) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
+                counters.failed(metrics, route, ErrorType::Service, took);
                 error!(%topic, error = %err, "the service failed; acknowledged");
             }
             // Handled, or an outcome added after this was written.
             Ok(_) => {
-                counters.handled.fetch_add(1, Ordering::Relaxed);
+                counters.handled(metrics, route, took);
             }
         }
     }
