@@ -56,6 +56,7 @@
 mod acks;
 mod aedes;
 mod child;
+mod example;
 mod frames;
 mod ledger;
 mod logs;
@@ -75,6 +76,8 @@ pub(crate) use acks::{AckKind, AckReport, AckTally, ConnectionAcks, ConnectionRe
 pub(crate) use aedes::{aedes_available, Aedes, AedesOptions};
 #[allow(unused_imports)]
 pub(crate) use child::{parent_lines, until_stdin_closes, TestChild};
+#[allow(unused_imports)]
+pub(crate) use example::example_binary;
 #[allow(unused_imports)]
 pub(crate) use ledger::{Ledger, Tally};
 #[allow(unused_imports)]
