@@ -18,6 +18,9 @@
 //! The cost of metrics is the difference to `stats_only`. The recorder is
 //! process-wide, so the recorder case runs last.
 
+// `criterion_group!` defines a public function without docs.
+#![allow(missing_docs)]
+
 use std::{
     hint::black_box,
     sync::atomic::{AtomicU64, Ordering},
