@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::{stream, StreamExt};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
-use tower_mqtt::layers::StandardStack;
+use tower_mqtt::layers::InboundStack;
 use tower_mqtt::{config::Config, Client, Envelope, Request, Router};
 
 const ROUNDS: usize = 5;
@@ -86,7 +86,7 @@ async fn tower_mqtt_publisher(url: &str, messages: usize, path: Path) -> Duratio
         .expect("url")
         .with_client_id(support::unique_id("tower"));
     let client = Client::new(config.clone()).expect("client");
-    let running = client.spawn(Router::new(), StandardStack::new());
+    let running = client.spawn(Router::new(), InboundStack::new());
     running.connected().await;
     let publisher = running.publisher();
     let envelope = payload();

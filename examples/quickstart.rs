@@ -1,4 +1,4 @@
-//! A small service on the standard stack that talks to itself.
+//! A small service on the inbound stack that talks to itself.
 //!
 //! Without `MQTT_URL` it starts an in-process broker; with it, it uses that
 //! broker. It routes three topics, publishes a few envelopes to itself, prints

@@ -67,7 +67,7 @@ pub use runtime::{
 
 /// Serves `router` with the configuration `config`: connects (with
 /// reconnection), subscribes to the router's filters, and runs every message
-/// through the standard inbound stack the configuration asks for into the
+/// through the inbound stack the configuration asks for into the
 /// router. Await it, or [`Serve::spawn`] it for a handle.
 ///
 /// ```no_run

@@ -23,7 +23,7 @@ use tower_mqtt::{
     config::Config, Ack, AckOrder, Client, Envelope, HandlerError, Publisher, Request, Router,
     Subscription,
 };
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt_layers::InboundStack;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -116,7 +116,7 @@ impl Seen {
 async fn create_session(url: &str, client_id: &str, router: Router) {
     let running = Client::new(config(url, client_id))
         .unwrap()
-        .spawn(router, StandardStack::new());
+        .spawn(router, InboundStack::new());
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -144,7 +144,7 @@ async fn a_big_backlog_is_handled_exactly_once_within_the_pending_limit() {
 
     let running = Client::new(config(&url, &client_id).with_max_pending(500, 64 << 20))
         .unwrap()
-        .spawn(router, StandardStack::new());
+        .spawn(router, InboundStack::new());
     seen.wait_for(count, Duration::from_secs(300)).await;
     let stats = running.stats();
     let report = running.shutdown().await;
@@ -193,7 +193,7 @@ async fn handlers_awaiting_their_own_publishes_neither_deadlock_nor_lose() {
 
     let client = Client::new(config(&url, &client_id).with_max_pending(50, 64 << 20)).unwrap();
     *publisher.lock().unwrap() = Some(client.publisher());
-    let running = client.spawn(router, StandardStack::new());
+    let running = client.spawn(router, InboundStack::new());
     seen.wait_for(count, Duration::from_secs(300)).await;
     let stats = running.shutdown().await.stats;
     let (distinct, twice) = seen.distinct_and_twice();
@@ -234,7 +234,7 @@ async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgem
     };
     let running = Client::new(config(&proxy.url(), &client_id))
         .unwrap()
-        .spawn(router.clone(), StandardStack::new());
+        .spawn(router.clone(), InboundStack::new());
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -276,7 +276,7 @@ async fn under_topic_order_a_held_topic_delays_neither_handling_nor_acknowledgem
     };
     let running = Client::new(config(&url, &client_id))
         .unwrap()
-        .spawn(router, StandardStack::new());
+        .spawn(router, InboundStack::new());
     again.wait_for(1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
@@ -381,7 +381,7 @@ async fn ack_on_receipt_is_not_delivered_again_after_a_crash() {
     let running = Client::new(config(&proxy.url(), &client_id))
         .unwrap()
         .drain_timeout(Duration::from_millis(100))
-        .spawn(router, StandardStack::new());
+        .spawn(router, InboundStack::new());
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()
@@ -435,7 +435,7 @@ async fn only_the_failed_route_is_retried() {
     };
     let running = Client::new(config(&url, &probe::unique_id("retry")).with_clean_session(true))
         .unwrap()
-        .spawn(router, StandardStack::new());
+        .spawn(router, InboundStack::new());
     tokio::time::timeout(WAIT, running.ready())
         .await
         .unwrap()

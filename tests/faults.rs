@@ -38,7 +38,7 @@ use tokio::{
     sync::watch,
 };
 use tower_mqtt::{config::Config, Client, ConnectionState, Envelope, Request, Router, Running};
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt_layers::InboundStack;
 
 /// Bound for a single step (connect, subscribe, a message to arrive).
 const WAIT: Duration = Duration::from_secs(15);
@@ -280,7 +280,7 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
         .unwrap()
         .spawn(
             Router::new().route(topic, ledger.handler()),
-            StandardStack::new(),
+            InboundStack::new(),
         );
     tokio::time::timeout(WAIT, consumer.ready())
         .await
@@ -288,7 +288,7 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
         .expect("subscribed");
     let producer = Client::new(config(&url, "stream-producer").with_clean_session(false))
         .unwrap()
-        .spawn(Router::new(), StandardStack::new());
+        .spawn(Router::new(), InboundStack::new());
     tokio::time::timeout(WAIT, producer.ready())
         .await
         .expect("producer ready")
@@ -458,7 +458,7 @@ async fn consumer_child() {
         .with_clean_session(false);
     let running = Client::new(cfg)
         .unwrap()
-        .spawn(Router::new().route(CHILD_TOPIC, hang), StandardStack::new());
+        .spawn(Router::new().route(CHILD_TOPIC, hang), InboundStack::new());
     tokio::time::timeout(WAIT, running.ready())
         .await
         .expect("child ready")
@@ -536,7 +536,7 @@ async fn a_killed_consumer_gets_its_unacknowledged_messages_back() {
         .with_clean_session(false);
     let revived = Client::new(cfg).unwrap().spawn(
         Router::new().route(CHILD_TOPIC, ledger.handler()),
-        StandardStack::new(),
+        InboundStack::new(),
     );
     let all = ledger.wait_unique(total, WAIT).await;
     let (lost, twice) = ledger.tally(total);
@@ -569,7 +569,7 @@ async fn fifty_clients_reconnect_and_resubscribe_after_a_broker_restart() {
             .with_reconnect_delays(Duration::from_millis(500), Duration::from_secs(5));
         let client = Client::new(cfg).unwrap().spawn(
             Router::new().route(format!("storm/{i}").as_str(), ledger.handler()),
-            StandardStack::new(),
+            InboundStack::new(),
         );
         running.push(client);
     }
@@ -716,7 +716,7 @@ async fn bad_payloads_interleaved_with_good_ones_leave_the_good_ones_handled_onc
         .unwrap()
         .spawn(
             Router::new().route(topic, ledger.handler()),
-            StandardStack::new(),
+            InboundStack::new(),
         );
     tokio::time::timeout(WAIT, running.ready())
         .await
@@ -796,7 +796,7 @@ async fn oversized_message_case(clean_session: bool) {
     let cfg = config(&broker.url(), "oversized").with_clean_session(clean_session);
     let running = Client::new(cfg).unwrap().spawn(
         Router::new().route(topic, ledger.handler()),
-        StandardStack::new(),
+        InboundStack::new(),
     );
     tokio::time::timeout(WAIT, running.ready())
         .await

@@ -12,13 +12,13 @@ use tower_mqtt::{
     config::Config, outbound::TooLarge, reply::Replies, Client, Envelope, QoS, Request, Router,
     Running,
 };
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt_layers::InboundStack;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The standard inbound stack, as a service runs it.
-fn stack() -> StandardStack {
-    StandardStack::new()
+/// The inbound stack, as a service runs it.
+fn stack() -> InboundStack {
+    InboundStack::new()
 }
 
 fn config(url: &str, name: &str) -> Config {

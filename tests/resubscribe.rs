@@ -18,7 +18,7 @@ use serde_json::json;
 use support::{Proxy, TestBroker};
 use tokio::sync::mpsc;
 use tower_mqtt::{config::Config, Client, ConnectionState, Envelope, Request, Router, Running};
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt_layers::InboundStack;
 
 /// Upper bound for every wait: a failing test fails instead of hanging.
 const WAIT: Duration = Duration::from_secs(15);
@@ -64,7 +64,7 @@ fn recording_router(filters: &[&str]) -> (Router, Seen) {
 fn spawn(config: Config, router: Router) -> Running {
     Client::new(config)
         .expect("valid config")
-        .spawn(router, StandardStack::new())
+        .spawn(router, InboundStack::new())
 }
 
 async fn ready(running: &Running) {

@@ -19,13 +19,13 @@ use tokio::sync::mpsc;
 use tower_mqtt::{
     config::Config, Client, ConnectionState, Envelope, Overflow, Request, Router, Subscription,
 };
-use tower_mqtt_layers::StandardStack;
+use tower_mqtt_layers::InboundStack;
 
 const WAIT: Duration = Duration::from_secs(15);
 
-/// The standard inbound stack, as a service runs it.
-fn stack() -> StandardStack {
-    StandardStack::new()
+/// The inbound stack, as a service runs it.
+fn stack() -> InboundStack {
+    InboundStack::new()
 }
 
 fn config(url: &str, name: &str) -> Config {

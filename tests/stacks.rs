@@ -17,7 +17,7 @@ use support::{publish_raw, unique_id, Probe, TestBroker};
 use tower::{layer::layer_fn, ServiceExt};
 use tower_mqtt::{
     config::Config,
-    layers::{isolation::DeadLetter, StandardStack},
+    layers::{isolation::DeadLetter, InboundStack},
     outbound::Reply,
     publisher::Outbound,
     reply::Replies,
@@ -58,7 +58,7 @@ async fn a_reply_through_the_outbound_stack_takes_the_request_id() {
         .unwrap()
         .spawn(
             Router::new().route_service("memory/results", replies.clone()),
-            StandardStack::new(),
+            InboundStack::new(),
         );
     tokio::time::timeout(WAIT, responder.ready())
         .await
@@ -151,7 +151,7 @@ async fn health_goes_through_the_publish_layer() {
     let running = Client::new(config(&broker.url(), &service).with_health(true))
         .unwrap()
         .publish_layer(counting)
-        .spawn(Router::new(), StandardStack::new());
+        .spawn(Router::new(), InboundStack::new());
     let ready = health.next(WAIT).await.expect("ready");
     assert_eq!(
         Envelope::from_slice(&ready.payload).unwrap().data()["event"],

@@ -17,7 +17,7 @@ use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::timeout;
-use tower_mqtt::layers::StandardStack;
+use tower_mqtt::layers::InboundStack;
 use tower_mqtt::{config::Config, BoxError, Client, Envelope, QoS, Request, Router};
 
 use crate::{
@@ -109,7 +109,7 @@ async fn tower(spec: &ChildSpec, kind: PublisherKind, limit: Duration) -> ChildR
         Ok(client) => client,
         Err(err) => return failed(err.to_string()),
     };
-    let running = client.spawn(Router::new(), StandardStack::new());
+    let running = client.spawn(Router::new(), InboundStack::new());
     if timeout(CONNECT_LIMIT, running.connected()).await.is_err() {
         return failed("not connected in time");
     }

@@ -3,7 +3,7 @@
 //!
 //! Each middleware is an ordinary [`tower::Layer`], usable on its own, in any
 //! `ServiceBuilder`, or around a single route with
-//! [`Router::layer`](tower_mqtt_core::Router::layer). [`StandardStack`] composes
+//! [`Router::layer`](tower_mqtt_core::Router::layer). [`InboundStack`] composes
 //! them in the order the runtime expects:
 //!
 //! | layer | module | what it does |
@@ -22,13 +22,13 @@
 //! use bytes::Bytes;
 //! use tower::ServiceExt;
 //! use tower_mqtt::{Envelope, Outcome, Request, Router};
-//! use tower_mqtt_layers::{EventRegistry, StandardStack};
+//! use tower_mqtt::layers::InboundStack;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let router = Router::new().route("stt/final", |req: Request<Envelope>| async move {
 //!     println!("heard {}", req.body().data()["text"]);
 //! });
-//! let svc = StandardStack::new().registry(EventRegistry::fleet()).service(router);
+//! let svc = InboundStack::new().service(router);
 //!
 //! // A raw JSON object, as some services publish: wrapped as an `stt.final`.
 //! let req = Request::builder("stt/final").body(Bytes::from_static(br#"{"text":"lights on"}"#)).unwrap();
@@ -58,5 +58,5 @@ pub use dedup::{Dedup, DedupKey, DedupLayer};
 pub use isolation::{Isolation, IsolationLayer};
 pub use registry::EventRegistry;
 pub use retry::{MessageRetry, MessageRetryLayer, MessageRetryPolicy};
-pub use stack::{StandardService, StandardStack};
+pub use stack::{InboundService, InboundStack};
 pub use timeout::{Timeout, TimeoutLayer};

@@ -1,4 +1,4 @@
-//! The standard inbound stack: [`StandardStack`].
+//! The inbound stack: [`InboundStack`].
 //!
 //! One builder composes the inbound middleware in the order the runtime
 //! expects, around a service of [`Request<Envelope>`](tower_mqtt_core::Request) (usually a
@@ -45,7 +45,7 @@
 //! use std::time::Duration;
 //! use tower::{service_fn, BoxError, ServiceExt};
 //! use tower_mqtt::{correlation, Data, Envelope, Outcome, Request, Router};
-//! use tower_mqtt_layers::{dead_letter::DeadLetter, retry::MessageRetryLayer, EventRegistry, StandardStack};
+//! use tower_mqtt::layers::{dead_letter::DeadLetter, retry::MessageRetryLayer, InboundStack};
 //!
 //! #[derive(serde::Deserialize)]
 //! struct Say { text: String }
@@ -60,8 +60,7 @@
 //! // Where failed messages go: in a service, the runtime's publisher.
 //! let publisher = service_fn(|_: Request<Envelope>| async { Ok::<_, BoxError>(()) });
 //!
-//! let svc = StandardStack::new()
-//!     .registry(EventRegistry::fleet())
+//! let svc = InboundStack::new()
 //!     .dedup_ttl(Duration::from_secs(30))
 //!     .dedup_max_entries(2048)
 //!     .retry(MessageRetryLayer::new(3).backoff(Duration::from_millis(100), Duration::from_secs(5)))
@@ -95,37 +94,37 @@ use crate::{
     timeout::{Timeout, TimeoutLayer, DEFAULT_TIMEOUT},
 };
 
-/// The most attempts a message gets in the standard stack unless configured
+/// The most attempts a message gets in the inbound stack unless configured
 /// otherwise: 3.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
-/// The service [`StandardStack`] makes around `S`.
-pub type StandardService<S, D = NoDeadLetters> =
+/// The service [`InboundStack`] makes around `S`.
+pub type InboundService<S, D = NoDeadLetters> =
     Decode<Dedup<CorrelationSpan<Isolation<MessageRetry<Timeout<S>>, D>>>>;
 
-/// Builds the standard inbound stack; see the [module docs](self).
+/// Builds the inbound stack; see the [module docs](self).
 ///
-/// Defaults: an empty [`EventRegistry`] (raw payloads take their topic as
-/// type), dedup for 30 s and 2048 entries (off with a TTL of zero, or
-/// [`without_dedup`](Self::without_dedup)), spans at `INFO`, no dead letters,
-/// [`DEFAULT_MAX_ATTEMPTS`] attempts with the default backoff and budget, and a
-/// 30 s timeout per attempt.
+/// Defaults, the same as a default configuration's
+/// (`Config::inbound_stack()` in tower-mqtt): the fleet's [`EventRegistry`]
+/// for the types of raw payloads, dedup for 30 s and 2048 entries (off with a
+/// TTL of zero, or [`without_dedup`](Self::without_dedup)), spans at `INFO`,
+/// no dead letters, [`DEFAULT_MAX_ATTEMPTS`] attempts with the default backoff
+/// and budget, and a 30 s timeout per attempt.
 ///
 /// It is also a [`Layer`]: every service it makes shares one dedup cache and
 /// one retry budget.
 ///
 /// ```
 /// use tower::ServiceBuilder;
-/// use tower_mqtt::Router;
-/// use tower_mqtt_layers::{EventRegistry, StandardStack};
+/// use tower_mqtt::{layers::InboundStack, Router};
 ///
 /// let svc = ServiceBuilder::new()
-///     .layer(StandardStack::new().registry(EventRegistry::fleet()))
+///     .layer(InboundStack::new())
 ///     .service(Router::<()>::new());
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]
-pub struct StandardStack<D = NoDeadLetters> {
+pub struct InboundStack<D = NoDeadLetters> {
     decode: DecodeLayer,
     dedup: DedupLayer,
     span: DefaultMakeSpan,
@@ -134,11 +133,27 @@ pub struct StandardStack<D = NoDeadLetters> {
     timeout: Duration,
 }
 
-impl StandardStack {
-    /// The stack with its defaults.
+impl InboundStack {
+    /// The stack with its defaults (see [`InboundStack`]).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower::ServiceExt;
+    /// use tower_mqtt::{layers::InboundStack, Envelope, Outcome, Request, Router};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let router = Router::new().route("stt/final", |req: Request<Envelope>| async move {
+    ///     assert_eq!(req.body().event_type(), "stt.final");
+    /// });
+    /// // A raw JSON object, as some services publish: wrapped as the fleet's `stt.final`.
+    /// let raw = Request::builder("stt/final").body(Bytes::from_static(br#"{"text":"hi"}"#)).unwrap();
+    /// let outcome = InboundStack::new().service(router).oneshot(raw).await.unwrap();
+    /// assert!(matches!(outcome, Outcome::Handled));
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self {
-            decode: DecodeLayer::default(),
+            decode: DecodeLayer::new(EventRegistry::fleet()),
             dedup: DedupLayer::new(),
             span: DefaultMakeSpan::new(),
             dead_letters: NoDeadLetters,
@@ -148,14 +163,22 @@ impl StandardStack {
     }
 }
 
-impl Default for StandardStack {
+impl Default for InboundStack {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<D> StandardStack<D> {
-    /// The event registry for the types of raw JSON payloads.
+impl<D> InboundStack<D> {
+    /// The event registry for the types of raw JSON payloads (default: the
+    /// fleet's).
+    ///
+    /// ```
+    /// use tower_mqtt::layers::{EventRegistry, InboundStack};
+    ///
+    /// let registry = EventRegistry::fleet().event("camera.frame", "camera/front/frame");
+    /// let stack = InboundStack::new().registry(registry);
+    /// ```
     pub fn registry(mut self, registry: EventRegistry) -> Self {
         self.decode = self.decode.with_registry(registry);
         self
@@ -195,12 +218,11 @@ impl<D> StandardStack<D> {
     /// ```
     /// use bytes::Bytes;
     /// use tower::ServiceExt;
-    /// use tower_mqtt::{Envelope, Outcome, Request, Router};
-    /// use tower_mqtt_layers::StandardStack;
+    /// use tower_mqtt::{layers::InboundStack, Envelope, Outcome, Request, Router};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let router = Router::new().route("tts/say", |_: Request<Envelope>| async {});
-    /// let svc = StandardStack::new().without_dedup().service(router);
+    /// let svc = InboundStack::new().without_dedup().service(router);
     /// let bytes = Envelope::new("tts.say", serde_json::json!({})).unwrap().to_bytes();
     /// let msg = Request::builder("tts/say").body(bytes).unwrap();
     /// assert!(matches!(svc.clone().oneshot(msg.clone()).await.unwrap(), Outcome::Handled));
@@ -239,8 +261,8 @@ impl<D> StandardStack<D> {
 
     /// Where failed messages go besides the log, usually a
     /// [`DeadLetter`](crate::dead_letter::DeadLetter).
-    pub fn dead_letter<D2: DeadLetterPolicy>(self, dead_letters: D2) -> StandardStack<D2> {
-        StandardStack {
+    pub fn dead_letter<D2: DeadLetterPolicy>(self, dead_letters: D2) -> InboundStack<D2> {
+        InboundStack {
             decode: self.decode,
             dedup: self.dedup,
             span: self.span,
@@ -251,7 +273,7 @@ impl<D> StandardStack<D> {
     }
 
     /// Wraps `inner` in the stack.
-    pub fn service<S>(&self, inner: S) -> StandardService<S, D>
+    pub fn service<S>(&self, inner: S) -> InboundService<S, D>
     where
         D: DeadLetterPolicy,
     {
@@ -259,8 +281,8 @@ impl<D> StandardStack<D> {
     }
 }
 
-impl<S, D: DeadLetterPolicy> Layer<S> for StandardStack<D> {
-    type Service = StandardService<S, D>;
+impl<S, D: DeadLetterPolicy> Layer<S> for InboundStack<D> {
+    type Service = InboundService<S, D>;
 
     fn layer(&self, inner: S) -> Self::Service {
         ServiceBuilder::new()

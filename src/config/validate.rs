@@ -48,9 +48,10 @@ impl Config {
         Ok(())
     }
 
-    /// The standard inbound stack as this configuration asks for it: dedup TTL
-    /// and size from `MQTT_DEDUPE_TTL` and `MQTT_DEDUPE_MAX_ENTRIES`, and the
-    /// fleet's event registry for raw payloads.
+    /// The inbound stack as this configuration asks for it: dedup TTL and size
+    /// from `MQTT_DEDUPE_TTL` and `MQTT_DEDUPE_MAX_ENTRIES`, the handler
+    /// timeout from `MQTT_HANDLER_TIMEOUT`, and the fleet's event registry for
+    /// raw payloads. With the defaults it is `InboundStack::new()`.
     ///
     /// ```
     /// let config = tower_mqtt::config::Config::new("mqtt://localhost:1883")?;
@@ -58,9 +59,8 @@ impl Config {
     /// # let _ = stack;
     /// # Ok::<(), tower_mqtt::config::ConfigError>(())
     /// ```
-    pub fn inbound_stack(&self) -> tower_mqtt_layers::StandardStack {
-        tower_mqtt_layers::StandardStack::new()
-            .registry(tower_mqtt_layers::EventRegistry::fleet())
+    pub fn inbound_stack(&self) -> tower_mqtt_layers::InboundStack {
+        tower_mqtt_layers::InboundStack::new()
             .dedup_ttl(self.dedupe_ttl)
             .dedup_max_entries(self.dedupe_max_entries)
             .timeout(self.handler_timeout)
