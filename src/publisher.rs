@@ -3,9 +3,10 @@
 //!
 //! There is one way out: every publish goes through the outbound stack
 //! ([`OutboundStack`]: the reply's id, the
-//! service's source, the packet size check, retry with backoff, a timeout) to
-//! the connection. What the stack does is configured once, from the
-//! [`Config`](crate::config::Config).
+//! service's source, the packet size check, retry with backoff, the wait for
+//! the confirmation) to the connection. What the stack does is configured
+//! once, from the [`Config`](crate::config::Config)
+//! ([`Config::outbound_stack`](crate::config::Config::outbound_stack)).
 //!
 //! A publish resolves when it is confirmed: QoS 1 by the broker's PUBACK, QoS 2
 //! by its PUBCOMP, QoS 0 once written. While the connection is down it waits in
@@ -58,37 +59,13 @@ use crate::{
     envelope::Envelope,
     extract::FromMessageParts,
     health::{self, Health},
-    outbound::OutboundStack,
     outcome::{BoxError, HandlerError},
     request::{QoS, Request},
-    topic::{TopicError, TopicName},
+    topic::TopicName,
 };
-
-/// Why a publish failed. Nothing is sent when the error is found before
-/// sending (topic, size, a full offline buffer).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum PublishError {
-    /// The topic is not a valid topic name.
-    #[error(transparent)]
-    Topic(#[from] TopicError),
-    /// The packet would be larger than the configured maximum; nothing was sent.
-    #[error("publish to {topic} is {size} bytes, over the maximum packet size of {max} bytes; nothing was sent")]
-    TooLarge {
-        /// The topic.
-        topic: String,
-        /// The encoded packet size.
-        size: usize,
-        /// The configured maximum.
-        max: usize,
-    },
-    /// The broker did not confirm it.
-    #[error(transparent)]
-    Delivery(#[from] DeliveryError),
-    /// The runtime is gone.
-    #[error("the MQTT runtime has stopped")]
-    Closed,
-}
+/// The errors of a publish, from the outbound layers and the connection alike.
+pub use tower_mqtt_layers::outbound::{DeliveryError, PublishError};
+use tower_mqtt_layers::OutboundStack;
 
 /// What a full offline buffer does with one more publish.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -99,45 +76,6 @@ pub enum OfflineOverflow {
     Reject,
     /// Evict the oldest buffered publish ([`DeliveryError::Evicted`]).
     DropOldest,
-}
-
-/// Why a publish was not confirmed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum DeliveryError {
-    /// The connection dropped and the broker started a clean session: the
-    /// publish may or may not have reached it, and rumqttc will not resend it.
-    #[error("the connection was lost before the broker confirmed the publish, and the session did not survive")]
-    SessionLost,
-    /// The runtime stopped before the publish was confirmed.
-    #[error("the MQTT runtime stopped before the publish was confirmed")]
-    Closed,
-    /// Disconnected, and the offline buffer already holds its limit.
-    #[error("disconnected and the offline buffer is full ({limit} publishes); nothing was sent")]
-    BufferFull {
-        /// The buffer's limit.
-        limit: usize,
-    },
-    /// Evicted from a full offline buffer by a newer publish.
-    #[error("evicted from the full offline buffer by a newer publish; nothing was sent")]
-    Evicted,
-    /// Waited longer than the offline limit while disconnected.
-    #[error("waited longer than {max_age:?} for the connection; nothing was sent")]
-    Expired {
-        /// The limit.
-        max_age: std::time::Duration,
-    },
-}
-
-impl PublishError {
-    /// Whether sending again might succeed (a lost session, a full offline
-    /// buffer); size, topic and expiry errors will not go away.
-    pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Self::Delivery(DeliveryError::SessionLost | DeliveryError::BufferFull { .. })
-        )
-    }
 }
 
 /// The outbound stack, type-erased: what
@@ -189,9 +127,9 @@ impl Publisher {
         }
     }
 
-    /// A publisher for tests: the standard outbound stack of service
-    /// `source`, ending in a recorder instead of a broker. What it records is
-    /// what would have gone on the wire.
+    /// A publisher for tests: the outbound stack of service `source`, as a
+    /// default configuration builds it, ending in a recorder instead of a
+    /// broker. What it records is what would have gone on the wire.
     ///
     /// ```
     /// use tower_mqtt::Publisher;

@@ -227,7 +227,7 @@ fn produce(
                         .await
                     {
                         Ok(Ok(())) => break,
-                        Ok(Err(err)) if !tower_mqtt::outbound::is_retryable(&err) => {
+                        Ok(Err(err)) if !tower_mqtt::layers::outbound::is_retryable(&err) => {
                             panic!("publish {seq} failed for good: {err}")
                         }
                         // Retryable, or unconfirmed in time: send it again once

@@ -9,8 +9,8 @@ use futures_util::future::join_all;
 use serde_json::json;
 use support::{MosquittoSub, Probe, Proxy, TestBroker};
 use tower_mqtt::{
-    config::Config, outbound::TooLarge, reply::Replies, Client, Envelope, QoS, Request, Router,
-    Running,
+    config::Config, layers::outbound::PublishError, reply::Replies, Client, Envelope, QoS, Request,
+    Router, Running,
 };
 use tower_mqtt_layers::InboundStack;
 
@@ -61,14 +61,17 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     let publisher = running.publisher();
     let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
     let err = publisher.publish("big", huge).await.unwrap_err();
-    let too_large = err
-        .downcast_ref::<TooLarge>()
-        .expect("the size guard's error");
-    assert_eq!(too_large.max, 4096, "{err}");
+    assert!(
+        matches!(
+            err.downcast_ref(),
+            Some(PublishError::TooLarge { max: 4096, .. })
+        ),
+        "the size guard's error: {err}"
+    );
     assert!(err
         .to_string()
         .contains("limit of 4096 bytes; nothing was sent"));
-    assert!(!tower_mqtt::outbound::is_retryable(&err));
+    assert!(!tower_mqtt::layers::outbound::is_retryable(&err));
     // The connection is fine, and nothing of the big one arrived.
     publisher
         .publish("big", Envelope::new("big.small", json!({})).unwrap())

@@ -17,8 +17,7 @@ use support::{publish_raw, unique_id, Probe, TestBroker};
 use tower::{layer::layer_fn, ServiceExt};
 use tower_mqtt::{
     config::Config,
-    layers::{isolation::DeadLetter, InboundStack},
-    outbound::Reply,
+    layers::{isolation::DeadLetter, outbound::Reply, InboundStack},
     publisher::Outbound,
     reply::Replies,
     Client, Envelope, Publisher, Request, Router,

@@ -132,6 +132,7 @@ mod connect;
 mod credentials;
 mod env;
 mod error;
+mod stacks;
 mod tls;
 mod url;
 mod validate;
@@ -270,13 +271,14 @@ mod expect {
 const DEFAULT_SOURCE_NAME: &str = "tower-mqtt";
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(60);
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
-// The inbound stack's own defaults, so that a default configuration builds
-// exactly `InboundStack::new()`.
+// The stacks' own defaults, so that a default configuration builds exactly
+// `InboundStack::new()` and `OutboundStack::new(source)`.
 const DEFAULT_DEDUPE_TTL: Duration = tower_mqtt_layers::dedup::DEFAULT_TTL;
 const DEFAULT_DEDUPE_MAX_ENTRIES: u64 = tower_mqtt_layers::dedup::DEFAULT_MAX_ENTRIES;
 const DEFAULT_RECONNECT_MIN_DELAY: Duration = Duration::from_millis(500);
 const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
-const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
+const DEFAULT_MAX_PACKET_SIZE: usize =
+    tower_mqtt_layers::outbound::size_guard::DEFAULT_MAX_PACKET_SIZE;
 const DEFAULT_REQUEST_CHANNEL_CAPACITY: usize = 1024;
 const DEFAULT_MAX_PENDING: usize = 4096;
 const DEFAULT_HANDLER_TIMEOUT: Duration = tower_mqtt_layers::timeout::DEFAULT_TIMEOUT;

@@ -406,3 +406,67 @@ fn the_inbound_defaults_are_the_fleets() {
     assert_eq!(stack.timeout, DEFAULT_TIMEOUT);
     assert_eq!(stack.retry.policy().max_attempts(), DEFAULT_MAX_ATTEMPTS);
 }
+
+#[tokio::test]
+async fn the_outbound_stack_correlates_encodes_and_guards() {
+    use crate::outbound::{PublishError, Reply};
+
+    let sent: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let log = sent.clone();
+    let sink = tower::service_fn(move |req: Request<Bytes>| {
+        log.lock().unwrap().push(req.into_body());
+        std::future::ready(Ok::<_, BoxError>(()))
+    });
+    let svc = OutboundStack::new("me").max_packet_size(200).service(sink);
+
+    let reply = Request::builder("memory/results")
+        .extension(Reply)
+        .body(Envelope::new("memory.results", json!({"n": 1})).unwrap())
+        .unwrap();
+    correlation::scope(CorrelationId::new("q-1"), svc.clone().oneshot(reply))
+        .await
+        .unwrap();
+    let wire = Envelope::from_slice(&sent.lock().unwrap()[0]).unwrap();
+    assert_eq!((wire.id(), wire.source()), ("q-1", "me"));
+
+    let big = Envelope::new("x.y", json!({"blob": "x".repeat(500)})).unwrap();
+    let err = svc
+        .oneshot(Request::builder("x/y").body(big).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref(),
+            Some(PublishError::TooLarge { max: 200, .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        sent.lock().unwrap().len(),
+        1,
+        "nothing sent for the big one"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_outbound_stack_retries_an_attempt_that_waited_too_long() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let sink = tower::service_fn(move |_: Request<Bytes>| {
+        let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let svc = OutboundStack::new("me")
+        .timeout(Duration::from_secs(5))
+        .service(sink);
+    let env = Envelope::new("a.b", json!({})).unwrap();
+    svc.oneshot(Request::builder("a/b").body(env).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}

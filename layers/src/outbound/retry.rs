@@ -1,4 +1,5 @@
-//! Publishing again after a retryable failure, then giving up loudly.
+//! Publishing again after a retryable failure, then giving up loudly. The
+//! outbound mirror of [`retry`](crate::retry).
 //!
 //! tower's [`Retry`] with [`PublishRetryPolicy`]: a publish that failed in a
 //! way another attempt can fix (the offline buffer was full, the session was
@@ -14,7 +15,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use tower_mqtt::outbound::PublishRetryLayer;
+//! use tower_mqtt::layers::outbound::PublishRetryLayer;
 //!
 //! let retry = PublishRetryLayer::new(5).backoff(Duration::from_millis(50), Duration::from_secs(2));
 //! assert_eq!(retry.dropped(), 0);
@@ -28,7 +29,6 @@ use std::{
     time::Duration,
 };
 
-use crate::{BoxError, PublishError, Request};
 use bytes::Bytes;
 use tokio::time::Sleep;
 use tower::{
@@ -36,19 +36,38 @@ use tower::{
         backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff},
         Policy, Retry,
     },
+    timeout::error::Elapsed,
     util::rng::HasherRng,
     Layer,
 };
+use tower_mqtt_core::{BoxError, Request};
+
+use super::PublishError;
 
 /// Attempts unless configured otherwise.
 pub const DEFAULT_PUBLISH_ATTEMPTS: u32 = 3;
 
-/// Whether another attempt could help with `err`.
+/// Whether another attempt could help with `err`: a retryable
+/// [`PublishError`], or an attempt that timed out waiting for its
+/// confirmation.
+///
+/// ```
+/// use tower_mqtt::{layers::outbound::{is_retryable, DeliveryError, PublishError}, BoxError};
+///
+/// let lost: BoxError = PublishError::from(DeliveryError::SessionLost).into();
+/// assert!(is_retryable(&lost));
+/// let stopped: BoxError = PublishError::Closed.into();
+/// assert!(!is_retryable(&stopped));
+/// ```
 pub fn is_retryable(err: &BoxError) -> bool {
     err.downcast_ref::<PublishError>()
         .is_some_and(PublishError::is_retryable)
-        || err.is::<tower::timeout::error::Elapsed>()
+        || err.is::<Elapsed>()
 }
+
+/// A service with publish retries: tower's [`Retry`] with a
+/// [`PublishRetryPolicy`].
+pub type PublishRetry<S> = Retry<PublishRetryPolicy, S>;
 
 /// The retry policy for publishes; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -154,7 +173,7 @@ impl Default for PublishRetryLayer {
 }
 
 impl<S> Layer<S> for PublishRetryLayer {
-    type Service = Retry<PublishRetryPolicy, S>;
+    type Service = PublishRetry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Retry::new(self.policy.clone(), inner)
@@ -164,7 +183,7 @@ impl<S> Layer<S> for PublishRetryLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publisher::DeliveryError;
+    use crate::outbound::DeliveryError;
     use std::sync::atomic::AtomicUsize;
     use tower::{service_fn, ServiceExt};
 
