@@ -25,6 +25,8 @@
 //! anything logs, and correlation (outbound) runs while the publish is still
 //! an envelope; isolation sees only the last attempt's error; and in both
 //! columns the timeout sits inside the retry, so each attempt has its own.
+//! Both retries share one core: attempts, tower's exponential backoff with
+//! jitter, and a retry budget.
 //!
 //! Users depend on `tower-mqtt`, which re-exports this crate as
 //! `tower_mqtt::layers` and builds both stacks from its configuration
