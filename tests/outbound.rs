@@ -380,7 +380,7 @@ async fn drop_oldest_evicts_and_old_publishes_expire() {
     let proxy = Proxy::start(broker.addr()).await;
     let running = through_proxy(&proxy, "evict", |mut c| {
         c.offline_buffer = 2;
-        c.offline_overflow = tower_mqtt::publisher::OfflineOverflow::DropOldest;
+        c.offline_overflow = tower_mqtt::config::OfflineOverflow::DropOldest;
         c.offline_max_age = Duration::from_millis(400);
         c
     })

@@ -132,6 +132,7 @@ mod connect;
 mod credentials;
 mod env;
 mod error;
+mod offline;
 mod stacks;
 mod tls;
 mod url;
@@ -139,12 +140,12 @@ mod validate;
 
 use std::time::Duration;
 
-use crate::publisher::OfflineOverflow;
 use crate::subscription::{AckOrder, Overflow};
 
 pub use self::{
     credentials::{PasswordFn, PasswordSource},
     error::ConfigError,
+    offline::OfflineOverflow,
     tls::{ClientAuth, Tls},
     url::{BrokerAddr, Credentials, Password},
 };

@@ -2,7 +2,7 @@
 //! and from handlers, where it is an extractor.
 //!
 //! There is one way out: every publish goes through the outbound stack
-//! ([`OutboundStack`]: the reply's id, the
+//! ([`OutboundStack`](crate::layers::OutboundStack): the reply's id, the
 //! service's source, the packet size check, retry with backoff, the wait for
 //! the confirmation) to the connection. What the stack does is configured
 //! once, from the [`Config`](crate::config::Config)
@@ -12,7 +12,8 @@
 //! by its PUBCOMP, QoS 0 once written. While the connection is down it waits in
 //! a bounded offline buffer ([`Config::offline_buffer`](crate::config::Config::offline_buffer))
 //! and goes out, in order, once it is back. Publishing never blocks the
-//! connection, so a handler that publishes cannot deadlock the runtime.
+//! connection, so a handler that publishes cannot deadlock the runtime. Why a
+//! publish failed is a [`PublishError`] inside the `BoxError`.
 //!
 //! ```
 //! use serde_json::json;
@@ -42,18 +43,27 @@
 //! # Ok(()) }
 //! ```
 
+mod publish;
+mod recording;
+
 use std::{
     fmt,
-    future::{Future, IntoFuture},
+    future::Future,
     pin::Pin,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::Value;
 use tower::{util::BoxCloneSyncService, Layer, Service, ServiceExt};
+
+pub use self::{
+    publish::Publish,
+    recording::{Published, Recorded},
+};
+/// The errors of a publish, from the outbound layers and the connection alike.
+pub use tower_mqtt_layers::outbound::{DeliveryError, PublishError};
 
 use crate::{
     envelope::Envelope,
@@ -61,22 +71,7 @@ use crate::{
     health::{self, Health},
     outcome::{BoxError, HandlerError},
     request::{QoS, Request},
-    topic::TopicName,
 };
-/// The errors of a publish, from the outbound layers and the connection alike.
-pub use tower_mqtt_layers::outbound::{DeliveryError, PublishError};
-use tower_mqtt_layers::OutboundStack;
-
-/// What a full offline buffer does with one more publish.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum OfflineOverflow {
-    /// Reject the new publish with [`DeliveryError::BufferFull`].
-    #[default]
-    Reject,
-    /// Evict the oldest buffered publish ([`DeliveryError::Evicted`]).
-    DropOldest,
-}
 
 /// The outbound stack, type-erased: what
 /// [`Client::publish_layer`](crate::Client::publish_layer) wraps.
@@ -127,29 +122,6 @@ impl Publisher {
         }
     }
 
-    /// A publisher for tests: the outbound stack of service `source`, as a
-    /// default configuration builds it, ending in a recorder instead of a
-    /// broker. What it records is what would have gone on the wire.
-    ///
-    /// ```
-    /// use tower_mqtt::Publisher;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_mqtt::BoxError> {
-    /// let (publisher, published) = Publisher::recording("tts-worker");
-    /// publisher.publish("tts/status", serde_json::json!({"speaking": true})).await?;
-    /// let sent = published.take();
-    /// assert_eq!(sent[0].topic, "tts/status");
-    /// assert_eq!(sent[0].envelope.data()["speaking"], true);
-    /// # Ok(()) }
-    /// ```
-    pub fn recording(source: &str) -> (Self, Recorded) {
-        let recorded = Recorded::default();
-        let stack = OutboundStack::new(source).service(recorded.clone());
-        let outbound = Outbound::new(stack.map_err(Into::into));
-        let raw = RawSink::new(recorded.clone());
-        (Self::new(outbound, raw, source, source), recorded)
-    }
-
     /// Wraps the outbound stack in `layer` (outermost).
     pub(crate) fn layered<L>(self, layer: L) -> Self
     where
@@ -166,6 +138,11 @@ impl Publisher {
     }
 
     /// The service name stamped as `source` on what is published.
+    ///
+    /// ```
+    /// let (publisher, _) = tower_mqtt::Publisher::recording("tts-worker");
+    /// assert_eq!(publisher.source_name(), "tts-worker");
+    /// ```
     pub fn source_name(&self) -> &str {
         &self.source
     }
@@ -178,15 +155,11 @@ impl Publisher {
     /// A value that serializes to a whole envelope (all five keys, an
     /// [`Envelope`] for one) is sent as that envelope.
     pub fn publish(&self, topic: impl Into<String>, data: impl Serialize) -> Publish {
-        Publish {
-            publisher: self.clone(),
-            topic: topic.into(),
-            body: serde_json::to_value(data).map_err(BoxError::from),
-            event_type: None,
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            reply_to: None,
-        }
+        Publish::new(
+            self.clone(),
+            topic.into(),
+            serde_json::to_value(data).map_err(BoxError::from),
+        )
     }
 
     /// Publishes a request of an envelope as it is (topic, QoS, retain from
@@ -267,184 +240,5 @@ impl<S> FromMessageParts<S> for Publisher {
                  with Request::builder(..).extension(publisher)",
             )
         })
-    }
-}
-
-/// A publish being prepared; await it to send. Built by
-/// [`Publisher::publish`].
-#[must_use = "a publish does nothing until it is awaited"]
-pub struct Publish {
-    publisher: Publisher,
-    topic: String,
-    body: Result<Value, BoxError>,
-    event_type: Option<String>,
-    qos: QoS,
-    retain: bool,
-    reply_to: Option<String>,
-}
-
-impl fmt::Debug for Publish {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Publish")
-            .field("topic", &self.topic)
-            .field("qos", &self.qos)
-            .field("retain", &self.retain)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Publish {
-    /// Sets the QoS (default 1).
-    pub fn qos(mut self, qos: QoS) -> Self {
-        self.qos = qos;
-        self
-    }
-
-    /// Sets whether the broker keeps it as the topic's retained message.
-    pub fn retain(mut self, retain: bool) -> Self {
-        self.retain = retain;
-        self
-    }
-
-    /// Makes it the reply to `request`: it takes the request's id, as the
-    /// fleet correlates replies and stream chunks.
-    pub fn reply_to(mut self, request: &Request<Envelope>) -> Self {
-        self.reply_to = Some(request.body().id().to_owned());
-        self
-    }
-
-    /// Sets the event type (default: the topic with `/` as `.`).
-    pub fn event_type(mut self, event_type: impl Into<String>) -> Self {
-        self.event_type = Some(event_type.into());
-        self
-    }
-
-    fn request(self) -> Result<(Publisher, Request<Envelope>), BoxError> {
-        let body = self.body?;
-        let envelope = if is_whole_envelope(&body) {
-            serde_json::from_value::<Envelope>(body)?
-        } else {
-            let event_type = self
-                .event_type
-                .unwrap_or_else(|| self.topic.replace('/', "."));
-            Envelope::new(event_type, body)?
-        };
-        let envelope = match self.reply_to {
-            Some(id) => envelope.with_id(id),
-            None => envelope,
-        };
-        let req = Request::builder(self.topic)
-            .qos(self.qos)
-            .retain(self.retain)
-            .body(envelope)?;
-        Ok((self.publisher, req))
-    }
-}
-
-/// An object of exactly the envelope's five keys is meant as one, as the
-/// decoder reads it.
-fn is_whole_envelope(value: &Value) -> bool {
-    value.as_object().is_some_and(|object| {
-        object.len() == 5
-            && ["id", "type", "ts", "source", "data"]
-                .iter()
-                .all(|key| object.contains_key(*key))
-    })
-}
-
-impl IntoFuture for Publish {
-    type Output = Result<(), BoxError>;
-    type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
-
-    fn into_future(self) -> Self::IntoFuture {
-        Box::pin(async move {
-            let (publisher, req) = self.request()?;
-            publisher.send(req).await
-        })
-    }
-}
-
-/// One publish a [`Publisher::recording`] recorded: the bytes that would
-/// have gone on the wire, and the envelope a receiver would decode from them.
-#[derive(Clone, Debug, PartialEq)]
-#[non_exhaustive]
-pub struct Published {
-    /// The topic.
-    pub topic: TopicName,
-    /// The QoS.
-    pub qos: QoS,
-    /// Whether it was retained.
-    pub retain: bool,
-    /// The payload.
-    pub payload: Bytes,
-    /// The envelope, as a receiver would decode it (empty for a cleared
-    /// retained message: see [`Published::is_envelope`]).
-    pub envelope: Envelope,
-}
-
-impl Published {
-    /// Whether the payload was an envelope (not an empty retained clear).
-    pub fn is_envelope(&self) -> bool {
-        !self.payload.is_empty()
-    }
-}
-
-/// What a [`Publisher::recording`] published; cheap to clone.
-///
-/// ```
-/// let (publisher, published) = tower_mqtt::Publisher::recording("svc");
-/// assert!(published.take().is_empty());
-/// # let _ = publisher;
-/// ```
-#[derive(Clone, Debug, Default)]
-pub struct Recorded {
-    published: Arc<Mutex<Vec<Published>>>,
-}
-
-impl Recorded {
-    /// Takes everything recorded so far.
-    pub fn take(&self) -> Vec<Published> {
-        std::mem::take(&mut *self.lock())
-    }
-
-    /// A copy of everything recorded so far.
-    pub fn all(&self) -> Vec<Published> {
-        self.lock().clone()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Published>> {
-        self.published
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl Service<Request<Bytes>> for Recorded {
-    type Response = ();
-    type Error = BoxError;
-    type Future = std::future::Ready<Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let envelope = if req.body().is_empty() {
-            Ok(Envelope::from_map("", serde_json::Map::new()))
-        } else {
-            Envelope::from_slice(req.body())
-        };
-        let result = envelope
-            .map(|envelope| {
-                self.lock().push(Published {
-                    topic: req.topic().clone(),
-                    qos: req.qos(),
-                    retain: req.retain(),
-                    payload: req.body().clone(),
-                    envelope,
-                });
-            })
-            .map_err(BoxError::from);
-        std::future::ready(result)
     }
 }
