@@ -41,7 +41,13 @@ async fn a_hundred_concurrent_publishes_are_all_confirmed() {
         let publisher = publisher.clone();
         tokio::spawn(async move {
             let env = Envelope::new("load.test", json!({"n": n})).unwrap();
-            publisher.publish(format!("load/{}", n % 7), env).await
+            publisher
+                .send(
+                    Request::builder(format!("load/{}", n % 7))
+                        .body(env)
+                        .unwrap(),
+                )
+                .await
         })
     });
     for result in join_all(tasks).await {
@@ -59,7 +65,7 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     let cfg = config(&broker.url(), "big").with_max_packet_size(4096);
     let running = Client::new(cfg).unwrap().spawn(Router::new(), stack());
     let publisher = running.publisher();
-    let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
+    let huge = json!({"blob": "x".repeat(10_000)});
     let err = publisher.publish("big", huge).await.unwrap_err();
     assert!(
         matches!(
@@ -74,7 +80,8 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     assert!(!tower_mqtt::layers::outbound::is_retryable(&err));
     // The connection is fine, and nothing of the big one arrived.
     publisher
-        .publish("big", Envelope::new("big.small", json!({})).unwrap())
+        .publish("big", json!({}))
+        .event_type("big.small")
         .await
         .unwrap();
     let got = probe.next(WAIT).await.unwrap();
@@ -116,7 +123,10 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
     let publisher = sender.publisher();
     loop {
         let warmup = Envelope::new("outage.test", json!({"n": -1})).unwrap();
-        publisher.publish("outage/seq", warmup).await.unwrap();
+        publisher
+            .send(Request::builder("outage/seq").body(warmup).unwrap())
+            .await
+            .unwrap();
         if tokio::time::timeout(Duration::from_millis(300), rx.recv())
             .await
             .is_ok()
@@ -138,7 +148,9 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
         let publisher = publisher.clone();
         let env = Envelope::new("outage.test", json!({"n": n})).unwrap();
         pending.push(tokio::spawn(async move {
-            publisher.publish("outage/seq", env).await
+            publisher
+                .send(Request::builder("outage/seq").body(env).unwrap())
+                .await
         }));
         // Let each task hand its publish to the client before the next starts.
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -179,7 +191,9 @@ async fn fifty_concurrent_request_reply_round_trips() {
                 .unwrap_or_default()
                 .to_owned();
             let reply = Envelope::reply_to(req.body(), "memory.results", json!({"echo": text}))?;
-            publisher.publish("memory/results", reply).await?;
+            publisher
+                .send(Request::builder("memory/results").body(reply).unwrap())
+                .await?;
             Ok::<_, tower_mqtt::BoxError>(())
         }
     };
@@ -335,13 +349,17 @@ async fn a_full_offline_buffer_rejects_with_a_clear_error() {
     let waiting: Vec<_> = (0..3)
         .map(|n| {
             let publisher = publisher.clone();
-            tokio::spawn(async move { publisher.publish("offline/x", numbered(n)).await })
+            tokio::spawn(async move {
+                publisher
+                    .send(Request::builder("offline/x").body(numbered(n)).unwrap())
+                    .await
+            })
         })
         .collect();
     // Let the three reach the buffer.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let err = publisher
-        .publish("offline/x", numbered(3))
+        .send(Request::builder("offline/x").body(numbered(3)).unwrap())
         .await
         .unwrap_err();
     assert!(
@@ -389,7 +407,11 @@ async fn drop_oldest_evicts_and_old_publishes_expire() {
     let publisher = running.publisher();
     let spawn = |n| {
         let publisher = publisher.clone();
-        tokio::spawn(async move { publisher.publish("offline/y", numbered(n)).await })
+        tokio::spawn(async move {
+            publisher
+                .send(Request::builder("offline/y").body(numbered(n)).unwrap())
+                .await
+        })
     };
     let first = spawn(0);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -425,7 +447,11 @@ async fn unacknowledged_publish_survives_a_cut(clean_session: bool) -> tower_mqt
     proxy.stall();
     let sent = {
         let publisher = publisher.clone();
-        tokio::spawn(async move { publisher.publish("unacked/z", numbered(7)).await })
+        tokio::spawn(async move {
+            publisher
+                .send(Request::builder("unacked/z").body(numbered(7)).unwrap())
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!sent.is_finished(), "not confirmed while stalled");

@@ -8,6 +8,18 @@
 //! once, from the [`Config`](crate::config::Config)
 //! ([`Config::outbound_stack`](crate::config::Config::outbound_stack)).
 //!
+//! Two ways in, one for each thing a caller has:
+//!
+//! - the *data* of an event: [`Publisher::publish`]`(topic, data)` wraps it in
+//!   a new envelope (a fresh id, the type named after the topic, this
+//!   service's source); the returned [`Publish`] sets QoS, retain, a reply's
+//!   id or the type before it is awaited. `data` is always the envelope's
+//!   `data`, whatever its keys.
+//! - a whole *envelope*, built or received: [`Publisher::send`] a
+//!   [`Request<Envelope>`](Request) whose topic, QoS and retain flag say where
+//!   and how, and whose envelope goes out as it is (only the source is
+//!   stamped if it kept the default).
+//!
 //! A publish resolves when it is confirmed: QoS 1 by the broker's PUBACK, QoS 2
 //! by its PUBCOMP, QoS 0 once written. While the connection is down it waits in
 //! a bounded offline buffer ([`Config::offline_buffer`](crate::config::Config::offline_buffer))
@@ -34,12 +46,16 @@
 //! let query = Request::builder("memory/query")
 //!     .body(Envelope::new("memory.query", json!({"text": "cats"}))?)?;
 //! publisher.publish("memory/results", json!({"results": []})).reply_to(&query).await?;
+//! // A whole envelope, as it is:
+//! let forwarded = Request::builder("memory/archive").body(query.body().clone())?;
+//! publisher.send(forwarded).await?;
 //!
 //! let sent = published.take();
 //! assert_eq!(sent[0].envelope.event_type(), "memory.results");
 //! assert_eq!(sent[0].envelope.source(), "memory-worker");
 //! assert!(sent[1].retain);
 //! assert_eq!(sent[2].envelope.id(), query.body().id());
+//! assert_eq!(sent[3].envelope.data()["text"], "cats");
 //! # Ok(()) }
 //! ```
 
@@ -147,13 +163,30 @@ impl Publisher {
         &self.source
     }
 
-    /// Publishes `data` (an object) to `topic`; await the returned [`Publish`]
-    /// after setting what differs from the defaults: QoS 1, not retained, a
-    /// new id, and the event type named after the topic (`memory/results` is
-    /// `memory.results`, as the fleet's event registry has it).
+    /// Publishes `data` to `topic` as the `data` of a new envelope; await the
+    /// returned [`Publish`] after setting what differs from the defaults: QoS
+    /// 1, not retained, a new id, and the event type named after the topic
+    /// (`memory/results` is `memory.results`, as the fleet's event registry
+    /// has it).
     ///
-    /// A value that serializes to a whole envelope (all five keys, an
-    /// [`Envelope`] for one) is sent as that envelope.
+    /// `data` must serialize to a JSON object, and it is always the
+    /// envelope's `data`, even when it has the envelope's own keys. To send an
+    /// envelope as it is, use [`send`](Self::send).
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use tower_mqtt::Publisher;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_mqtt::BoxError> {
+    /// let (publisher, published) = Publisher::recording("wake-worker");
+    /// // Data that happens to look like an envelope is still data.
+    /// let data = json!({"id": "x", "type": "y", "ts": 0.0, "source": "z", "data": {}});
+    /// publisher.publish("wake/event", &data).await?;
+    /// let sent = published.take();
+    /// assert_eq!(sent[0].envelope.event_type(), "wake.event");
+    /// assert_eq!(sent[0].envelope.data()["type"], "y");
+    /// # Ok(()) }
+    /// ```
     pub fn publish(&self, topic: impl Into<String>, data: impl Serialize) -> Publish {
         Publish::new(
             self.clone(),
@@ -162,8 +195,26 @@ impl Publisher {
         )
     }
 
-    /// Publishes a request of an envelope as it is (topic, QoS, retain from
-    /// the request).
+    /// Publishes a whole envelope as it is, to the request's topic with its
+    /// QoS and retain flag: the way to forward an envelope, or to send one
+    /// built with [`Envelope::new`] or [`Envelope::reply_to`]. Like every
+    /// publish it goes through the outbound stack, which stamps this service's
+    /// source on an envelope that kept the default one, and correlates it if
+    /// the request is marked [`Reply`](crate::layers::outbound::Reply).
+    ///
+    /// ```
+    /// use tower_mqtt::{Envelope, Publisher, QoS, Request};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_mqtt::BoxError> {
+    /// let (publisher, published) = Publisher::recording("llm-worker");
+    /// let request = Envelope::new("llm.request", serde_json::json!({"text": "hi"}))?;
+    /// let chunk = Envelope::reply_to(&request, "llm.stream", serde_json::json!({"seq": 0, "delta": "He"}))?;
+    /// publisher.send(Request::builder("llm/stream").qos(QoS::AtMostOnce).body(chunk)?).await?;
+    /// let sent = published.take();
+    /// assert_eq!(sent[0].envelope.id(), request.id());
+    /// assert_eq!(sent[0].qos, QoS::AtMostOnce);
+    /// # Ok(()) }
+    /// ```
     pub async fn send(&self, req: Request<Envelope>) -> Result<(), BoxError> {
         self.outbound.clone().oneshot(req).await
     }

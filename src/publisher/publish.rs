@@ -111,15 +111,10 @@ impl Publish {
     }
 
     fn request(self) -> Result<(Publisher, Request<Envelope>), BoxError> {
-        let body = self.body?;
-        let envelope = if is_whole_envelope(&body) {
-            serde_json::from_value::<Envelope>(body)?
-        } else {
-            let event_type = self
-                .event_type
-                .unwrap_or_else(|| self.topic.replace('/', "."));
-            Envelope::new(event_type, body)?
-        };
+        let event_type = self
+            .event_type
+            .unwrap_or_else(|| self.topic.replace('/', "."));
+        let envelope = Envelope::new(event_type, self.body?)?;
         let envelope = match self.reply_to {
             Some(id) => envelope.with_id(id),
             None => envelope,
@@ -132,17 +127,6 @@ impl Publish {
     }
 }
 
-/// An object of exactly the envelope's five keys is meant as one, as the
-/// decoder reads it.
-fn is_whole_envelope(value: &Value) -> bool {
-    value.as_object().is_some_and(|object| {
-        object.len() == 5
-            && ["id", "type", "ts", "source", "data"]
-                .iter()
-                .all(|key| object.contains_key(*key))
-    })
-}
-
 impl IntoFuture for Publish {
     type Output = Result<(), BoxError>;
     type IntoFuture = Pin<Box<dyn Future<Output = Self::Output> + Send>>;
@@ -152,5 +136,49 @@ impl IntoFuture for Publish {
             let (publisher, req) = self.request()?;
             publisher.send(req).await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn data_with_exactly_the_five_envelope_keys_is_still_data() {
+        let (out, recorded) = Publisher::recording("archive");
+        let inner = Envelope::new("llm.request", json!({"text": "hi"})).unwrap();
+        out.publish("archive/raw", &inner).await.unwrap();
+
+        let sent = recorded.take();
+        let outer = &sent[0].envelope;
+        assert_eq!(outer.event_type(), "archive.raw");
+        assert_eq!(outer.source(), "archive");
+        assert_ne!(outer.id(), inner.id(), "a new envelope, with its own id");
+        assert_eq!(
+            Value::Object(outer.data().clone()),
+            serde_json::to_value(&inner).unwrap(),
+            "the five keys, whole, as the data"
+        );
+    }
+
+    #[tokio::test]
+    async fn send_publishes_a_whole_envelope_as_it_is() {
+        let (out, recorded) = Publisher::recording("archive");
+        let env = Envelope::new("llm.request", json!({"text": "hi"}))
+            .unwrap()
+            .with_source("llm-worker");
+        let req = Request::builder("llm/request").body(env.clone()).unwrap();
+        out.send(req).await.unwrap();
+        assert_eq!(recorded.take()[0].envelope, env);
+    }
+
+    #[tokio::test]
+    async fn data_that_is_not_an_object_fails_before_sending() {
+        let (out, recorded) = Publisher::recording("svc");
+        let err = out.publish("a/b", [1, 2, 3]).await.unwrap_err();
+        assert!(err.is::<crate::EnvelopeError>(), "{err}");
+        assert!(recorded.take().is_empty());
     }
 }
