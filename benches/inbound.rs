@@ -2,7 +2,7 @@
 //!
 //! `inbound/envelope_from_slice` is the floor: decoding a ~200-byte envelope
 //! with `serde_json`, which any receiver pays. `inbound/standard_stack` is a
-//! message through `StandardStack` (decode, dedup, correlation span,
+//! message through `InboundStack` (decode, dedup, correlation span,
 //! isolation, retry, timeout) into a `Router` with one trivial route. The
 //! difference is what the middleware costs, and
 //! `inbound/standard_stack_minus_decode` measures it directly, alternating
@@ -45,7 +45,7 @@ use tower_mqtt::{Envelope, Outcome, Request, Router};
 use tower_mqtt_layers::{
     correlation_span::CorrelationSpanLayer, decode::DecodeLayer, dedup::DedupKey,
     isolation::IsolationLayer, retry::MessageRetryLayer, timeout::TimeoutLayer, DedupLayer,
-    EventRegistry, StandardStack,
+    EventRegistry, InboundStack,
 };
 
 /// More than the dedup store holds (2048), so a message is new when it comes
@@ -115,7 +115,7 @@ fn inbound(c: &mut Criterion) {
         });
     });
 
-    let stack = StandardStack::new().registry(EventRegistry::fleet());
+    let stack = InboundStack::new().registry(EventRegistry::fleet());
     bench_service(
         c,
         &rt,
@@ -128,7 +128,7 @@ fn inbound(c: &mut Criterion) {
     // iteration sends one message through the decode-only service and the
     // next through the standard stack, and only the difference is counted.
     let bare = DecodeLayer::new(EventRegistry::fleet()).layer(router());
-    let standard = StandardStack::new()
+    let standard = InboundStack::new()
         .registry(EventRegistry::fleet())
         .service(router());
     let mut next = 0;

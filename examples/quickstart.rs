@@ -1,4 +1,4 @@
-//! A small service on the standard stack that talks to itself.
+//! A small service on the inbound stack that talks to itself.
 //!
 //! Without `MQTT_URL` it starts an in-process broker; with it, it uses that
 //! broker. It routes three topics, publishes a few envelopes to itself, prints
@@ -116,8 +116,10 @@ async fn run() -> Result<(), BoxError> {
     }
     // The same envelope twice: the dedup layer recognises the second.
     let twice = Envelope::new("tts.say", json!({"text": "only once"}))?;
-    out.publish("tts/say", twice.clone()).await?;
-    out.publish("tts/say", twice).await?;
+    // A whole envelope is sent with `send`; `publish` would wrap it as data.
+    out.send(Request::builder("tts/say").body(twice.clone())?)
+        .await?;
+    out.send(Request::builder("tts/say").body(twice)?).await?;
 
     for _ in 0..6 {
         let line = tokio::time::timeout(Duration::from_secs(10), seen.recv())

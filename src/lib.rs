@@ -32,8 +32,12 @@
 //! - [`Router`], [`Subscription`], [`handler`]: routing and handlers;
 //! - [`Outcome`], [`IntoOutcome`], [`HandlerError`]: what became of a message.
 //!
-//! Middleware (decode, dedup, correlation spans, isolation, retry, timeout) lives
-//! in the companion crate `tower-mqtt-layers`.
+//! - [`Publisher`]: publishing, through the outbound stack;
+//! - [`layers`]: the middleware of both stacks, inbound (decode, dedup,
+//!   correlation spans, isolation, retry, timeout) and outbound (correlation,
+//!   encode, size guard, retry, confirmation), from the companion crate
+//!   `tower-mqtt-layers`; [`config::Config::inbound_stack`] and
+//!   [`config::Config::outbound_stack`] build the two stacks a service runs.
 //!
 //! [tower]: https://docs.rs/tower
 
@@ -42,7 +46,6 @@ pub mod config;
 pub mod embedded;
 pub mod health;
 pub mod metrics;
-pub mod outbound;
 pub mod publisher;
 pub mod reply;
 pub mod runtime;
@@ -51,8 +54,11 @@ pub use tower_mqtt_core::{
     correlation, envelope, extract, handler, log_limit, outcome, request, router, subscription,
     topic,
 };
-/// The inbound middleware (decode, dedup, correlation span, isolation, retry,
-/// timeout), re-exported from `tower-mqtt-layers`.
+/// The middleware of both stacks, re-exported from `tower-mqtt-layers`:
+/// inbound (decode, dedup, correlation span, isolation, retry, timeout) and
+/// its outbound mirror ([`layers::outbound`]: correlation, encode, size guard,
+/// retry, confirmation), with [`layers::InboundStack`] and
+/// [`layers::OutboundStack`] composing them.
 pub use tower_mqtt_layers as layers;
 
 pub use envelope::{Envelope, EnvelopeError};
@@ -68,7 +74,7 @@ pub use runtime::{
 
 /// Serves `router` with the configuration `config`: connects (with
 /// reconnection), subscribes to the router's filters, and runs every message
-/// through the standard inbound stack the configuration asks for into the
+/// through the inbound stack the configuration asks for into the
 /// router. Await it, or [`Serve::spawn`] it for a handle.
 ///
 /// ```no_run

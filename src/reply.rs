@@ -132,10 +132,10 @@ impl Replies {
             id: id.clone(),
         };
         let exchange = async {
-            publisher
-                .publish(topic, request)
-                .await
-                .map_err(RequestError::Publish)?;
+            let req = Request::builder(topic)
+                .body(request)
+                .map_err(|err| RequestError::Publish(err.into()))?;
+            publisher.send(req).await.map_err(RequestError::Publish)?;
             rx.await.map_err(|_| RequestError::Timeout {
                 id: id.clone(),
                 timeout,

@@ -180,7 +180,9 @@ async fn handlers_awaiting_their_own_publishes_neither_deadlock_nor_lose() {
                 let publisher = publisher.lock().unwrap().clone();
                 if let Some(publisher) = publisher {
                     let reply = Envelope::reply_to(req.body(), "jobs.done", json!({})).unwrap();
-                    publisher.publish("done/x", reply).await?;
+                    publisher
+                        .send(Request::builder("done/x").body(reply).unwrap())
+                        .await?;
                 }
                 seen.record(&req);
                 Ok::<_, tower_mqtt::BoxError>(())

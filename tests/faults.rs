@@ -216,11 +216,14 @@ fn produce(
                 }
                 let envelope = good(seq);
                 loop {
-                    match tokio::time::timeout(WAIT, publisher.publish(topic, envelope.clone()))
-                        .await
+                    match tokio::time::timeout(
+                        WAIT,
+                        publisher.send(Request::builder(topic).body(envelope.clone()).unwrap()),
+                    )
+                    .await
                     {
                         Ok(Ok(())) => break,
-                        Ok(Err(err)) if !tower_mqtt::outbound::is_retryable(&err) => {
+                        Ok(Err(err)) if !tower_mqtt::layers::outbound::is_retryable(&err) => {
                             panic!("publish {seq} failed for good: {err}")
                         }
                         // Retryable, or unconfirmed in time: send it again once
@@ -329,9 +332,14 @@ async fn stream_through_faults(fault: Fault, total: usize, faults: usize) {
     // A marker published after everything: once it is handled, a redelivery of
     // anything before it has had its chance to arrive (per-topic order).
     let marker = total + 1_000_000;
-    let marker_sent = tokio::time::timeout(WAIT, producer.publisher().publish(topic, good(marker)))
-        .await
-        .is_ok_and(|sent| sent.is_ok());
+    let marker_sent = tokio::time::timeout(
+        WAIT,
+        producer
+            .publisher()
+            .send(Request::builder(topic).body(good(marker)).unwrap()),
+    )
+    .await
+    .is_ok_and(|sent| sent.is_ok());
     let marker_handled = {
         let mut unique = ledger.unique.subscribe();
         let counts = ledger.counts.clone();

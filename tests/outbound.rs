@@ -11,8 +11,8 @@ use futures_util::future::join_all;
 use serde_json::json;
 use support::{MosquittoSub, Probe, Proxy, TestBroker};
 use tower_mqtt::{
-    config::Config, outbound::TooLarge, reply::Replies, Client, Envelope, QoS, Request, Router,
-    Running,
+    config::Config, layers::outbound::PublishError, reply::Replies, Client, Envelope, QoS, Request,
+    Router, Running,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -29,7 +29,13 @@ async fn a_hundred_concurrent_publishes_are_all_confirmed() {
         let publisher = publisher.clone();
         tokio::spawn(async move {
             let env = Envelope::new("load.test", json!({"n": n})).unwrap();
-            publisher.publish(format!("load/{}", n % 7), env).await
+            publisher
+                .send(
+                    Request::builder(format!("load/{}", n % 7))
+                        .body(env)
+                        .unwrap(),
+                )
+                .await
         })
     });
     for result in join_all(tasks).await {
@@ -47,19 +53,23 @@ async fn an_oversized_payload_is_rejected_before_sending() {
     let cfg = config(&broker.url(), "big").with_max_packet_size(4096);
     let running = tower_mqtt::serve(cfg, Router::new()).spawn().unwrap();
     let publisher = running.publisher();
-    let huge = Envelope::new("big.blob", json!({"blob": "x".repeat(10_000)})).unwrap();
+    let huge = json!({"blob": "x".repeat(10_000)});
     let err = publisher.publish("big", huge).await.unwrap_err();
-    let too_large = err
-        .downcast_ref::<TooLarge>()
-        .expect("the size guard's error");
-    assert_eq!(too_large.max, 4096, "{err}");
+    assert!(
+        matches!(
+            err.downcast_ref(),
+            Some(PublishError::TooLarge { max: 4096, .. })
+        ),
+        "the size guard's error: {err}"
+    );
     assert!(err
         .to_string()
         .contains("limit of 4096 bytes; nothing was sent"));
-    assert!(!tower_mqtt::outbound::is_retryable(&err));
+    assert!(!tower_mqtt::layers::outbound::is_retryable(&err));
     // The connection is fine, and nothing of the big one arrived.
     publisher
-        .publish("big", Envelope::new("big.small", json!({})).unwrap())
+        .publish("big", json!({}))
+        .event_type("big.small")
         .await
         .unwrap();
     let got = probe.next(WAIT).await.unwrap();
@@ -101,7 +111,10 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
     let publisher = sender.publisher();
     loop {
         let warmup = Envelope::new("outage.test", json!({"n": -1})).unwrap();
-        publisher.publish("outage/seq", warmup).await.unwrap();
+        publisher
+            .send(Request::builder("outage/seq").body(warmup).unwrap())
+            .await
+            .unwrap();
         if tokio::time::timeout(Duration::from_millis(300), rx.recv())
             .await
             .is_ok()
@@ -170,7 +183,9 @@ async fn fifty_concurrent_request_reply_round_trips() {
                 .unwrap_or_default()
                 .to_owned();
             let reply = Envelope::reply_to(req.body(), "memory.results", json!({"echo": text}))?;
-            publisher.publish("memory/results", reply).await?;
+            publisher
+                .send(Request::builder("memory/results").body(reply).unwrap())
+                .await?;
             Ok::<_, tower_mqtt::BoxError>(())
         }
     };
@@ -329,13 +344,17 @@ async fn a_full_offline_buffer_rejects_with_a_clear_error() {
     let waiting: Vec<_> = (0..3)
         .map(|n| {
             let publisher = publisher.clone();
-            tokio::spawn(async move { publisher.publish("offline/x", numbered(n)).await })
+            tokio::spawn(async move {
+                publisher
+                    .send(Request::builder("offline/x").body(numbered(n)).unwrap())
+                    .await
+            })
         })
         .collect();
     // Let the three reach the buffer.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let err = publisher
-        .publish("offline/x", numbered(3))
+        .send(Request::builder("offline/x").body(numbered(3)).unwrap())
         .await
         .unwrap_err();
     assert!(
@@ -374,7 +393,7 @@ async fn drop_oldest_evicts_and_old_publishes_expire() {
     let proxy = Proxy::start(broker.addr()).await;
     let running = through_proxy(&proxy, "evict", |mut c| {
         c.offline_buffer = 2;
-        c.offline_overflow = tower_mqtt::publisher::OfflineOverflow::DropOldest;
+        c.offline_overflow = tower_mqtt::config::OfflineOverflow::DropOldest;
         c.offline_max_age = Duration::from_millis(400);
         c
     })
@@ -383,7 +402,11 @@ async fn drop_oldest_evicts_and_old_publishes_expire() {
     let publisher = running.publisher();
     let spawn = |n| {
         let publisher = publisher.clone();
-        tokio::spawn(async move { publisher.publish("offline/y", numbered(n)).await })
+        tokio::spawn(async move {
+            publisher
+                .send(Request::builder("offline/y").body(numbered(n)).unwrap())
+                .await
+        })
     };
     let first = spawn(0);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -419,7 +442,11 @@ async fn unacknowledged_publish_survives_a_cut(clean_session: bool) -> tower_mqt
     proxy.stall();
     let sent = {
         let publisher = publisher.clone();
-        tokio::spawn(async move { publisher.publish("unacked/z", numbered(7)).await })
+        tokio::spawn(async move {
+            publisher
+                .send(Request::builder("unacked/z").body(numbered(7)).unwrap())
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!sent.is_finished(), "not confirmed while stalled");

@@ -63,7 +63,10 @@ async fn subscribes_to_the_router_and_handles_messages() {
     let publisher = running.publisher();
     let say = Envelope::new("tts.say", json!({"text": "hello"})).unwrap();
     let got = loop {
-        publisher.publish("tts/say", say.clone()).await.unwrap();
+        publisher
+            .send(Request::builder("tts/say").body(say.clone()).unwrap())
+            .await
+            .unwrap();
         if let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(300), rx.recv()).await {
             break got;
         }
@@ -197,7 +200,11 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
     // Wait until the subscription is live.
     loop {
         publisher
-            .publish("order/warmup", Envelope::new("t", json!({"n": 0})).unwrap())
+            .send(
+                Request::builder("order/warmup")
+                    .body(Envelope::new("t", json!({"n": 0})).unwrap())
+                    .unwrap(),
+            )
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -212,7 +219,11 @@ async fn keeps_per_topic_order_while_topics_run_concurrently() {
     for n in 1..=per_topic {
         for topic in topics {
             publisher
-                .publish(topic, Envelope::new("t", json!({"n": n})).unwrap())
+                .send(
+                    Request::builder(topic)
+                        .body(Envelope::new("t", json!({"n": n})).unwrap())
+                        .unwrap(),
+                )
                 .await
                 .unwrap();
         }
@@ -435,7 +446,11 @@ async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
         .unwrap();
     for n in 0..total {
         let job = Envelope::new("jobs.slow", json!({"n": n})).unwrap();
-        sender.publisher().publish("jobs/slow", job).await.unwrap();
+        sender
+            .publisher()
+            .send(Request::builder("jobs/slow").body(job).unwrap())
+            .await
+            .unwrap();
     }
     sender.shutdown().await;
     // Hold every handler past two keepalives.
@@ -614,7 +629,11 @@ async fn shutdown_lets_running_handlers_finish() {
         .unwrap()
         .expect("subscribed");
     let job = Envelope::new("w", json!({})).unwrap();
-    running.publisher().publish("work/a", job).await.unwrap();
+    running
+        .publisher()
+        .send(Request::builder("work/a").body(job).unwrap())
+        .await
+        .unwrap();
     tokio::time::timeout(WAIT, started.notified())
         .await
         .unwrap();
@@ -657,7 +676,11 @@ async fn shutdown_abandons_handlers_past_the_deadline() {
         .unwrap()
         .expect("subscribed");
     let job = Envelope::new("s", json!({})).unwrap();
-    running.publisher().publish("stuck", job).await.unwrap();
+    running
+        .publisher()
+        .send(Request::builder("stuck").body(job).unwrap())
+        .await
+        .unwrap();
     tokio::time::timeout(WAIT, started.notified())
         .await
         .unwrap();
@@ -698,7 +721,11 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
         .expect("subscribed");
     for n in 0..total {
         let job = Envelope::new("work.job", json!({ "n": n })).unwrap();
-        running.publisher().publish("work/a", job).await.unwrap();
+        running
+            .publisher()
+            .send(Request::builder("work/a").body(job).unwrap())
+            .await
+            .unwrap();
     }
     tokio::time::timeout(WAIT, async {
         while running.stats().received < total as u64 {
@@ -738,7 +765,11 @@ async fn messages_finished_during_shutdown_are_acknowledged_before_disconnecting
     let marker = Envelope::new("work.marker", json!({})).unwrap();
     second
         .publisher()
-        .publish("work/marker", marker.clone())
+        .send(
+            Request::builder("work/marker")
+                .body(marker.clone())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let (topic, env) = recv(&mut rx).await;
@@ -781,7 +812,11 @@ async fn serve_sets_the_handler_limit_and_the_drain_timeout() {
         .expect("subscribed");
     for n in 0..10 {
         let job = Envelope::new("work.job", json!({ "n": n })).unwrap();
-        running.publisher().publish("work/a", job).await.unwrap();
+        running
+            .publisher()
+            .send(Request::builder("work/a").body(job).unwrap())
+            .await
+            .unwrap();
     }
     tokio::time::timeout(WAIT, async {
         while running.stats().received < 10 {
@@ -890,9 +925,10 @@ async fn a_handler_publishing_into_a_full_channel_does_not_deadlock() {
                 let publisher = publisher.clone();
                 async move {
                     publisher
-                        .publish(
-                            "fanout/out",
-                            Envelope::new("fan.out", json!({"n": n})).unwrap(),
+                        .send(
+                            Request::builder("fanout/out")
+                                .body(Envelope::new("fan.out", json!({"n": n})).unwrap())
+                                .unwrap(),
                         )
                         .await
                 }
@@ -963,9 +999,10 @@ async fn an_unordered_route_runs_one_topic_concurrently() {
     let publisher = running.publisher();
     for n in 0..12 {
         publisher
-            .publish(
-                "frames/cam",
-                Envelope::new("frame", json!({"n": n})).unwrap(),
+            .send(
+                Request::builder("frames/cam")
+                    .body(Envelope::new("frame", json!({"n": n})).unwrap())
+                    .unwrap(),
             )
             .await
             .unwrap();

@@ -53,7 +53,11 @@ async fn a_shared_subscription_splits_the_load_and_nothing_is_handled_twice() {
     for n in 0..total {
         let env = Envelope::new("job", json!({ "n": n })).unwrap();
         publisher
-            .publish(format!("jobs/{}", n % 3), env)
+            .send(
+                Request::builder(format!("jobs/{}", n % 3))
+                    .body(env)
+                    .unwrap(),
+            )
             .await
             .unwrap();
     }

@@ -18,8 +18,10 @@ use serde_json::json;
 use support::{publish_raw, unique_id, Probe, TestBroker};
 use tower::{layer::layer_fn, ServiceExt};
 use tower_mqtt::{
-    layers::isolation::DeadLetter, outbound::Reply, publisher::Outbound, reply::Replies, Client,
-    Envelope, Publisher, Request, Router,
+    layers::{isolation::DeadLetter, outbound::Reply},
+    publisher::Outbound,
+    reply::Replies,
+    Client, Envelope, Publisher, Request, Router,
 };
 
 const WAIT: Duration = Duration::from_secs(15);

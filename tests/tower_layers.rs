@@ -160,7 +160,7 @@ async fn timeout_fails_a_slow_handler_after_its_retries() {
     assert_eq!(
         runs.load(Ordering::SeqCst),
         3,
-        "the standard stack's three attempts"
+        "the inbound stack's three attempts"
     );
     running.shutdown().await;
 }

@@ -55,7 +55,7 @@ impl Consumer {
         match self {
             Self::Raw => "raw rumqttc + serde",
             Self::Decode => "tower-mqtt decode only",
-            Self::Standard => "tower-mqtt StandardStack",
+            Self::Standard => "tower-mqtt InboundStack",
         }
     }
 }

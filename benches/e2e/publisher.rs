@@ -4,9 +4,11 @@
 //!
 //! - [`PublisherKind::Raw`]: the rumqttc feeder every consumer gets;
 //! - [`PublisherKind::Publisher`]: tower-mqtt's `Publisher::publish`, 100 at
-//!   a time, each awaiting its own confirmation (as `benches/publish.rs`);
-//! - [`PublisherKind::Stack`]: the same through the outbound stack
-//!   (correlate, encode, size guard, retry, timeout).
+//!   a time, each awaiting its own confirmation (as `benches/publish.rs`),
+//!   given the data and wrapping it in an envelope;
+//! - [`PublisherKind::Stack`]: `Publisher::send` with an envelope built
+//!   beforehand; both go through the outbound stack (correlate, encode, size
+//!   guard, retry, confirmation).
 //!
 //! Each side builds a fresh envelope per message (an id, a timestamp, the
 //! `seq` and the pad), as a service does.
@@ -121,13 +123,18 @@ async fn tower(spec: &ChildSpec, kind: PublisherKind, limit: Duration) -> ChildR
         .map(|seq| {
             let publisher = publisher.clone();
             async move {
-                let envelope = Envelope::new(EVENT_TYPE, json!({"seq": seq, "pad": PAD}))?;
+                let data = json!({"seq": seq, "pad": PAD});
                 match kind {
-                    PublisherKind::Publisher => publisher.publish(PUBLISH_TOPIC, envelope).await,
+                    PublisherKind::Publisher => {
+                        publisher
+                            .publish(PUBLISH_TOPIC, data)
+                            .event_type(EVENT_TYPE)
+                            .await
+                    }
                     PublisherKind::Raw | PublisherKind::Stack => {
                         let req = Request::builder(PUBLISH_TOPIC)
                             .qos(QoS::AtLeastOnce)
-                            .body(envelope)?;
+                            .body(Envelope::new(EVENT_TYPE, data)?)?;
                         publisher.send(req).await
                     }
                 }

@@ -10,7 +10,7 @@
 //!   ([`HandlerError::permanent`](tower_mqtt_core::HandlerError::permanent), decode errors), are final;
 //! - at most `max_attempts` times in all, the first included;
 //! - after an exponential backoff with jitter (tower's
-//!   [`ExponentialBackoff`]; by default from 100 ms, doubling, up to 5 s, plus up
+//!   [`ExponentialBackoff`](tower::retry::backoff::ExponentialBackoff); by default from 100 ms, doubling, up to 5 s, plus up
 //!   to 50 % random jitter), each message with its own random sequence so that
 //!   messages failing together do not retry in lockstep;
 //! - while a retry budget allows (tower's [`TpsBudget`]; by default retries may
@@ -19,6 +19,11 @@
 //!   The budget is shared by every service made from one layer.
 //!
 //! Each retry is logged at `WARN` with the error and the attempt number.
+//!
+//! The attempts, the backoff and the budget are one core, shared with the
+//! publish retry of the outbound stack
+//! ([`PublishRetryPolicy`](crate::outbound::PublishRetryPolicy)): each side
+//! adds only what is retryable for it, and how it logs.
 //!
 //! The request is cloned before each attempt (a [`Request<Envelope>`] is
 //! `Clone`); with `max_attempts` of 1, nothing is cloned.
@@ -32,7 +37,7 @@
 //! use std::time::Duration;
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{HandlerError, Envelope, Outcome, Request};
-//! use tower_mqtt_layers::retry::MessageRetryLayer;
+//! use tower_mqtt::layers::retry::MessageRetryLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 //! let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -57,19 +62,19 @@
 //! # }
 //! ```
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, time::Duration};
 
 use tokio::time::Sleep;
 use tower::{
-    retry::{
-        backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff},
-        budget::{Budget, TpsBudget},
-        Policy, Retry,
-    },
-    util::rng::HasherRng,
+    retry::{budget::TpsBudget, Policy, Retry},
     Layer,
 };
 use tower_mqtt_core::{router::RoutesFailed, Envelope, Outcome, Request};
+
+use self::attempts::{Attempts, Next};
+
+pub(crate) mod attempts;
+mod budget;
 
 /// The first backoff unless configured otherwise: 100 ms.
 pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -91,7 +96,7 @@ pub type MessageRetry<S> = Retry<MessageRetryPolicy, S>;
 ///
 /// ```
 /// use tower::retry::RetryLayer;
-/// use tower_mqtt_layers::retry::MessageRetryPolicy;
+/// use tower_mqtt::layers::retry::MessageRetryPolicy;
 ///
 /// let policy = MessageRetryPolicy::new(4);
 /// assert_eq!(policy.max_attempts(), 4);
@@ -100,15 +105,7 @@ pub type MessageRetry<S> = Retry<MessageRetryPolicy, S>;
 #[derive(Clone)]
 #[must_use]
 pub struct MessageRetryPolicy {
-    max_attempts: u32,
-    /// The attempt running, counted from 1; each request has its own copy.
-    attempt: u32,
-    min_backoff: Duration,
-    max_backoff: Duration,
-    jitter: f64,
-    budget: Arc<TpsBudget>,
-    /// Made at the first retry, with a random generator of its own.
-    backoff: Option<ExponentialBackoff>,
+    attempts: Attempts,
 }
 
 impl MessageRetryPolicy {
@@ -116,40 +113,44 @@ impl MessageRetryPolicy {
     /// with the default backoff, jitter and budget.
     pub fn new(max_attempts: u32) -> Self {
         Self {
-            max_attempts: max_attempts.max(1),
-            attempt: 1,
-            min_backoff: DEFAULT_MIN_BACKOFF,
-            max_backoff: DEFAULT_MAX_BACKOFF,
-            jitter: DEFAULT_JITTER,
-            budget: Arc::new(TpsBudget::default()),
-            backoff: None,
+            attempts: Attempts::new(max_attempts),
         }
     }
 
     /// Waits `min` before the first retry, doubling each time up to `max`
     /// (before jitter).
     ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_mqtt::layers::retry::MessageRetryPolicy;
+    ///
+    /// let policy = MessageRetryPolicy::new(3).backoff(Duration::from_millis(50), Duration::from_secs(2));
+    /// ```
+    ///
     /// # Panics
     ///
     /// When `min > max` or `max` is zero.
     #[track_caller]
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
-        self.min_backoff = min;
-        self.max_backoff = max;
-        self.validate();
+        self.attempts = self.attempts.backoff(min, max);
         self
     }
 
     /// Adds a random part of up to `ratio` times the backoff (0 for none; the
     /// total never exceeds the maximum backoff).
     ///
+    /// ```
+    /// use tower_mqtt::layers::retry::MessageRetryPolicy;
+    ///
+    /// let steady = MessageRetryPolicy::new(3).jitter(0.0);
+    /// ```
+    ///
     /// # Panics
     ///
     /// When `ratio` is negative, above 100 or NaN.
     #[track_caller]
     pub fn jitter(mut self, ratio: f64) -> Self {
-        self.jitter = ratio;
-        self.validate();
+        self.attempts = self.attempts.jitter(ratio);
         self
     }
 
@@ -158,55 +159,27 @@ impl MessageRetryPolicy {
     /// ```
     /// use std::time::Duration;
     /// use tower::retry::budget::TpsBudget;
-    /// use tower_mqtt_layers::retry::MessageRetryPolicy;
+    /// use tower_mqtt::layers::retry::MessageRetryPolicy;
     ///
     /// // Retries may add 10 % to the load over 10 s, plus 1 retry a second.
     /// let policy = MessageRetryPolicy::new(3).budget(TpsBudget::new(Duration::from_secs(10), 1, 0.1));
     /// ```
     pub fn budget(mut self, budget: TpsBudget) -> Self {
-        self.budget = Arc::new(budget);
+        self.attempts = self.attempts.budget(budget);
         self
     }
 
     /// The most attempts a message gets, the first included.
     pub fn max_attempts(&self) -> u32 {
-        self.max_attempts
-    }
-
-    #[track_caller]
-    fn validate(&self) {
-        if let Err(err) = self.backoff_maker() {
-            panic!(
-                "{err}: min {:?}, max {:?}, jitter {}",
-                self.min_backoff, self.max_backoff, self.jitter
-            );
-        }
-    }
-
-    fn backoff_maker(
-        &self,
-    ) -> Result<ExponentialBackoffMaker, tower::retry::backoff::InvalidBackoff> {
-        // A fresh generator (a fresh `RandomState`) for each message: one cloned
-        // from a shared maker would give every message the same jitter.
-        ExponentialBackoffMaker::new(
-            self.min_backoff,
-            self.max_backoff,
-            self.jitter,
-            HasherRng::new(),
-        )
+        self.attempts.max()
     }
 }
 
 impl fmt::Debug for MessageRetryPolicy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MessageRetryPolicy")
-            .field("max_attempts", &self.max_attempts)
-            .field("attempt", &self.attempt)
-            .field("min_backoff", &self.min_backoff)
-            .field("max_backoff", &self.max_backoff)
-            .field("jitter", &self.jitter)
-            .field("budget", &self.budget)
-            .finish_non_exhaustive()
+            .field("attempts", &self.attempts)
+            .finish()
     }
 }
 
@@ -218,43 +191,36 @@ impl<E: fmt::Display> Policy<Request<Envelope>, Outcome, E> for MessageRetryPoli
         req: &mut Request<Envelope>,
         result: &mut Result<Outcome, E>,
     ) -> Option<Self::Future> {
-        if self.attempt == 1 {
-            // One deposit per message, whatever its fate.
-            self.budget.deposit();
-        }
-        let error: &dyn fmt::Display = match &*result {
-            Ok(Outcome::Failed(err)) if err.is_retryable() => err,
-            Ok(_) => return None,
-            Err(err) => err,
+        let error: Option<&dyn fmt::Display> = match &*result {
+            Ok(Outcome::Failed(err)) if err.is_retryable() => Some(err),
+            Ok(_) => None,
+            Err(err) => Some(err),
         };
-        if self.attempt >= self.max_attempts {
-            return None;
-        }
-        if !self.budget.withdraw() {
-            tracing::warn!(attempt = self.attempt, %error, "retry budget exhausted, not retrying");
-            return None;
-        }
-        tracing::warn!(attempt = self.attempt, %error, "message failed, retrying");
-        // Routes that handled the message must not run again.
-        if let Ok(Outcome::Failed(err)) = &*result {
-            if let Some(failed) = err.get_ref().downcast_ref::<RoutesFailed>() {
-                req.extensions_mut().insert(failed.remaining());
+        match self.attempts.next(error) {
+            Next::Done | Next::LastAttempt { .. } => None,
+            Next::OverBudget { attempt, error } => {
+                tracing::warn!(attempt, %error, "retry budget exhausted, not retrying");
+                None
+            }
+            Next::Retry {
+                attempt,
+                error,
+                backoff,
+            } => {
+                tracing::warn!(attempt, %error, "message failed, retrying");
+                // Routes that handled the message must not run again.
+                if let Ok(Outcome::Failed(err)) = &*result {
+                    if let Some(failed) = err.get_ref().downcast_ref::<RoutesFailed>() {
+                        req.extensions_mut().insert(failed.remaining());
+                    }
+                }
+                Some(backoff)
             }
         }
-        self.attempt += 1;
-        let backoff = match &mut self.backoff {
-            Some(backoff) => backoff,
-            None => self.backoff.insert(
-                self.backoff_maker()
-                    .expect("validated when configured")
-                    .make_backoff(),
-            ),
-        };
-        Some(backoff.next_backoff())
     }
 
     fn clone_request(&mut self, req: &Request<Envelope>) -> Option<Request<Envelope>> {
-        (self.max_attempts > 1).then(|| req.clone())
+        self.attempts.clone_request(req)
     }
 }
 
@@ -266,7 +232,7 @@ impl<E: fmt::Display> Policy<Request<Envelope>, Outcome, E> for MessageRetryPoli
 /// use std::time::Duration;
 /// use tower::{retry::budget::TpsBudget, ServiceBuilder};
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::MessageRetryLayer;
+/// use tower_mqtt::layers::MessageRetryLayer;
 ///
 /// let retry = MessageRetryLayer::new(5)
 ///     .backoff(Duration::from_millis(200), Duration::from_secs(10))

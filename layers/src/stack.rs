@@ -1,21 +1,21 @@
-//! The standard inbound stack: [`StandardStack`].
+//! The two stacks: [`InboundStack`] for messages that arrive, and its mirror
+//! [`OutboundStack`] for what a service publishes.
 //!
-//! One builder composes the inbound middleware in the order the runtime
-//! expects, around a service of [`Request<Envelope>`](tower_mqtt_core::Request) (usually a
-//! [`Router`](tower_mqtt_core::Router)):
+//! Each composes its middleware in the order the runtime expects:
 //!
 //! ```text
-//! Request<Bytes>
-//!   -> Decode            bytes to envelope; decode errors end here
-//!   -> Dedup             copies of handled envelopes end here
-//!   -> CorrelationSpan   span + correlation id for everything below
-//!   -> Isolation         errors, panics, timeouts become Outcome::Failed
-//!   -> Retry             retryable failures tried again, with backoff
-//!   -> Timeout           each attempt bounded (30 s)
-//!   -> your service      Request<Envelope> -> Outcome
+//! inbound                                     outbound
+//! Request<Bytes> from the broker              Request<Envelope> from a handler or task
+//!   -> Decode           bytes to envelope        -> Correlate   a reply takes the request's id
+//!   -> Dedup            copies end here          -> Encode      envelope to bytes, with the source
+//!   -> CorrelationSpan  span + correlation id    -> SizeGuard   too large ends here, unsent
+//!   -> Isolation        failures to Outcomes     -> Retry       retryable failures sent again
+//!   -> Retry            failures tried again     -> Confirm     each attempt's wait bounded
+//!   -> Timeout          each attempt bounded     -> sink        the connection: PUBACK, PUBCOMP
+//!   -> your Router      Request<Envelope>
 //! ```
 //!
-//! Why this order:
+//! Why the inbound order:
 //!
 //! - **Decode outermost**, so a payload that cannot be decoded fails at once,
 //!   permanently, and is never retried: no layer below ever sees it.
@@ -36,48 +36,35 @@
 //!   attempt is retried (see [`timeout`](crate::timeout) for why timeouts are
 //!   retryable).
 //!
-//! The result is a `Service<Request<Bytes>, Response = Outcome, Error =
-//! Infallible>`: `Clone`, `Send`, `'static`, with a `Send` future, which is what
-//! the runtime drives. Every failure is an [`Outcome`](tower_mqtt_core::Outcome), never an error.
+//! Why the outbound order, which mirrors it:
+//!
+//! - **Correlate first**, while the publish is still an envelope whose id can
+//!   be replaced: it reads the correlation id the inbound span set for the
+//!   handler that publishes.
+//! - **Encode before the size guard**, which measures the packet as it will go
+//!   on the wire.
+//! - **The size guard outside retry**, since another attempt cannot shrink a
+//!   payload: a publish that is too large fails once, unsent, and is never
+//!   retried (as decode errors are never retried inbound).
+//! - **Retry outside confirm**, so each attempt waits its own time for the
+//!   broker's confirmation, and an attempt that timed out is sent again.
+//!
+//! The inbound stack is a `Service<Request<Bytes>, Response = Outcome, Error =
+//! Infallible>`: `Clone`, `Send`, `'static`, with a `Send` future, which is
+//! what the runtime drives; every failure is an
+//! [`Outcome`](tower_mqtt_core::Outcome), never an error. The outbound stack
+//! is a `Service<Request<Envelope>, Response = (), Error = BoxError>` whose
+//! errors downcast to [`PublishError`](crate::outbound::PublishError) or
+//! tower's `Elapsed`.
+//!
+//! In a service, both are built from the configuration, in one place:
+//! `Config::inbound_stack()` and `Config::outbound_stack()` in tower-mqtt. With
+//! the configuration's defaults they are exactly `InboundStack::new()` and
+//! `OutboundStack::new(source_name)`.
 //!
 //! ```
 //! use bytes::Bytes;
 //! use std::time::Duration;
-//! use tower::{service_fn, BoxError, ServiceExt};
-//! use tower_mqtt::{correlation, Data, Envelope, Outcome, Request, Router};
-//! use tower_mqtt_layers::{dead_letter::DeadLetter, retry::MessageRetryLayer, EventRegistry, StandardStack};
-//!
-//! #[derive(serde::Deserialize)]
-//! struct Say { text: String }
-//!
-//! async fn say(Data(say): Data<Say>) -> Result<(), BoxError> {
-//!     assert!(correlation::current().is_some());
-//!     println!("saying {}", say.text);
-//!     Ok(())
-//! }
-//!
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! // Where failed messages go: in a service, the runtime's publisher.
-//! let publisher = service_fn(|_: Request<Envelope>| async { Ok::<_, BoxError>(()) });
-//!
-//! let svc = StandardStack::new()
-//!     .registry(EventRegistry::fleet())
-//!     .dedup_ttl(Duration::from_secs(30))
-//!     .dedup_max_entries(2048)
-//!     .retry(MessageRetryLayer::new(3).backoff(Duration::from_millis(100), Duration::from_secs(5)))
-//!     .timeout(Duration::from_secs(30))
-//!     .dead_letter(DeadLetter::new(publisher).source("tts-worker"))
-//!     .service(Router::new().route("tts/say", say));
-//!
-//! let bytes = Envelope::new("tts.say", serde_json::json!({"text": "hello"})).unwrap().to_bytes();
-//! let msg = Request::builder("tts/say").body(bytes).unwrap();
-//! assert!(matches!(svc.clone().oneshot(msg.clone()).await.unwrap(), Outcome::Handled));
-//! assert!(matches!(svc.clone().oneshot(msg).await.unwrap(), Outcome::Duplicate));
-//!
-//! let garbage = Request::builder("tts/say").body(Bytes::from_static(b"\x00")).unwrap();
-//! assert!(svc.oneshot(garbage).await.unwrap().is_failed());
-//! # }
-//! ```
 
 use std::time::Duration;
 
@@ -90,42 +77,45 @@ use crate::{
     decode::{Decode, DecodeLayer},
     dedup::{Dedup, DedupLayer},
     isolation::{Isolation, IsolationLayer},
+    outbound::{
+        confirm, size_guard::DEFAULT_MAX_PACKET_SIZE, Correlate, CorrelateLayer, Encode,
+        EncodeLayer, PublishRetry, PublishRetryLayer, SizeGuard, SizeGuardLayer,
+    },
     registry::EventRegistry,
     retry::{MessageRetry, MessageRetryLayer},
     timeout::{Timeout, TimeoutLayer, DEFAULT_TIMEOUT},
 };
 
-/// The most attempts a message gets in the standard stack unless configured
+/// The most attempts a message gets in the inbound stack unless configured
 /// otherwise: 3.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 
-/// The service [`StandardStack`] makes around `S`.
-pub type StandardService<S, D = NoDeadLetters> =
+/// The service [`InboundStack`] makes around `S`.
+pub type InboundService<S, D = NoDeadLetters> =
     Decode<Dedup<CorrelationSpan<Isolation<MessageRetry<Timeout<S>>, D>>>>;
 
-/// Builds the standard inbound stack; see the [module docs](self).
+/// Builds the inbound stack; see the [module docs](self).
 ///
-/// Defaults: an empty [`EventRegistry`] (raw payloads take their topic as
-/// type), dedup for 30 s and 2048 entries (off with a TTL of zero, or
-/// [`without_dedup`](Self::without_dedup)), spans at `INFO`, no dead letters,
-/// [`DEFAULT_MAX_ATTEMPTS`] attempts with the default backoff and budget, and a
-/// 30 s timeout per attempt.
+/// Defaults, the same as a default configuration's: the fleet's
+/// [`EventRegistry`] for the types of raw payloads, dedup for 30 s and 2048
+/// entries (off with a TTL of zero, or [`without_dedup`](Self::without_dedup)),
+/// spans at `INFO`, no dead letters, [`DEFAULT_MAX_ATTEMPTS`] attempts with
+/// the default backoff and budget, and a 30 s timeout per attempt.
 ///
 /// It is also a [`Layer`]: every service it makes shares one dedup cache and
 /// one retry budget.
 ///
 /// ```
 /// use tower::ServiceBuilder;
-/// use tower_mqtt::Router;
-/// use tower_mqtt_layers::{EventRegistry, StandardStack};
+/// use tower_mqtt::{layers::InboundStack, Router};
 ///
 /// let svc = ServiceBuilder::new()
-///     .layer(StandardStack::new().registry(EventRegistry::fleet()))
+///     .layer(InboundStack::new())
 ///     .service(Router::<()>::new());
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]
-pub struct StandardStack<D = NoDeadLetters> {
+pub struct InboundStack<D = NoDeadLetters> {
     decode: DecodeLayer,
     dedup: DedupLayer,
     span: DefaultMakeSpan,
@@ -134,11 +124,27 @@ pub struct StandardStack<D = NoDeadLetters> {
     timeout: Duration,
 }
 
-impl StandardStack {
-    /// The stack with its defaults.
+impl InboundStack {
+    /// The stack with its defaults (see [`InboundStack`]).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower::ServiceExt;
+    /// use tower_mqtt::{layers::InboundStack, Envelope, Outcome, Request, Router};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let router = Router::new().route("stt/final", |req: Request<Envelope>| async move {
+    ///     assert_eq!(req.body().event_type(), "stt.final");
+    /// });
+    /// // A raw JSON object, as some services publish: wrapped as the fleet's `stt.final`.
+    /// let raw = Request::builder("stt/final").body(Bytes::from_static(br#"{"text":"hi"}"#)).unwrap();
+    /// let outcome = InboundStack::new().service(router).oneshot(raw).await.unwrap();
+    /// assert!(matches!(outcome, Outcome::Handled));
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self {
-            decode: DecodeLayer::default(),
+            decode: DecodeLayer::new(EventRegistry::fleet()),
             dedup: DedupLayer::new(),
             span: DefaultMakeSpan::new(),
             dead_letters: NoDeadLetters,
@@ -148,14 +154,22 @@ impl StandardStack {
     }
 }
 
-impl Default for StandardStack {
+impl Default for InboundStack {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<D> StandardStack<D> {
-    /// The event registry for the types of raw JSON payloads.
+impl<D> InboundStack<D> {
+    /// The event registry for the types of raw JSON payloads (default: the
+    /// fleet's).
+    ///
+    /// ```
+    /// use tower_mqtt::layers::{EventRegistry, InboundStack};
+    ///
+    /// let registry = EventRegistry::fleet().event("camera.frame", "camera/front/frame");
+    /// let stack = InboundStack::new().registry(registry);
+    /// ```
     pub fn registry(mut self, registry: EventRegistry) -> Self {
         self.decode = self.decode.with_registry(registry);
         self
@@ -195,12 +209,11 @@ impl<D> StandardStack<D> {
     /// ```
     /// use bytes::Bytes;
     /// use tower::ServiceExt;
-    /// use tower_mqtt::{Envelope, Outcome, Request, Router};
-    /// use tower_mqtt_layers::StandardStack;
+    /// use tower_mqtt::{layers::InboundStack, Envelope, Outcome, Request, Router};
     ///
     /// # #[tokio::main(flavor = "current_thread")] async fn main() {
     /// let router = Router::new().route("tts/say", |_: Request<Envelope>| async {});
-    /// let svc = StandardStack::new().without_dedup().service(router);
+    /// let svc = InboundStack::new().without_dedup().service(router);
     /// let bytes = Envelope::new("tts.say", serde_json::json!({})).unwrap().to_bytes();
     /// let msg = Request::builder("tts/say").body(bytes).unwrap();
     /// assert!(matches!(svc.clone().oneshot(msg.clone()).await.unwrap(), Outcome::Handled));
@@ -239,8 +252,8 @@ impl<D> StandardStack<D> {
 
     /// Where failed messages go besides the log, usually a
     /// [`DeadLetter`](crate::dead_letter::DeadLetter).
-    pub fn dead_letter<D2: DeadLetterPolicy>(self, dead_letters: D2) -> StandardStack<D2> {
-        StandardStack {
+    pub fn dead_letter<D2: DeadLetterPolicy>(self, dead_letters: D2) -> InboundStack<D2> {
+        InboundStack {
             decode: self.decode,
             dedup: self.dedup,
             span: self.span,
@@ -251,7 +264,7 @@ impl<D> StandardStack<D> {
     }
 
     /// Wraps `inner` in the stack.
-    pub fn service<S>(&self, inner: S) -> StandardService<S, D>
+    pub fn service<S>(&self, inner: S) -> InboundService<S, D>
     where
         D: DeadLetterPolicy,
     {
@@ -259,8 +272,8 @@ impl<D> StandardStack<D> {
     }
 }
 
-impl<S, D: DeadLetterPolicy> Layer<S> for StandardStack<D> {
-    type Service = StandardService<S, D>;
+impl<S, D: DeadLetterPolicy> Layer<S> for InboundStack<D> {
+    type Service = InboundService<S, D>;
 
     fn layer(&self, inner: S) -> Self::Service {
         ServiceBuilder::new()
@@ -271,6 +284,143 @@ impl<S, D: DeadLetterPolicy> Layer<S> for StandardStack<D> {
             .layer(self.retry.clone())
             .layer(TimeoutLayer::new(self.timeout))
             .service(inner)
+    }
+}
+
+/// The service [`OutboundStack`] makes around a sink `S`.
+pub type OutboundService<S> = Correlate<Encode<SizeGuard<PublishRetry<confirm::Timeout<S>>>>>;
+
+/// Builds the outbound stack, the mirror of [`InboundStack`]; see the
+/// [module docs](self).
+///
+/// Defaults, the same as a default configuration's: correlate publishes
+/// marked [`Reply`](crate::outbound::Reply), a packet limit of 1 MiB,
+/// [`DEFAULT_PUBLISH_ATTEMPTS`](crate::outbound::retry::DEFAULT_PUBLISH_ATTEMPTS)
+/// attempts with the default backoff and budget, and a 30 s wait for each
+/// attempt's confirmation.
+///
+/// It is also a [`Layer`]: every service it makes shares one retry budget
+/// and one count of dropped publishes.
+///
+/// ```
+/// use bytes::Bytes;
+/// use tower::{service_fn, ServiceExt};
+/// use tower_mqtt::{layers::OutboundStack, BoxError, Envelope, Request};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// // In a service the sink is the connection, and `Publisher` wraps all this.
+/// let sink = service_fn(|req: Request<Bytes>| async move {
+///     println!("{} bytes to {}", req.body().len(), req.topic());
+///     Ok::<_, BoxError>(())
+/// });
+/// let outbound = OutboundStack::new("tts-worker").service(sink);
+/// let status = Envelope::new("tts.status", serde_json::json!({"speaking": true})).unwrap();
+/// outbound.oneshot(Request::builder("tts/status").body(status).unwrap()).await.unwrap();
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+#[must_use]
+pub struct OutboundStack {
+    correlate: CorrelateLayer,
+    encode: EncodeLayer,
+    max_packet_size: usize,
+    retry: PublishRetryLayer,
+    timeout: Duration,
+}
+
+impl OutboundStack {
+    /// The stack of the service named `source` (stamped on envelopes that
+    /// kept the default source), with the defaults (see [`OutboundStack`]).
+    ///
+    /// ```
+    /// use tower_mqtt::layers::OutboundStack;
+    ///
+    /// let stack = OutboundStack::new("llm-worker");
+    /// assert_eq!(stack.dropped(), 0);
+    /// ```
+    pub fn new(source: impl AsRef<str>) -> Self {
+        Self {
+            correlate: CorrelateLayer::new(),
+            encode: EncodeLayer::new(source),
+            max_packet_size: DEFAULT_MAX_PACKET_SIZE,
+            retry: PublishRetryLayer::default(),
+            timeout: confirm::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Correlates every publish made while a message is handled, not only
+    /// those marked [`Reply`](crate::outbound::Reply).
+    ///
+    /// ```
+    /// let stack = tower_mqtt::layers::OutboundStack::new("llm-worker").correlate_always();
+    /// ```
+    pub fn correlate_always(mut self) -> Self {
+        self.correlate = CorrelateLayer::always();
+        self
+    }
+
+    /// The packet limit in bytes (default 1 MiB), as
+    /// [`packet_size`](crate::outbound::packet_size) counts a packet.
+    ///
+    /// ```
+    /// let stack = tower_mqtt::layers::OutboundStack::new("camera").max_packet_size(8 << 20);
+    /// ```
+    pub fn max_packet_size(mut self, bytes: usize) -> Self {
+        self.max_packet_size = bytes;
+        self
+    }
+
+    /// The retries: attempts, backoff, budget.
+    ///
+    /// ```
+    /// use tower_mqtt::layers::{outbound::PublishRetryLayer, OutboundStack};
+    ///
+    /// let stack = OutboundStack::new("llm-worker").retry(PublishRetryLayer::new(5));
+    /// ```
+    pub fn retry(mut self, retry: PublishRetryLayer) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The time each attempt may wait for its confirmation (default 30 s).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let stack = tower_mqtt::layers::OutboundStack::new("llm-worker").timeout(Duration::from_secs(5));
+    /// ```
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Publishes dropped after their last attempt, by every service this stack
+    /// made.
+    ///
+    /// ```
+    /// assert_eq!(tower_mqtt::layers::OutboundStack::new("svc").dropped(), 0);
+    /// ```
+    pub fn dropped(&self) -> u64 {
+        self.retry.dropped()
+    }
+
+    /// Wraps `sink` in the stack.
+    pub fn service<S>(&self, sink: S) -> OutboundService<S> {
+        self.layer(sink)
+    }
+}
+
+impl<S> Layer<S> for OutboundStack {
+    type Service = OutboundService<S>;
+
+    fn layer(&self, sink: S) -> Self::Service {
+        ServiceBuilder::new()
+            .layer(self.correlate)
+            .layer(self.encode.clone())
+            .layer(SizeGuardLayer::new(self.max_packet_size))
+            .layer(self.retry.clone())
+            .layer(confirm::TimeoutLayer::new(self.timeout))
+            .service(sink)
     }
 }
 

@@ -35,7 +35,7 @@
 //! | `MQTT_HEALTH_NAME` | the name health is published under, `system/health/<name>` | the source name |
 //! | `MQTT_QUEUE_SIZE` | a route's queue capacity, unless the route sets its own | `256` |
 //! | `MQTT_QUEUE_OVERFLOW` | a full route queue: `block`, `drop_oldest` or `drop_new`, unless the route sets its own | `block` |
-//! | `MQTT_HANDLER_TIMEOUT` | seconds a handler may run in the standard stack | `30` |
+//! | `MQTT_HANDLER_TIMEOUT` | seconds a handler may run in the inbound stack | `30` |
 //! | `MQTT_REQUEST_CHANNEL_CAPACITY` | capacity of rumqttc's request channel | `1024` |
 //! | `MQTT_OFFLINE_BUFFER` | publishes kept while disconnected | `1000` |
 //! | `MQTT_OFFLINE_MAX_AGE` | seconds a publish may wait while disconnected | `60` |
@@ -131,18 +131,20 @@ mod connect;
 mod credentials;
 mod env;
 mod error;
+mod offline;
+mod stacks;
 mod tls;
 mod url;
 mod validate;
 
 use std::time::Duration;
 
-use crate::publisher::OfflineOverflow;
 use crate::subscription::{AckOrder, Overflow};
 
 pub use self::{
     credentials::{PasswordFn, PasswordSource},
     error::ConfigError,
+    offline::OfflineOverflow,
     tls::{ClientAuth, Tls},
     url::{BrokerAddr, Credentials, Password},
 };
@@ -269,14 +271,17 @@ mod expect {
 const DEFAULT_SOURCE_NAME: &str = "tower-mqtt";
 const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(60);
 const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
-const DEFAULT_DEDUPE_TTL: Duration = Duration::from_secs(30);
-const DEFAULT_DEDUPE_MAX_ENTRIES: u64 = 2048;
+// The stacks' own defaults, so that a default configuration builds exactly
+// `InboundStack::new()` and `OutboundStack::new(source)`.
+const DEFAULT_DEDUPE_TTL: Duration = tower_mqtt_layers::dedup::DEFAULT_TTL;
+const DEFAULT_DEDUPE_MAX_ENTRIES: u64 = tower_mqtt_layers::dedup::DEFAULT_MAX_ENTRIES;
 const DEFAULT_RECONNECT_MIN_DELAY: Duration = Duration::from_millis(500);
 const DEFAULT_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(5);
-const DEFAULT_MAX_PACKET_SIZE: usize = 1024 * 1024;
+const DEFAULT_MAX_PACKET_SIZE: usize =
+    tower_mqtt_layers::outbound::size_guard::DEFAULT_MAX_PACKET_SIZE;
 const DEFAULT_REQUEST_CHANNEL_CAPACITY: usize = 1024;
 const DEFAULT_MAX_PENDING: usize = 4096;
-const DEFAULT_HANDLER_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_HANDLER_TIMEOUT: Duration = tower_mqtt_layers::timeout::DEFAULT_TIMEOUT;
 const DEFAULT_MAX_PENDING_BYTES: usize = 64 * 1024 * 1024;
 
 const MQTT_PORT: u16 = 1883;
@@ -382,7 +387,7 @@ pub struct Config {
     /// (`MQTT_QUEUE_OVERFLOW`: `block`, `drop_oldest` or `drop_new`), default
     /// block.
     pub queue_overflow: Overflow,
-    /// How long a handler may run before it fails, in the standard stack
+    /// How long a handler may run before it fails, in the inbound stack
     /// (`MQTT_HANDLER_TIMEOUT`), default 30 s.
     pub handler_timeout: Duration,
     /// Whether `client_id` was generated from `source_name` (and follows it).
@@ -619,7 +624,7 @@ impl Config {
         self
     }
 
-    /// Sets how long a handler may run in the standard stack.
+    /// Sets how long a handler may run in the inbound stack.
     ///
     /// ```
     /// use std::time::Duration;

@@ -1,4 +1,4 @@
-//! Checking a configuration, and what it hands to rumqttc and the inbound stack.
+//! Checking a configuration, and what it hands to rumqttc.
 
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
@@ -46,24 +46,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-
-    /// The standard inbound stack as this configuration asks for it: dedup TTL
-    /// and size from `MQTT_DEDUPE_TTL` and `MQTT_DEDUPE_MAX_ENTRIES`, and the
-    /// fleet's event registry for raw payloads.
-    ///
-    /// ```
-    /// let config = tower_mqtt::config::Config::new("mqtt://localhost:1883")?;
-    /// let stack = config.inbound_stack();
-    /// # let _ = stack;
-    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
-    /// ```
-    pub fn inbound_stack(&self) -> tower_mqtt_layers::StandardStack {
-        tower_mqtt_layers::StandardStack::new()
-            .registry(tower_mqtt_layers::EventRegistry::fleet())
-            .dedup_ttl(self.dedupe_ttl)
-            .dedup_max_entries(self.dedupe_max_entries)
-            .timeout(self.handler_timeout)
     }
 
     /// Checks every setting, as [`from_lookup`](Self::from_lookup) does for the

@@ -22,7 +22,6 @@ use crate::{
     config::{Config, ConfigError},
     envelope::Envelope,
     health::{self, Health},
-    outbound::OutboundStack,
     outcome::BoxError,
     publisher::{Outbound, Publisher, RawSink},
     request::Request,
@@ -99,7 +98,7 @@ impl Client {
             },
         ));
         let sink = Sink::new(outbox.clone(), config.max_packet_size);
-        let stack = OutboundStack::from_config(&config).service(sink.clone());
+        let stack = config.outbound_stack().service(sink.clone());
         let publisher = Publisher::new(
             Outbound::new(stack.map_err(Into::into)),
             RawSink::new(sink.clone().map_err(Into::into)),

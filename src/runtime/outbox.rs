@@ -28,7 +28,7 @@ use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, warn};
 
 use super::delivery::{Deliveries, Waiter};
-use crate::publisher::{DeliveryError, OfflineOverflow};
+use crate::{config::OfflineOverflow, publisher::DeliveryError};
 
 /// Bounds of the offline buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

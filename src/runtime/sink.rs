@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 use tower::Service;
 
 use super::outbox::{Outbox, Outgoing};
-use crate::{outbound::packet_size, publisher::PublishError, request::Request};
+use crate::{layers::outbound::packet_size, publisher::PublishError, request::Request};
 
 /// See the [module docs](self).
 #[derive(Clone)]

@@ -9,7 +9,7 @@ use std::{
     convert::Infallible,
     sync::{
         atomic::{AtomicUsize, Ordering},
-        Mutex,
+        Arc, Mutex,
     },
 };
 use tokio::time::Instant;

@@ -133,7 +133,7 @@ where
 #[tokio::test(start_paused = true)]
 async fn good_duplicate_malformed_and_panicking_messages() {
     let f = fixture();
-    let svc = StandardStack::new()
+    let svc = InboundStack::new()
         .registry(EventRegistry::fleet())
         .retry(
             MessageRetryLayer::new(3)
@@ -223,7 +223,7 @@ async fn a_failure_is_retried_logged_once_and_dead_lettered_once() {
         tx.send(letter).unwrap();
         async { Ok::<_, BoxError>(()) }
     });
-    let svc = StandardStack::new()
+    let svc = InboundStack::new()
         .dead_letter(DeadLetter::new(sink))
         .service(f.router.clone());
     assert_runtime_ready(&svc);
@@ -256,7 +256,7 @@ async fn a_failure_is_retried_logged_once_and_dead_lettered_once() {
 #[tokio::test(start_paused = true)]
 async fn a_hanging_handler_times_out_per_attempt() {
     let f = fixture();
-    let svc = StandardStack::new()
+    let svc = InboundStack::new()
         .timeout(Duration::from_secs(5))
         .retry(
             MessageRetryLayer::new(2)
@@ -276,7 +276,7 @@ async fn a_hanging_handler_times_out_per_attempt() {
 #[tokio::test(start_paused = true)]
 async fn a_redelivery_during_retries_is_a_duplicate() {
     let f = fixture();
-    let svc = StandardStack::new()
+    let svc = InboundStack::new()
         .retry(
             MessageRetryLayer::new(5)
                 .backoff(Duration::from_secs(1), Duration::from_secs(1))
@@ -302,7 +302,7 @@ async fn stream_chunks_sharing_an_id_all_reach_the_handler() {
             counted.fetch_add(1, Ordering::SeqCst);
         }
     });
-    let svc = StandardStack::new().service(router);
+    let svc = InboundStack::new().service(router);
     for seq in 0..10 {
         let chunk = envelope(
             "llm/stream",
@@ -319,7 +319,7 @@ async fn stream_chunks_sharing_an_id_all_reach_the_handler() {
 
 #[tokio::test]
 async fn settings_reach_the_layers() {
-    let stack = StandardStack::new()
+    let stack = InboundStack::new()
         .dedup_ttl(Duration::from_secs(7))
         .dedup_max_entries(9)
         .default_type("raw.json")
@@ -347,7 +347,7 @@ async fn the_stack_is_a_layer_sharing_one_cache() {
         counted.fetch_add(1, Ordering::SeqCst);
         async { Ok::<_, Infallible>(Outcome::Handled) }
     });
-    let stack = StandardStack::new();
+    let stack = InboundStack::new();
     let a = ServiceBuilder::new()
         .layer(stack.clone())
         .service(handler.clone());
@@ -364,9 +364,9 @@ async fn the_stack_is_a_layer_sharing_one_cache() {
 #[tokio::test]
 async fn dedup_can_be_turned_off() {
     for stack in [
-        StandardStack::new().without_dedup(),
-        StandardStack::new().dedup_ttl(Duration::ZERO),
-        StandardStack::new()
+        InboundStack::new().without_dedup(),
+        InboundStack::new().dedup_ttl(Duration::ZERO),
+        InboundStack::new()
             .dedup_ttl(Duration::ZERO)
             .dedup_max_entries(10),
     ] {
@@ -384,8 +384,89 @@ async fn dedup_can_be_turned_off() {
         assert_eq!(count.load(Ordering::SeqCst), 3);
     }
     // A TTL again turns it back on.
-    let stack = StandardStack::new()
+    let stack = InboundStack::new()
         .without_dedup()
         .dedup_ttl(Duration::from_secs(1));
     assert!(stack.dedup.is_enabled());
+}
+
+#[test]
+fn the_inbound_defaults_are_the_fleets() {
+    let stack = InboundStack::new();
+    assert_eq!(
+        stack
+            .decode
+            .registry()
+            .event_type_for("system/health/llm-worker")
+            .as_deref(),
+        Some("system.health.llm-worker")
+    );
+    assert_eq!(stack.dedup.ttl(), crate::dedup::DEFAULT_TTL);
+    assert_eq!(stack.dedup.max_entries(), crate::dedup::DEFAULT_MAX_ENTRIES);
+    assert_eq!(stack.timeout, DEFAULT_TIMEOUT);
+    assert_eq!(stack.retry.policy().max_attempts(), DEFAULT_MAX_ATTEMPTS);
+}
+
+#[tokio::test]
+async fn the_outbound_stack_correlates_encodes_and_guards() {
+    use crate::outbound::{PublishError, Reply};
+
+    let sent: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let log = sent.clone();
+    let sink = tower::service_fn(move |req: Request<Bytes>| {
+        log.lock().unwrap().push(req.into_body());
+        std::future::ready(Ok::<_, BoxError>(()))
+    });
+    let svc = OutboundStack::new("me").max_packet_size(200).service(sink);
+
+    let reply = Request::builder("memory/results")
+        .extension(Reply)
+        .body(Envelope::new("memory.results", json!({"n": 1})).unwrap())
+        .unwrap();
+    correlation::scope(CorrelationId::new("q-1"), svc.clone().oneshot(reply))
+        .await
+        .unwrap();
+    let wire = Envelope::from_slice(&sent.lock().unwrap()[0]).unwrap();
+    assert_eq!((wire.id(), wire.source()), ("q-1", "me"));
+
+    let big = Envelope::new("x.y", json!({"blob": "x".repeat(500)})).unwrap();
+    let err = svc
+        .oneshot(Request::builder("x/y").body(big).unwrap())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref(),
+            Some(PublishError::TooLarge { max: 200, .. })
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        sent.lock().unwrap().len(),
+        1,
+        "nothing sent for the big one"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_outbound_stack_retries_an_attempt_that_waited_too_long() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let sink = tower::service_fn(move |_: Request<Bytes>| {
+        let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
+        async move {
+            if first {
+                std::future::pending::<()>().await;
+            }
+            Ok::<_, BoxError>(())
+        }
+    });
+    let svc = OutboundStack::new("me")
+        .timeout(Duration::from_secs(5))
+        .service(sink);
+    let env = Envelope::new("a.b", json!({})).unwrap();
+    svc.oneshot(Request::builder("a/b").body(env).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
 }

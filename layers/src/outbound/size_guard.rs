@@ -1,54 +1,54 @@
 //! Rejects a publish the broker would refuse, before anything is sent: the
 //! whole packet ([`packet_size`]) against the packet limit, as the runtime's
-//! sink and the broker count it.
+//! sink and the broker count it. The error is
+//! [`PublishError::TooLarge`], the one the sink reports for the same reason.
+//!
+//! It sits outside the retry in the [outbound stack](crate::OutboundStack):
+//! another attempt cannot shrink a payload.
 //!
 //! ```
 //! use bytes::Bytes;
 //! use tower::{service_fn, Layer, ServiceExt};
-//! use tower_mqtt::{BoxError, Request};
-//! use tower_mqtt::outbound::{SizeGuardLayer, TooLarge};
+//! use tower_mqtt::{layers::outbound::{PublishError, SizeGuardLayer}, BoxError, Request};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|_: Request<Bytes>| async { Ok::<_, BoxError>(()) });
 //! let svc = SizeGuardLayer::new(16).layer(sink);
 //! let req = Request::builder("a").body(Bytes::from(vec![0u8; 64])).unwrap();
 //! let err = svc.oneshot(req).await.unwrap_err();
-//! assert!(err.downcast_ref::<TooLarge>().is_some());
+//! assert!(matches!(err.downcast_ref(), Some(PublishError::TooLarge { max: 16, .. })));
 //! # }
 //! ```
 
 use std::{
+    fmt,
     future::Future,
     pin::Pin,
     task::{Context, Poll},
 };
 
-use crate::{BoxError, Request};
 use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+use tower_mqtt_core::{BoxError, Request};
+
+use super::PublishError;
+
+/// The packet limit unless configured otherwise: 1 MiB, the runtime's
+/// default `MQTT_MAX_PACKET_SIZE`.
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1 << 20;
 
 /// Bytes of a PUBLISH packet on the wire for `topic` and a payload of
 /// `payload` bytes, counted the way the broker counts its packet limit:
 /// fixed header (at most 5 bytes), topic length and topic, packet id.
 ///
 /// ```
-/// assert_eq!(tower_mqtt::outbound::packet_size("a/b", 10), 5 + 2 + 3 + 2 + 10);
+/// use tower_mqtt::layers::outbound::packet_size;
+///
+/// assert_eq!(packet_size("a/b", 10), 5 + 2 + 3 + 2 + 10);
 /// ```
 pub const fn packet_size(topic: &str, payload: usize) -> usize {
     5 + 2 + topic.len() + 2 + payload
-}
-
-/// A publish over the size limit; nothing was sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("publish to {topic} carries {size} bytes, over the limit of {max} bytes; nothing was sent")]
-pub struct TooLarge {
-    /// The topic.
-    pub topic: String,
-    /// The size of the packet, as [`packet_size`] counts it.
-    pub size: usize,
-    /// The limit.
-    pub max: usize,
 }
 
 /// Makes [`SizeGuard`] services; see the [module docs](self).
@@ -59,6 +59,13 @@ pub struct SizeGuardLayer {
 
 impl SizeGuardLayer {
     /// Packets larger than `max` bytes are rejected.
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::SizeGuardLayer;
+    ///
+    /// let layer = SizeGuardLayer::new(256 * 1024);
+    /// # let _ = layer;
+    /// ```
     pub const fn new(max: usize) -> Self {
         Self { max }
     }
@@ -84,11 +91,27 @@ pub struct SizeGuard<S> {
 
 impl<S> SizeGuard<S> {
     /// Guards `inner` with a limit of `max` bytes.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_mqtt::layers::outbound::SizeGuard;
+    ///
+    /// # let sink = tower::service_fn(|_: tower_mqtt::Request<Bytes>| async { Ok::<_, tower_mqtt::BoxError>(()) });
+    /// let svc = SizeGuard::new(sink, 1024);
+    /// let sink = svc.into_inner();
+    /// ```
     pub const fn new(inner: S, max: usize) -> Self {
         Self { inner, max }
     }
 
     /// A [`SizeGuardLayer`].
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::SizeGuard;
+    ///
+    /// let layer = SizeGuard::<()>::layer(1024);
+    /// # let _ = layer;
+    /// ```
     pub const fn layer(max: usize) -> SizeGuardLayer {
         SizeGuardLayer::new(max)
     }
@@ -97,15 +120,23 @@ impl<S> SizeGuard<S> {
 }
 
 pin_project! {
-    /// The future of [`SizeGuard`].
-    pub struct GuardFuture<F> {
+    /// The future of [`SizeGuard`]: the inner service's, or the refusal.
+    pub struct ResponseFuture<F> {
         #[pin]
         future: Option<F>,
-        error: Option<TooLarge>,
+        error: Option<PublishError>,
     }
 }
 
-impl<F, T, E> Future for GuardFuture<F>
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("refused", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
@@ -132,7 +163,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = GuardFuture<S::Future>;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -141,18 +172,49 @@ where
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let size = packet_size(req.topic().as_str(), req.body().len());
         if size > self.max {
-            return GuardFuture {
+            return ResponseFuture {
                 future: None,
-                error: Some(TooLarge {
+                error: Some(PublishError::TooLarge {
                     topic: req.topic().to_string(),
                     size,
                     max: self.max,
                 }),
             };
         }
-        GuardFuture {
+        ResponseFuture {
             future: Some(self.inner.call(req)),
             error: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{service_fn, ServiceExt};
+
+    #[tokio::test]
+    async fn the_limit_itself_passes_and_one_byte_more_does_not() {
+        let sink = service_fn(|_: Request<Bytes>| async { Ok::<_, BoxError>(()) });
+        let max = packet_size("a/b", 100);
+        let svc = SizeGuard::new(sink, max);
+        let at_limit = Request::builder("a/b")
+            .body(Bytes::from(vec![0; 100]))
+            .unwrap();
+        svc.oneshot(at_limit).await.unwrap();
+        let over = Request::builder("a/b")
+            .body(Bytes::from(vec![0; 101]))
+            .unwrap();
+        let err = svc.oneshot(over).await.unwrap_err();
+        match err.downcast_ref::<PublishError>() {
+            Some(PublishError::TooLarge {
+                topic,
+                size,
+                max: limit,
+            }) => {
+                assert_eq!((topic.as_str(), *size, *limit), ("a/b", max + 1, max));
+            }
+            other => panic!("not the size guard's error: {other:?}"),
         }
     }
 }

@@ -1,10 +1,15 @@
 //! Envelopes to wire bytes: exactly the five keys, with this service's source.
+//! The outbound mirror of [`decode`](crate::decode).
+//!
+//! An envelope that kept the default source (`"router"`, the fleet's Python
+//! default) is stamped with this service's name; one that names its own
+//! source keeps it.
 //!
 //! ```
 //! use bytes::Bytes;
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_mqtt::{Envelope, Request};
-//! use tower_mqtt::outbound::EncodeLayer;
+//! use tower_mqtt::layers::outbound::EncodeLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|req: Request<Bytes>| async move {
@@ -24,9 +29,9 @@ use std::{
     task::{Context, Poll},
 };
 
-use crate::{envelope::DEFAULT_SOURCE, Envelope, Request};
 use bytes::Bytes;
 use tower::{Layer, Service};
+use tower_mqtt_core::{envelope::DEFAULT_SOURCE, Envelope, Request};
 
 /// Makes [`Encode`] services; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -36,6 +41,13 @@ pub struct EncodeLayer {
 
 impl EncodeLayer {
     /// Encodes envelopes; those that kept the default source get `source`.
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::EncodeLayer;
+    ///
+    /// let layer = EncodeLayer::new("stt-worker");
+    /// # let _ = layer;
+    /// ```
     pub fn new(source: impl AsRef<str>) -> Self {
         Self {
             source: source.as_ref().into(),
@@ -63,6 +75,15 @@ pub struct Encode<S> {
 
 impl<S> Encode<S> {
     /// Encodes for `inner`, stamping `source` on envelopes with the default one.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use tower_mqtt::layers::outbound::Encode;
+    ///
+    /// # let sink = tower::service_fn(|_: tower_mqtt::Request<Bytes>| async { Ok::<_, tower_mqtt::BoxError>(()) });
+    /// let svc = Encode::new(sink, "stt-worker");
+    /// let sink = svc.into_inner();
+    /// ```
     pub fn new(inner: S, source: impl AsRef<str>) -> Self {
         Self {
             inner,
@@ -71,6 +92,13 @@ impl<S> Encode<S> {
     }
 
     /// An [`EncodeLayer`].
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::Encode;
+    ///
+    /// let layer = Encode::<()>::layer("stt-worker");
+    /// # let _ = layer;
+    /// ```
     pub fn layer(source: impl AsRef<str>) -> EncodeLayer {
         EncodeLayer::new(source)
     }

@@ -1,15 +1,21 @@
-//! Replies and stream chunks take the id of the message being handled.
+//! Correlation propagation: replies and stream chunks take the id of the
+//! message being handled. The outbound mirror of
+//! [`correlation_span`](crate::correlation_span).
 //!
 //! The fleet correlates by id: a reply reuses the request's id. A publish marked
 //! with [`Reply`] gets the id of the message whose handler is running on this
-//! task ([`crate::correlation::current`], set by the inbound
-//! `CorrelationSpanLayer`). [`CorrelateLayer::always`] correlates every publish
-//! made while a message is handled.
+//! task ([`correlation::current`], set by the inbound
+//! [`CorrelationSpanLayer`](crate::CorrelationSpanLayer)).
+//! [`CorrelateLayer::always`] correlates every publish made while a message is
+//! handled.
+//!
+//! It comes first in the [outbound stack](crate::OutboundStack),
+//! while the publish is still an envelope whose id can be replaced.
 //!
 //! ```
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_mqtt::{correlation::{self, CorrelationId}, Envelope, Request};
-//! use tower_mqtt::outbound::{CorrelateLayer, Reply};
+//! use tower_mqtt::layers::outbound::{CorrelateLayer, Reply};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|req: Request<Envelope>| async move {
@@ -27,10 +33,22 @@
 
 use std::task::{Context, Poll};
 
-use crate::{correlation, Envelope, Request};
 use tower::{Layer, Service};
+use tower_mqtt_core::{correlation, Envelope, Request};
 
 /// Marks an outgoing request as a reply (or stream chunk) to correlate.
+///
+/// tower-mqtt's `publisher.publish(..).reply_to(&req)` sets the id itself;
+/// the mark is for an envelope sent whole with `publisher.send(..)`:
+///
+/// ```
+/// use tower_mqtt::{layers::outbound::Reply, Envelope, Request};
+///
+/// let results = Envelope::new("memory.results", serde_json::json!({"k": 0})).unwrap();
+/// let reply = Request::builder("memory/results").extension(Reply).body(results).unwrap();
+/// // publisher.send(reply).await? inside the handler of memory/query
+/// # let _ = reply;
+/// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reply;
 
@@ -42,11 +60,26 @@ pub struct CorrelateLayer {
 
 impl CorrelateLayer {
     /// Correlates publishes marked with [`Reply`].
+    ///
+    /// ```
+    /// use tower::ServiceBuilder;
+    /// use tower_mqtt::layers::outbound::CorrelateLayer;
+    ///
+    /// # let sink = tower::service_fn(|_: tower_mqtt::Request<tower_mqtt::Envelope>| async { Ok::<_, tower_mqtt::BoxError>(()) });
+    /// let svc = ServiceBuilder::new().layer(CorrelateLayer::new()).service(sink);
+    /// ```
     pub const fn new() -> Self {
         Self { always: false }
     }
 
     /// Correlates every publish made while a message is handled.
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::CorrelateLayer;
+    ///
+    /// let layer = CorrelateLayer::always();
+    /// # let _ = layer;
+    /// ```
     pub const fn always() -> Self {
         Self { always: true }
     }
@@ -72,6 +105,14 @@ pub struct Correlate<S> {
 
 impl<S> Correlate<S> {
     /// Correlates `inner`'s publishes marked with [`Reply`].
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::Correlate;
+    ///
+    /// # let sink = tower::service_fn(|_: tower_mqtt::Request<tower_mqtt::Envelope>| async { Ok::<_, tower_mqtt::BoxError>(()) });
+    /// let svc = Correlate::new(sink);
+    /// let sink = svc.into_inner();
+    /// ```
     pub const fn new(inner: S) -> Self {
         Self {
             inner,
@@ -80,6 +121,13 @@ impl<S> Correlate<S> {
     }
 
     /// A [`CorrelateLayer`] correlating marked publishes.
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::Correlate;
+    ///
+    /// let layer = Correlate::<()>::layer();
+    /// # let _ = layer;
+    /// ```
     pub const fn layer() -> CorrelateLayer {
         CorrelateLayer::new()
     }
@@ -112,8 +160,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::correlation::CorrelationId;
     use tower::{service_fn, ServiceExt};
+    use tower_mqtt_core::correlation::CorrelationId;
 
     fn sink(
     ) -> impl Service<Request<Envelope>, Response = String, Error = std::convert::Infallible> + Clone
