@@ -45,14 +45,13 @@ pub mod config;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded;
 pub mod health;
-pub mod metrics;
 pub mod publisher;
 pub mod reply;
 pub mod runtime;
 
 pub use tower_mqtt_core::{
-    correlation, envelope, extract, handler, log_limit, outcome, request, router, subscription,
-    topic,
+    correlation, envelope, extract, handler, log_limit, metrics, outcome, request, router,
+    subscription, topic,
 };
 /// The middleware of both stacks, re-exported from `tower-mqtt-layers`:
 /// inbound (decode, dedup, correlation span, isolation, retry, timeout) and

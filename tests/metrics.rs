@@ -125,6 +125,19 @@ async fn metrics_agree_with_stats_and_label_routes_by_filter() {
         stats.received >= expected && stats.pending == 0
     })
     .await;
+
+    // The outbound side: confirmed publishes, and one too large to send.
+    let publisher = running.publisher();
+    for seq in 0..20 {
+        publisher
+            .publish("metrics/out", json!({ "seq": seq }))
+            .await
+            .expect("confirmed");
+    }
+    let too_large = publisher
+        .publish("metrics/out", json!({ "pad": "x".repeat(4096) }))
+        .await;
+    assert!(too_large.is_err(), "over the packet limit");
     let stats = running.stats();
     let seen = counters(&snapshotter);
 
@@ -173,9 +186,14 @@ async fn metrics_agree_with_stats_and_label_routes_by_filter() {
                 + stats.invalid_topic,
         ),
         (names::CONNECTIONS, stats.connections),
+        (names::SENT_MESSAGES, stats.publishes_sent),
+        (names::CONFIRMED_MESSAGES, stats.publishes_confirmed),
+        (names::PUBLISH_DROPPED, stats.publishes_dropped),
     ] {
         assert_eq!(total(&seen, name), from_stats, "{name}: {stats:?}");
     }
+    assert_eq!(stats.publishes_confirmed, 20, "{stats:?}");
+    assert_eq!(total(&seen, names::PUBLISH_TOO_LARGE), 1);
     // And each class was exercised.
     assert_eq!(stats.duplicates, 1, "{stats:?}");
     assert_eq!(decode_failures, 2, "{stats:?}");

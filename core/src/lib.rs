@@ -27,6 +27,7 @@ pub mod envelope;
 pub mod extract;
 pub mod handler;
 pub mod log_limit;
+pub mod metrics;
 pub mod outcome;
 pub mod request;
 pub mod router;

@@ -189,6 +189,14 @@ impl Config {
             handler_timeout: vars
                 .seconds(var::HANDLER_TIMEOUT)?
                 .unwrap_or(base.handler_timeout),
+            publish_attempts: vars
+                .parse(var::PUBLISH_RETRIES, expect::ATTEMPTS, |raw| {
+                    raw.parse::<u32>().ok().filter(|n| (1..=100).contains(n))
+                })?
+                .unwrap_or(base.publish_attempts),
+            publish_retry_backoff: vars
+                .seconds(var::PUBLISH_RETRY_BACKOFF)?
+                .unwrap_or(base.publish_retry_backoff),
             dedupe_max_entries: vars
                 .parse(var::DEDUPE_MAX_ENTRIES, expect::POSITIVE, parse_positive)?
                 .unwrap_or(base.dedupe_max_entries),

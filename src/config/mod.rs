@@ -40,6 +40,8 @@
 //! | `MQTT_OFFLINE_BUFFER` | publishes kept while disconnected | `1000` |
 //! | `MQTT_OFFLINE_MAX_AGE` | seconds a publish may wait while disconnected | `60` |
 //! | `MQTT_OFFLINE_OVERFLOW` | a full offline buffer: `reject` the new publish or `drop_oldest` | `reject` |
+//! | `MQTT_PUBLISH_RETRIES` | attempts a publish gets, the first included (1: no retry), before it is dropped, logged and counted | `3` |
+//! | `MQTT_PUBLISH_RETRY_BACKOFF` | seconds before a publish's first retry; it doubles each retry, up to 5 s or this if longer | `0.1` |
 //!
 //! Seconds may be fractional (`0.5`) and must be greater than 0 and at most 86400.
 //! Booleans are `true`/`false`, `1`/`0`, `yes`/`no` or `on`/`off`, in any case.
@@ -196,6 +198,8 @@ mod var {
     pub(super) const QUEUE_SIZE: &str = "MQTT_QUEUE_SIZE";
     pub(super) const QUEUE_OVERFLOW: &str = "MQTT_QUEUE_OVERFLOW";
     pub(super) const HANDLER_TIMEOUT: &str = "MQTT_HANDLER_TIMEOUT";
+    pub(super) const PUBLISH_RETRIES: &str = "MQTT_PUBLISH_RETRIES";
+    pub(super) const PUBLISH_RETRY_BACKOFF: &str = "MQTT_PUBLISH_RETRY_BACKOFF";
 }
 
 /// What each variable must look like; quoted in errors.
@@ -261,6 +265,7 @@ mod expect {
                                       such as 5 or 0.5";
     pub(super) const BOOL: &str = "a boolean: true, false, 1, 0, yes, no, on or off";
     pub(super) const POSITIVE: &str = "a positive integer";
+    pub(super) const ATTEMPTS: &str = "a whole number of attempts from 1 (no retry) to 100";
     pub(super) const PACKET_SIZE: &str = "an integer number of bytes between 1024 and \
                                           268435455 (the MQTT maximum)";
     pub(super) const CHANNEL_CAPACITY: &str = "an integer between 1 and 1048576";
@@ -390,6 +395,12 @@ pub struct Config {
     /// How long a handler may run before it fails, in the inbound stack
     /// (`MQTT_HANDLER_TIMEOUT`), default 30 s.
     pub handler_timeout: Duration,
+    /// Attempts a publish gets, the first included (`MQTT_PUBLISH_RETRIES`),
+    /// default 3; after the last one it is dropped, logged and counted.
+    pub publish_attempts: u32,
+    /// The wait before a publish's first retry (`MQTT_PUBLISH_RETRY_BACKOFF`),
+    /// default 100 ms; it doubles each retry, up to 5 s or this if longer.
+    pub publish_retry_backoff: Duration,
     /// Whether `client_id` was generated from `source_name` (and follows it).
     client_id_origin: ClientIdOrigin,
 }
@@ -429,6 +440,8 @@ impl Config {
             queue_capacity: crate::subscription::DEFAULT_QUEUE_CAPACITY,
             queue_overflow: Overflow::Block,
             handler_timeout: DEFAULT_HANDLER_TIMEOUT,
+            publish_attempts: tower_mqtt_layers::outbound::retry::DEFAULT_PUBLISH_ATTEMPTS,
+            publish_retry_backoff: tower_mqtt_layers::retry::DEFAULT_MIN_BACKOFF,
             client_id_origin: ClientIdOrigin::Generated,
         })
     }
@@ -637,6 +650,26 @@ impl Config {
     #[must_use]
     pub fn with_handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = timeout;
+        self
+    }
+
+    /// Sets how many attempts a publish gets (the first included; 1 means no
+    /// retry) and the wait before its first retry, for every publish of the
+    /// runtime: handlers', health, dead letters.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_mqtt::config::Config;
+    ///
+    /// let config = Config::new("mqtt://localhost")?
+    ///     .with_publish_retries(5, Duration::from_millis(250));
+    /// assert_eq!(config.publish_attempts, 5);
+    /// # Ok::<(), tower_mqtt::config::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn with_publish_retries(mut self, attempts: u32, first_backoff: Duration) -> Self {
+        self.publish_attempts = attempts;
+        self.publish_retry_backoff = first_backoff;
         self
     }
 

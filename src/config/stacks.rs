@@ -2,7 +2,7 @@
 //! arrives goes through [`Config::inbound_stack`], what is published through
 //! its mirror, [`Config::outbound_stack`].
 
-use tower_mqtt_layers::{InboundStack, OutboundStack};
+use tower_mqtt_layers::{outbound::PublishRetryLayer, retry, InboundStack, OutboundStack};
 
 use super::Config;
 
@@ -32,9 +32,10 @@ impl Config {
     }
 
     /// The outbound stack as this configuration asks for it: this service's
-    /// source name (`MQTT_SOURCE_NAME`) and the packet limit
-    /// (`MQTT_MAX_PACKET_SIZE`). With the defaults it is
-    /// [`OutboundStack::new(source_name)`](OutboundStack::new).
+    /// source name (`MQTT_SOURCE_NAME`), the packet limit
+    /// (`MQTT_MAX_PACKET_SIZE`), and the publish retries
+    /// (`MQTT_PUBLISH_RETRIES`, `MQTT_PUBLISH_RETRY_BACKOFF`). With the
+    /// defaults it is [`OutboundStack::new(source_name)`](OutboundStack::new).
     ///
     /// Every [`Publisher`](crate::Publisher) of a client publishes through it.
     ///
@@ -47,6 +48,11 @@ impl Config {
     /// # Ok::<(), tower_mqtt::config::ConfigError>(())
     /// ```
     pub fn outbound_stack(&self) -> OutboundStack {
-        OutboundStack::new(&self.source_name).max_packet_size(self.max_packet_size)
+        let first = self.publish_retry_backoff;
+        let retry = PublishRetryLayer::new(self.publish_attempts)
+            .backoff(first, first.max(retry::DEFAULT_MAX_BACKOFF));
+        OutboundStack::new(&self.source_name)
+            .max_packet_size(self.max_packet_size)
+            .retry(retry)
     }
 }

@@ -1001,3 +1001,28 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn publish_retries_come_from_the_environment_and_reach_the_outbound_stack() {
+    let config = with_url(&[]).unwrap();
+    assert_eq!(config.publish_attempts, 3);
+    assert_eq!(config.publish_retry_backoff, Duration::from_millis(100));
+    let config = with_url(&[
+        ("MQTT_PUBLISH_RETRIES", "6"),
+        ("MQTT_PUBLISH_RETRY_BACKOFF", "0.25"),
+    ])
+    .unwrap();
+    assert_eq!(config.publish_attempts, 6);
+    assert_eq!(config.publish_retry_backoff, Duration::from_millis(250));
+    let stack = format!("{:?}", config.outbound_stack());
+    assert!(stack.contains("max_attempts: 6"), "{stack}");
+    assert!(stack.contains("min_backoff: 250ms"), "{stack}");
+    for (var, raw) in [
+        ("MQTT_PUBLISH_RETRIES", "0"),
+        ("MQTT_PUBLISH_RETRIES", "many"),
+        ("MQTT_PUBLISH_RETRY_BACKOFF", "0"),
+    ] {
+        let error = with_url(&[(var, raw)]).unwrap_err();
+        assert_eq!(error.var(), var, "{var}={raw}");
+    }
+}

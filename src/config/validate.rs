@@ -19,6 +19,14 @@ impl Config {
             let value = seconds(self.handler_timeout);
             return Err(invalid(var::HANDLER_TIMEOUT, value, expect::SECONDS));
         }
+        if !(1..=100).contains(&self.publish_attempts) {
+            let value = self.publish_attempts.to_string();
+            return Err(invalid(var::PUBLISH_RETRIES, value, expect::ATTEMPTS));
+        }
+        if !seconds_ok(self.publish_retry_backoff) {
+            let value = seconds(self.publish_retry_backoff);
+            return Err(invalid(var::PUBLISH_RETRY_BACKOFF, value, expect::SECONDS));
+        }
         if self.queue_capacity == 0 {
             return Err(invalid(var::QUEUE_SIZE, "0".to_owned(), expect::POSITIVE));
         }

@@ -40,6 +40,9 @@ pub struct Client {
     pub(super) deliveries: Arc<Deliveries>,
     pub(super) outbox: Arc<Outbox>,
     pub(super) sink: Sink,
+    /// The outbound stack every publisher of this client runs (its clones
+    /// share the count of dropped publishes).
+    pub(super) outbound: crate::layers::OutboundStack,
     pub(super) publisher: Publisher,
     pub(super) state: watch::Sender<ConnectionState>,
     pub(super) shutdown: ShutdownHandle,
@@ -98,7 +101,8 @@ impl Client {
             },
         ));
         let sink = Sink::new(outbox.clone(), config.max_packet_size);
-        let stack = config.outbound_stack().service(sink.clone());
+        let outbound = config.outbound_stack();
+        let stack = outbound.service(sink.clone());
         let publisher = Publisher::new(
             Outbound::new(stack.map_err(Into::into)),
             RawSink::new(sink.clone().map_err(Into::into)),
@@ -113,6 +117,7 @@ impl Client {
             deliveries,
             outbox,
             sink,
+            outbound,
             publisher,
             state: watch::channel(ConnectionState::Connecting).0,
             shutdown: ShutdownHandle::new(shutdown_tx),

@@ -63,6 +63,33 @@ pub(crate) struct Outbox {
     limits: OutboxLimits,
     state: Mutex<State>,
     wake: Notify,
+    metrics: OutboxMetrics,
+}
+
+/// The offline buffer's depth and losses, through the `metrics` facade.
+struct OutboxMetrics {
+    depth: metrics::Gauge,
+    rejected: metrics::Counter,
+    evicted: metrics::Counter,
+    expired: metrics::Counter,
+}
+
+impl OutboxMetrics {
+    fn new() -> Self {
+        use crate::metrics as names;
+        let dropped = |reason: &'static str| metrics::counter!(names::OFFLINE_DROPPED, names::SYSTEM => "mqtt", names::REASON => reason);
+        Self {
+            depth: metrics::gauge!(names::OFFLINE_MESSAGES, names::SYSTEM => "mqtt"),
+            rejected: dropped("rejected"),
+            evicted: dropped("evicted"),
+            expired: dropped("expired"),
+        }
+    }
+
+    #[allow(clippy::cast_precision_loss)] // a buffer length, far below 2^52
+    fn note(&self, state: &State) {
+        self.depth.set(state.queue.len() as f64);
+    }
 }
 
 impl Outbox {
@@ -81,6 +108,7 @@ impl Outbox {
                 queue: VecDeque::new(),
             }),
             wake: Notify::new(),
+            metrics: OutboxMetrics::new(),
         }
     }
 
@@ -116,13 +144,15 @@ impl Outbox {
         if state.queue.len() >= self.limits.max_messages {
             match self.limits.overflow {
                 OfflineOverflow::Reject => {
+                    self.metrics.rejected.increment(1);
                     return Err(DeliveryError::BufferFull {
                         limit: self.limits.max_messages,
-                    })
+                    });
                 }
                 OfflineOverflow::DropOldest => {
                     if let Some(oldest) = state.queue.pop_front() {
                         warn!(topic = %oldest.message.topic, "offline buffer full; evicted the oldest publish");
+                        self.metrics.evicted.increment(1);
                         fail(oldest.waiter, DeliveryError::Evicted);
                     }
                 }
@@ -133,6 +163,7 @@ impl Outbox {
             waiter,
             queued_at: Instant::now(),
         });
+        self.metrics.note(&state);
         drop(state);
         self.wake.notify_one();
         Ok(())
@@ -182,6 +213,7 @@ impl Outbox {
                 queued_at: now,
             });
         }
+        self.metrics.note(&state);
     }
 
     /// The runtime stopped: fail whatever waits.
@@ -191,6 +223,7 @@ impl Outbox {
         for entry in state.queue.drain(..) {
             fail(entry.waiter, DeliveryError::Closed);
         }
+        self.metrics.note(&state);
         drop(state);
         self.wake.notify_one();
     }
@@ -217,6 +250,7 @@ impl Outbox {
                 {
                     let entry = state.queue.pop_front().expect("front exists");
                     warn!(topic = %entry.message.topic, "publish waited longer than the offline limit; dropped");
+                    self.metrics.expired.increment(1);
                     fail(entry.waiter, DeliveryError::Expired { max_age });
                 }
                 let mut full = false;
@@ -230,6 +264,7 @@ impl Outbox {
                         break;
                     }
                 }
+                self.metrics.note(&state);
                 full
             };
             let pause = if full { Duration::from_millis(2) } else { tick };

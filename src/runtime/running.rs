@@ -12,7 +12,7 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::error;
 
-use super::dispatch::Counters;
+use super::{dispatch::Counters, sink::PublishCounts};
 use crate::publisher::Publisher;
 
 /// Where the connection stands; watch it with [`Running::state`].
@@ -187,6 +187,14 @@ pub struct Stats {
     pub connection_refusals: u64,
     /// Subscriptions the broker refused in a SUBACK.
     pub subscriptions_refused: u64,
+    /// Publish attempts handed to the connection (a retried publish counts
+    /// once per attempt).
+    pub publishes_sent: u64,
+    /// Publishes the broker confirmed (PUBACK, PUBCOMP; QoS 0 once written).
+    pub publishes_confirmed: u64,
+    /// Publishes dropped after their last attempt or over the retry budget
+    /// (each logged at ERROR).
+    pub publishes_dropped: u64,
 }
 
 /// Messages that could not be decoded, by the reason the decode layer gives
@@ -303,9 +311,13 @@ impl RuntimeCounters {
 }
 
 impl Stats {
-    fn read(counters: &Counters, runtime: &RuntimeCounters) -> Self {
+    fn read(view: &StatsView) -> Self {
+        let (counters, runtime) = (&*view.counters, &*view.runtime);
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         Self {
+            publishes_sent: get(&view.publishes.sent),
+            publishes_confirmed: get(&view.publishes.confirmed),
+            publishes_dropped: view.outbound.dropped(),
             received: get(&counters.received),
             handled: get(&counters.handled),
             failed: get(&counters.failed),
@@ -397,6 +409,10 @@ impl ShutdownHandle {
 pub(super) struct StatsView {
     pub(super) counters: Arc<Counters>,
     pub(super) runtime: Arc<RuntimeCounters>,
+    pub(super) publishes: Arc<PublishCounts>,
+    /// Its dropped count is the runtime's; behind an `Arc` to keep
+    /// [`Running`] small.
+    pub(super) outbound: Arc<crate::layers::OutboundStack>,
 }
 
 /// A client serving in the background: ready, state, stats, publisher and
@@ -458,7 +474,7 @@ impl Running {
     pub async fn join(self) -> ShutdownReport {
         match self.task.await {
             Ok(mut report) => {
-                report.stats = Stats::read(&self.stats.counters, &self.stats.runtime);
+                report.stats = Stats::read(&self.stats);
                 report
             }
             Err(err) => {
@@ -518,7 +534,7 @@ impl Running {
 
     /// The counters so far.
     pub fn stats(&self) -> Stats {
-        Stats::read(&self.stats.counters, &self.stats.runtime)
+        Stats::read(&self.stats)
     }
 }
 

@@ -27,6 +27,42 @@ use crate::{layers::outbound::packet_size, publisher::PublishError, request::Req
 pub(crate) struct Sink {
     outbox: Arc<Outbox>,
     max_packet_size: usize,
+    metrics: Arc<[SinkMetrics; 3]>,
+    counts: Arc<PublishCounts>,
+}
+
+/// Publishes sent and confirmed, for `Stats`.
+#[derive(Debug, Default)]
+pub(crate) struct PublishCounts {
+    pub(crate) sent: std::sync::atomic::AtomicU64,
+    pub(crate) confirmed: std::sync::atomic::AtomicU64,
+}
+
+/// What the sink counts per QoS, through the `metrics` facade.
+struct SinkMetrics {
+    sent: metrics::Counter,
+    confirmed: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+impl SinkMetrics {
+    fn new(qos: &'static str) -> Self {
+        use crate::metrics as names;
+        Self {
+            sent: metrics::counter!(names::SENT_MESSAGES, names::SYSTEM => "mqtt", names::QOS => qos),
+            confirmed: metrics::counter!(
+                names::CONFIRMED_MESSAGES,
+                names::SYSTEM => "mqtt",
+                names::QOS => qos
+            ),
+            duration: metrics::histogram!(
+                names::OPERATION_DURATION,
+                names::SYSTEM => "mqtt",
+                names::OPERATION => "publish",
+                names::QOS => qos
+            ),
+        }
+    }
 }
 
 impl Sink {
@@ -34,7 +70,14 @@ impl Sink {
         Self {
             outbox,
             max_packet_size,
+            metrics: Arc::new(["0", "1", "2"].map(SinkMetrics::new)),
+            counts: Arc::default(),
         }
+    }
+
+    /// What this sink (and its clones) sent and had confirmed.
+    pub(crate) fn counts(&self) -> Arc<PublishCounts> {
+        self.counts.clone()
     }
 
     fn start(
@@ -60,9 +103,24 @@ impl Sink {
             payload: req.body().clone(),
         };
         self.outbox.send(message, Some(tx))?;
+        let (metrics, counts) = (self.metrics.clone(), self.counts.clone());
+        let qos = usize::from(u8::from(req.qos()));
+        counts
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics[qos].sent.increment(1);
+        let sent_at = std::time::Instant::now();
         Ok(async move {
             match rx.await {
-                Ok(Ok(())) => Ok(()),
+                Ok(Ok(())) => {
+                    counts
+                        .confirmed
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let metrics = &metrics[qos];
+                    metrics.confirmed.increment(1);
+                    metrics.duration.record(sent_at.elapsed());
+                    Ok(())
+                }
                 Ok(Err(err)) => Err(err.into()),
                 Err(_) => Err(PublishError::Closed),
             }

@@ -75,6 +75,8 @@ where
     let view = StatsView {
         counters: counters.clone(),
         runtime: runtime_counters.clone(),
+        publishes: client.sink.counts(),
+        outbound: Arc::new(client.outbound.clone()),
     };
     let ready = Arc::new(watch::channel(Readiness::Pending).0);
     let ready_rx = ready.subscribe();
@@ -119,6 +121,7 @@ where
         publisher,
         state,
         shutdown,
+        outbound: _,
     } = client;
     let Run {
         ready,

@@ -93,6 +93,27 @@ pub type PublishRetry<S> = Retry<PublishRetryPolicy, S>;
 pub struct PublishRetryPolicy {
     attempts: Attempts,
     dropped: Arc<AtomicU64>,
+    counts: Arc<Counts>,
+}
+
+/// What the policy counts through the `metrics` facade (registered when the
+/// policy is made).
+struct Counts {
+    retries: metrics::Counter,
+    dropped_after_attempts: metrics::Counter,
+    dropped_over_budget: metrics::Counter,
+}
+
+impl Counts {
+    fn new() -> Self {
+        use tower_mqtt_core::metrics as names;
+        let dropped = |reason: &'static str| metrics::counter!(names::PUBLISH_DROPPED, names::SYSTEM => "mqtt", names::REASON => reason);
+        Self {
+            retries: metrics::counter!(names::PUBLISH_RETRIES, names::SYSTEM => "mqtt"),
+            dropped_after_attempts: dropped("attempts"),
+            dropped_over_budget: dropped("budget"),
+        }
+    }
 }
 
 impl PublishRetryPolicy {
@@ -102,6 +123,7 @@ impl PublishRetryPolicy {
         Self {
             attempts: Attempts::new(max_attempts),
             dropped: Arc::default(),
+            counts: Arc::new(Counts::new()),
         }
     }
 
@@ -168,7 +190,7 @@ impl fmt::Debug for PublishRetryPolicy {
         f.debug_struct("PublishRetryPolicy")
             .field("attempts", &self.attempts)
             .field("dropped", &self.dropped.load(Ordering::Relaxed))
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -186,6 +208,7 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
             Next::Done => None,
             Next::LastAttempt { attempt, error } => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counts.dropped_after_attempts.increment(1);
                 tracing::error!(
                     topic,
                     attempts = attempt,
@@ -196,6 +219,7 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
             }
             Next::OverBudget { attempt, error } => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.counts.dropped_over_budget.increment(1);
                 tracing::error!(
                     topic,
                     attempts = attempt,
@@ -209,6 +233,7 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
                 error,
                 backoff,
             } => {
+                self.counts.retries.increment(1);
                 tracing::warn!(topic, attempt, %error, "publish failed, retrying");
                 Some(backoff)
             }

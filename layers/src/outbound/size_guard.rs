@@ -172,6 +172,13 @@ where
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let size = packet_size(req.topic().as_str(), req.body().len());
         if size > self.max {
+            // Rare: the handle is looked up here rather than kept, which keeps
+            // the guard `Copy` and its constructor `const`.
+            metrics::counter!(
+                tower_mqtt_core::metrics::PUBLISH_TOO_LARGE,
+                tower_mqtt_core::metrics::SYSTEM => "mqtt"
+            )
+            .increment(1);
             return ResponseFuture {
                 future: None,
                 error: Some(PublishError::TooLarge {

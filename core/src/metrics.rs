@@ -14,7 +14,7 @@
 //! before routing, or joined to a copy still held) are under `(none)`, and
 //! those for the fallback under `(fallback)`.
 //!
-//! The counters agree with [`Stats`](crate::runtime::Stats): each is
+//! The counters agree with `tower_mqtt::runtime::Stats`: each is
 //! incremented at the same point as its `Stats` field.
 //!
 //! ```
@@ -84,3 +84,32 @@ pub const CONNECTION_FAILURES: &str = "messaging.client.connection.failures";
 pub const RECOVERIES: &str = "messaging.client.recoveries";
 /// Counter: subscriptions the broker refused (`Stats::subscriptions_refused`).
 pub const SUBSCRIPTIONS_REFUSED: &str = "messaging.client.subscriptions.refused";
+
+/// Label of the publish duration: the operation, `publish`.
+pub const OPERATION: &str = "messaging.operation.name";
+/// Label of outbound metrics: the QoS, `0`, `1` or `2`.
+pub const QOS: &str = "mqtt.qos";
+
+/// Counter: publishes handed to the connection, by [`QOS`]; a retried
+/// publish counts once per attempt.
+pub const SENT_MESSAGES: &str = "messaging.client.sent.messages";
+/// Counter: publishes the broker confirmed (PUBACK, PUBCOMP; QoS 0 once
+/// written), by [`QOS`].
+pub const CONFIRMED_MESSAGES: &str = "messaging.client.confirmed.messages";
+/// Histogram, seconds: from handing a publish to the connection to its
+/// confirmation, with [`OPERATION`] `publish` and [`QOS`].
+pub const OPERATION_DURATION: &str = "messaging.client.operation.duration";
+/// Counter: publish attempts retried after a retryable failure.
+pub const PUBLISH_RETRIES: &str = "messaging.client.publish.retries";
+/// Counter: publishes given up on, by [`REASON`]: `attempts` (the last
+/// attempt failed) or `budget` (the retry budget was spent).
+pub const PUBLISH_DROPPED: &str = "messaging.client.publish.dropped";
+/// Counter: publishes refused before sending because the packet would be
+/// over `MQTT_MAX_PACKET_SIZE`.
+pub const PUBLISH_TOO_LARGE: &str = "messaging.client.publish.too_large";
+/// Gauge: publishes waiting in the offline buffer for a connection.
+pub const OFFLINE_MESSAGES: &str = "messaging.client.offline.messages";
+/// Counter: publishes the offline buffer gave up on, by [`REASON`]:
+/// `rejected` (full, with `reject`), `evicted` (full, with `drop_oldest`) or
+/// `expired` (older than `MQTT_OFFLINE_MAX_AGE`).
+pub const OFFLINE_DROPPED: &str = "messaging.client.offline.dropped";
