@@ -136,8 +136,12 @@ async fn publishes_during_an_outage_are_delivered_in_order_once_back() {
     let mut pending = Vec::new();
     for n in 0..20 {
         let publisher = publisher.clone();
-        let env = Envelope::new("outage.test", json!({"n": n})).unwrap();
-        let mut publish = Box::pin(async move { publisher.publish("outage/seq", env).await });
+        let mut publish = Box::pin(async move {
+            publisher
+                .publish("outage/seq", json!({"n": n}))
+                .event_type("outage.test")
+                .await
+        });
         std::future::poll_fn(|cx| {
             assert!(
                 publish.as_mut().poll(cx).is_pending(),
