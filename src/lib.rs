@@ -29,15 +29,20 @@
 //! The pieces:
 //! - [`Envelope`]: the fleet's five-key JSON envelope;
 //! - [`Request`], [`QoS`], [`TopicName`], [`TopicFilter`]: the message model;
-//! - [`Router`], [`Subscription`], [`handler`]: routing and handlers;
-//! - [`Outcome`], [`IntoOutcome`], [`HandlerError`]: what became of a message.
-//!
+//! - [`Router`], [`Subscription`], [`handler`]: routing and handlers, with the
+//!   extractors [`Data`], [`State`], [`Wildcard`], [`Wildcards`], [`Extension`];
+//! - [`Outcome`], [`IntoOutcome`], [`HandlerError`]: what became of a message;
 //! - [`Publisher`]: publishing, through the outbound stack;
 //! - [`layers`]: the middleware of both stacks, inbound (decode, dedup,
 //!   correlation spans, isolation, retry, timeout) and outbound (correlation,
-//!   encode, size guard, retry, confirmation), from the companion crate
-//!   `tower-mqtt-layers`; [`config::Config::inbound_stack`] and
-//!   [`config::Config::outbound_stack`] build the two stacks a service runs.
+//!   encode, size guard, retry, confirmation);
+//!   [`config::Config::inbound_stack`] and [`config::Config::outbound_stack`]
+//!   build the two stacks a service runs;
+//! - [`serve`], [`config`], [`Running`], [`health`]: the runtime that connects,
+//!   subscribes, acknowledges, reconnects and shuts down.
+//!
+//! `docs/ARCHITECTURE.md` in the repository draws the three parts and who
+//! owns what.
 //!
 //! [tower]: https://docs.rs/tower
 
@@ -50,18 +55,16 @@ pub mod reply;
 pub mod runtime;
 
 pub use tower_mqtt_core::{
-    correlation, envelope, extract, handler, log_limit, metrics, outcome, request, router,
-    subscription, topic,
+    correlation, envelope, extract, handler, metrics, outcome, request, router, subscription, topic,
 };
-/// The middleware of both stacks, re-exported from `tower-mqtt-layers`:
-/// inbound (decode, dedup, correlation span, isolation, retry, timeout) and
+/// The middleware of both stacks: inbound (decode, dedup, correlation span, isolation, retry, timeout) and
 /// its outbound mirror ([`layers::outbound`]: correlation, encode, size guard,
 /// retry, confirmation), with [`layers::InboundStack`] and
 /// [`layers::OutboundStack`] composing them.
 pub use tower_mqtt_layers as layers;
 
 pub use envelope::{Envelope, EnvelopeError};
-pub use extract::{Data, State};
+pub use extract::{Data, Extension, FromRef, State, Wildcard, Wildcards};
 pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
 pub use publisher::{Publish, PublishError, Published, Publisher, Recorded};

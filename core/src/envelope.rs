@@ -120,6 +120,7 @@ pub fn now() -> f64 {
 /// ```
 /// assert_eq!(tower_mqtt::envelope::json_type(&serde_json::json!([1])), "array");
 /// ```
+#[doc(hidden)] // the decode layer's error text; not part of the API
 pub fn json_type(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",

@@ -26,6 +26,8 @@ pub mod correlation;
 pub mod envelope;
 pub mod extract;
 pub mod handler;
+// Shared by the runtime and the layers crate; not part of the API.
+#[doc(hidden)]
 pub mod log_limit;
 pub mod metrics;
 pub mod outcome;

@@ -89,8 +89,9 @@ impl EventRegistry {
         Self::default()
     }
 
-    /// The fleet's table (DESIGN.md section 4): `stt.final` <-> `stt/final`, ...,
-    /// `system.character.current` <-> `system/character/current` and the family
+    /// The fleet's table (docs/ARCHITECTURE.md, "The fleet's wire contract"):
+    /// `stt.final` <-> `stt/final`, ..., `system.character.current` <->
+    /// `system/character/current` and the family
     /// `system.health.<svc>` <-> `system/health/<svc>`.
     ///
     /// ```

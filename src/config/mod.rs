@@ -350,9 +350,9 @@ pub struct Config {
     /// Largest packet sent or received, in bytes (`MQTT_MAX_PACKET_SIZE`), default 1 MiB.
     /// (rumqttc's own default is 10 KiB, which rejects ordinary payloads.)
     pub max_packet_size: usize,
-    /// Capacity of rumqttc's request channel (`MQTT_REQUEST_CHANNEL_CAPACITY`), default
-    /// 1024. Pass it to `rumqttc::AsyncClient::new`: rumqttc 0.25 ignores the copy kept
-    /// in `MqttOptions`.
+    /// Capacity of the queue of packets waiting to be written to the broker
+    /// (`MQTT_REQUEST_CHANNEL_CAPACITY`), default 1024: publishes, acknowledgements
+    /// and subscriptions. When it is full, publishing waits.
     pub request_channel_capacity: usize,
     /// Largest packet read from the broker, in bytes (`MQTT_MAX_INCOMING_PACKET_SIZE`),
     /// default the protocol's limit (256 MiB).

@@ -1,4 +1,5 @@
-//! Shared support for integration tests: real brokers and real faults (DESIGN.md §7).
+//! Shared support for integration tests: real brokers and real faults
+//! (docs/ARCHITECTURE.md, "Brokers, and how the tests use them").
 //!
 //! Include it from a test file with `mod support;`.
 //!

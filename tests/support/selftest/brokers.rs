@@ -324,7 +324,7 @@ async fn brokers_behave_as_broker_kind_says() {
         window_and_answers(kind, &url).await;
 
         // Refusals: only aedes can be told to; everyone else grants (checked on
-        // mosquitto's ACLs in DESIGN.md section 7).
+        // mosquitto's ACLs; docs/ARCHITECTURE.md, "Brokers").
         if kind.can_refuse_subscriptions() {
             let aedes = Aedes::start_with(AedesOptions::new().deny("selftest/facts/denied")).await;
             let (mut wire, ack) = WireClient::connect(&aedes.url(), &unique_id("f"), true).await;
