@@ -21,7 +21,7 @@ pub const DEFAULT_PER_SECOND: u32 = 10;
 /// At most `per_second` lines per second for each of `N` reasons.
 ///
 /// ```
-/// use tower_mqtt::log_limit::LogLimit;
+/// use tower_mqtt_core::log_limit::LogLimit;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let limit = LogLimit::<1>::new(2);
