@@ -7,6 +7,10 @@
 //! out, in order, once it is back. The sink only ever *tries* to put a request
 //! into rumqttc's channel and buffers when it is full, so a handler that
 //! publishes cannot deadlock the runtime.
+//!
+//! Every attempt is logged at `DEBUG` with its topic, QoS, retain flag and
+//! correlation id (the envelope's id, which the outbound encode layer puts on
+//! the request; the heartbeat, which is not an envelope, has none).
 
 use std::{
     future::Future,
@@ -20,7 +24,10 @@ use tokio::sync::oneshot;
 use tower::Service;
 
 use super::outbox::{Outbox, Outgoing};
-use crate::{layers::outbound::packet_size, publisher::PublishError, request::Request};
+use crate::{
+    correlation::CorrelationId, layers::outbound::packet_size, publisher::PublishError,
+    request::Request,
+};
 
 /// See the [module docs](self).
 #[derive(Clone)]
@@ -95,6 +102,18 @@ impl Sink {
                 max: self.max_packet_size,
             });
         }
+        let correlation_id = req
+            .extensions()
+            .get::<CorrelationId>()
+            .map_or("", CorrelationId::as_str);
+        tracing::debug!(
+            %topic,
+            qos = u8::from(req.qos()),
+            retain = req.retain(),
+            %correlation_id,
+            bytes = req.body().len(),
+            "publishing"
+        );
         let (tx, rx) = oneshot::channel();
         let message = Outgoing {
             topic: topic.to_owned(),

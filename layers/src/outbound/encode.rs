@@ -5,6 +5,10 @@
 //! default) is stamped with this service's name; one that names its own
 //! source keeps it.
 //!
+//! The encoded request carries the envelope's id as its [`CorrelationId`]
+//! extension, so that the layers below and the runtime, which see only bytes,
+//! log every attempt, retry and drop with it (FR-008).
+//!
 //! ```
 //! use bytes::Bytes;
 //! use tower::{service_fn, Layer, ServiceExt};
@@ -31,7 +35,7 @@ use std::{
 
 use bytes::Bytes;
 use tower::{Layer, Service};
-use tower_mqtt_core::{envelope::DEFAULT_SOURCE, Envelope, Request};
+use tower_mqtt_core::{correlation::CorrelationId, envelope::DEFAULT_SOURCE, Envelope, Request};
 
 /// Makes [`Encode`] services; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -120,13 +124,16 @@ where
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         let source = &self.source;
-        self.inner.call(req.map(|envelope| {
+        let id = CorrelationId::new(req.body().id());
+        let mut encoded = req.map(|envelope| {
             if envelope.source() == DEFAULT_SOURCE {
                 envelope.with_source(&**source).to_bytes()
             } else {
                 envelope.to_bytes()
             }
-        }))
+        });
+        encoded.extensions_mut().insert(id);
+        self.inner.call(encoded)
     }
 }
 
@@ -149,5 +156,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(Envelope::from_slice(&bytes).unwrap(), env);
+    }
+
+    #[tokio::test]
+    async fn the_encoded_request_carries_the_envelope_id() {
+        let sink = service_fn(|req: Request<Bytes>| async move {
+            Ok::<_, std::convert::Infallible>(req.extensions().get::<CorrelationId>().cloned())
+        });
+        let svc = EncodeLayer::new("me").layer(sink);
+        let env = Envelope::new("a.b", serde_json::json!({})).unwrap();
+        let id = svc
+            .oneshot(Request::builder("a/b").body(env.clone()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(id.unwrap().as_str(), env.id());
     }
 }

@@ -6,7 +6,7 @@
 //! lost, the attempt timed out: [`is_retryable`]) is sent again after an
 //! exponential, jittered backoff, up to a maximum number of attempts and while
 //! the retry budget allows. Otherwise the publish is dropped: logged at
-//! `ERROR` with its topic and counted ([`PublishRetryLayer::dropped`]).
+//! `ERROR` with its topic and correlation id, and counted ([`PublishRetryLayer::dropped`]).
 //! Oversized payloads and a stopped runtime are not retried.
 //!
 //! The attempts, the backoff (by default from 100 ms, doubling, up to 5 s,
@@ -45,7 +45,7 @@ use tower::{
     timeout::error::Elapsed,
     Layer,
 };
-use tower_mqtt_core::{BoxError, Request};
+use tower_mqtt_core::{correlation::CorrelationId, BoxError, Request};
 
 use super::PublishError;
 use crate::retry::attempts::{Attempts, Next};
@@ -204,13 +204,20 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
     ) -> Option<Self::Future> {
         let error = result.as_ref().err().filter(|err| is_retryable(err));
         let topic = req.topic().as_str();
+        // Set by the encode layer from the envelope's id; "" for bytes sent
+        // past it.
+        let correlation_id = req
+            .extensions()
+            .get::<CorrelationId>()
+            .map_or("", CorrelationId::as_str);
         match self.attempts.next(error) {
             Next::Done => None,
             Next::LastAttempt { attempt, error } => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 self.counts.dropped_after_attempts.increment(1);
                 tracing::error!(
-                    topic,
+                    %topic,
+                    %correlation_id,
                     attempts = attempt,
                     %error,
                     "publish dropped after the maximum number of attempts"
@@ -221,7 +228,8 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
                 self.counts.dropped_over_budget.increment(1);
                 tracing::error!(
-                    topic,
+                    %topic,
+                    %correlation_id,
                     attempts = attempt,
                     %error,
                     "publish dropped: the retry budget is exhausted"
@@ -234,7 +242,7 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
                 backoff,
             } => {
                 self.counts.retries.increment(1);
-                tracing::warn!(topic, attempt, %error, "publish failed, retrying");
+                tracing::warn!(%topic, %correlation_id, attempt, %error, "publish failed, retrying");
                 Some(backoff)
             }
         }
