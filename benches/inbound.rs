@@ -41,12 +41,12 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use tower_mqtt::{Envelope, Outcome, Request, Router};
-use tower_mqtt_layers::{
+use tower_mqtt::layers::{
     correlation_span::CorrelationSpanLayer, decode::DecodeLayer, dedup::DedupKey,
     isolation::IsolationLayer, retry::MessageRetryLayer, timeout::TimeoutLayer, DedupLayer,
     EventRegistry, InboundStack,
 };
+use tower_mqtt::{Envelope, Outcome, Request, Router};
 
 /// More than the dedup store holds (2048), so a message is new when it comes
 /// round again.

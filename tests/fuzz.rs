@@ -18,8 +18,8 @@ use futures_util::FutureExt;
 use proptest::{collection, prelude::*, test_runner::Config as ProptestConfig};
 use serde_json::{Map, Value};
 use tower::{service_fn, BoxError, Layer, ServiceExt};
+use tower_mqtt::layers::{DecodeError, DecodeLayer, EventRegistry};
 use tower_mqtt::{config::Config, Envelope, Outcome, Request, TopicFilter, TopicName};
-use tower_mqtt_layers::{DecodeError, DecodeLayer, EventRegistry};
 
 /// Cases per property when `PROPTEST_CASES` is unset.
 const DEFAULT_CASES: u32 = 2_000;

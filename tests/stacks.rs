@@ -256,7 +256,7 @@ async fn bad_input_and_a_panicking_handler_lose_nothing_else() {
     let cfg = config(&broker.url(), "robust");
     let stack = cfg
         .inbound_stack()
-        .retry(tower_mqtt_layers::MessageRetryLayer::new(1));
+        .retry(tower_mqtt::layers::MessageRetryLayer::new(1));
     let router = Router::new()
         .route("robust/good", good)
         .route("robust/panic", explode);

@@ -23,7 +23,7 @@
 //! ```
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{correlation::{self, CorrelationId}, Envelope, Outcome, Request};
-//! use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
+//! use tower_mqtt::layers::correlation_span::CorrelationSpanLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let handler = service_fn(|req: Request<Envelope>| async move {
@@ -65,7 +65,7 @@ use crate::decode::RawPayload;
 ///
 /// ```
 /// use tower_mqtt::{Envelope, Request};
-/// use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
+/// use tower_mqtt::layers::correlation_span::CorrelationSpanLayer;
 ///
 /// let layer = CorrelationSpanLayer::new().make_span(|req: &Request<Envelope>| {
 ///     tracing::debug_span!("job", id = %req.body().id())
@@ -90,7 +90,7 @@ where
 ///
 /// ```
 /// use tracing::Level;
-/// use tower_mqtt_layers::correlation_span::{CorrelationSpanLayer, DefaultMakeSpan};
+/// use tower_mqtt::layers::correlation_span::{CorrelationSpanLayer, DefaultMakeSpan};
 ///
 /// let layer = CorrelationSpanLayer::new().make_span(DefaultMakeSpan::new().level(Level::DEBUG));
 /// ```
@@ -155,7 +155,7 @@ impl MakeSpan for DefaultMakeSpan {
 /// ```
 /// use tower::ServiceBuilder;
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::correlation_span::CorrelationSpanLayer;
+/// use tower_mqtt::layers::correlation_span::CorrelationSpanLayer;
 ///
 /// let svc = ServiceBuilder::new().layer(CorrelationSpanLayer::new()).service(Router::<()>::new());
 /// ```
@@ -197,7 +197,7 @@ impl<S, M: Clone> Layer<S> for CorrelationSpanLayer<M> {
 ///
 /// ```
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::CorrelationSpan;
+/// use tower_mqtt::layers::CorrelationSpan;
 ///
 /// let svc = CorrelationSpan::new(Router::<()>::new());
 /// let router: &Router = svc.get_ref();

@@ -12,7 +12,7 @@
 //! use std::sync::{Arc, Mutex};
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{Envelope, HandlerError, Outcome, Request};
-//! use tower_mqtt_layers::{dead_letter::FailedMessage, IsolationLayer};
+//! use tower_mqtt::layers::{dead_letter::FailedMessage, IsolationLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let failed = Arc::new(Mutex::new(Vec::new()));
@@ -66,7 +66,7 @@ pub const DEFAULT_DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// ```
 /// use std::sync::{Arc, Mutex};
 /// use tower_mqtt::{Envelope, HandlerError, Request, TopicName};
-/// use tower_mqtt_layers::{dead_letter::DeadLetterPolicy, IsolationLayer};
+/// use tower_mqtt::layers::{dead_letter::DeadLetterPolicy, IsolationLayer};
 ///
 /// /// Counts failures per topic.
 /// #[derive(Clone, Default)]
@@ -99,7 +99,7 @@ pub trait DeadLetterPolicy: Clone {
 /// Failed messages are only logged; the default [`DeadLetterPolicy`].
 ///
 /// ```
-/// use tower_mqtt_layers::{dead_letter::NoDeadLetters, IsolationLayer};
+/// use tower_mqtt::layers::{dead_letter::NoDeadLetters, IsolationLayer};
 ///
 /// let layer: IsolationLayer<NoDeadLetters> = IsolationLayer::new();
 /// ```
@@ -134,7 +134,7 @@ impl DeadLetterPolicy for NoDeadLetters {
 /// ```
 /// use tower::{service_fn, BoxError};
 /// use tower_mqtt::{Envelope, Request};
-/// use tower_mqtt_layers::{dead_letter::DeadLetter, IsolationLayer};
+/// use tower_mqtt::layers::{dead_letter::DeadLetter, IsolationLayer};
 ///
 /// let sink = service_fn(|letter: Request<Envelope>| async move {
 ///     println!("dead letter on {}", letter.topic());
@@ -236,7 +236,7 @@ impl<S> fmt::Debug for DeadLetter<S> {
 ///
 /// ```
 /// use tower_mqtt::{Envelope, Request};
-/// use tower_mqtt_layers::dead_letter::FailedMessage;
+/// use tower_mqtt::layers::dead_letter::FailedMessage;
 ///
 /// let env = Envelope::new("tts.say", serde_json::json!({"text": "hi"})).unwrap().with_id("ab12");
 /// let failed = FailedMessage::new(&Request::builder("tts/say").body(env).unwrap());

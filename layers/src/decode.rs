@@ -43,7 +43,7 @@
 //! use bytes::Bytes;
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{Envelope, Outcome, Request};
-//! use tower_mqtt_layers::{decode::{DecodeError, DecodeLayer, RawPayload}, EventRegistry};
+//! use tower_mqtt::layers::{decode::{DecodeError, DecodeLayer, RawPayload}, EventRegistry};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let handler = service_fn(|req: Request<Envelope>| async move {
@@ -92,7 +92,7 @@ use crate::registry::EventRegistry;
 ///
 /// ```
 /// use tower_mqtt::HandlerError;
-/// use tower_mqtt_layers::DecodeError;
+/// use tower_mqtt::layers::DecodeError;
 ///
 /// let err = HandlerError::permanent(DecodeError::NotAnObject { found: "array" });
 /// assert_eq!(err.to_string(), "payload is a JSON array, not an object");
@@ -130,7 +130,7 @@ impl DecodeError {
     /// `not_utf8`, `not_json`, `not_an_object` or `invalid_envelope`.
     ///
     /// ```
-    /// use tower_mqtt_layers::DecodeError;
+    /// use tower_mqtt::layers::DecodeError;
     ///
     /// assert_eq!(DecodeError::NotAnObject { found: "array" }.reason(), "not_an_object");
     /// ```
@@ -164,7 +164,7 @@ impl DecodeError {
 ///
 /// ```
 /// use bytes::Bytes;
-/// use tower_mqtt_layers::decode::RawPayload;
+/// use tower_mqtt::layers::decode::RawPayload;
 ///
 /// let raw = RawPayload::new(Bytes::from_static(br#"{"level":3}"#));
 /// assert_eq!(&raw.payload()[..], br#"{"level":3}"#);
@@ -306,7 +306,7 @@ impl DecodeLayer {
     /// the topic with `/` replaced by `.`.
     ///
     /// ```
-    /// use tower_mqtt_layers::{decode::DecodeLayer, EventRegistry};
+    /// use tower_mqtt::layers::{decode::DecodeLayer, EventRegistry};
     ///
     /// let layer = DecodeLayer::new(EventRegistry::new()).default_type("raw.json");
     /// ```
@@ -343,7 +343,7 @@ impl<S> Layer<S> for DecodeLayer {
 ///
 /// ```
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::{Decode, EventRegistry};
+/// use tower_mqtt::layers::{Decode, EventRegistry};
 ///
 /// let svc = Decode::new(Router::<()>::new(), EventRegistry::fleet());
 /// assert_eq!(svc.get_ref().routes().count(), 0);

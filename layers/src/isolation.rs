@@ -36,7 +36,7 @@
 //! ```
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{Envelope, Outcome, Request};
-//! use tower_mqtt_layers::isolation::IsolationLayer;
+//! use tower_mqtt::layers::isolation::IsolationLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let svc = IsolationLayer::new().layer(service_fn(|req: Request<Envelope>| async move {
@@ -83,7 +83,7 @@ mod tests;
 /// ```
 /// use tower::ServiceBuilder;
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::IsolationLayer;
+/// use tower_mqtt::layers::IsolationLayer;
 ///
 /// let svc = ServiceBuilder::new().layer(IsolationLayer::new()).service(Router::<()>::new());
 /// ```
@@ -127,7 +127,7 @@ impl<S, D: Clone> Layer<S> for IsolationLayer<D> {
 /// ```
 /// use tower::{service_fn, BoxError};
 /// use tower_mqtt::{Envelope, Request};
-/// use tower_mqtt_layers::{DeadLetter, Isolation};
+/// use tower_mqtt::layers::{DeadLetter, Isolation};
 ///
 /// let sink = service_fn(|_: Request<Envelope>| async { Ok::<_, BoxError>(()) });
 /// let svc = Isolation::new(tower_mqtt::Router::<()>::new()).dead_letter(DeadLetter::new(sink));

@@ -12,7 +12,7 @@
 //! placeholder stands for one topic level and is carried across.
 //!
 //! ```
-//! use tower_mqtt_layers::EventRegistry;
+//! use tower_mqtt::layers::EventRegistry;
 //!
 //! let registry = EventRegistry::new()
 //!     .event("stt.final", "stt/final")
@@ -37,7 +37,7 @@ use tower_mqtt_core::TopicName;
 /// keeps it behind an `Arc`).
 ///
 /// ```
-/// use tower_mqtt_layers::EventRegistry;
+/// use tower_mqtt::layers::EventRegistry;
 ///
 /// // The fleet's table plus a service's own events.
 /// let registry = EventRegistry::fleet().event("camera.frame", "camera/frame");
@@ -95,7 +95,7 @@ impl EventRegistry {
     /// `system.health.<svc>` <-> `system/health/<svc>`.
     ///
     /// ```
-    /// use tower_mqtt_layers::EventRegistry;
+    /// use tower_mqtt::layers::EventRegistry;
     ///
     /// let fleet = EventRegistry::fleet();
     /// assert_eq!(fleet.event_type_for("llm/stream").as_deref(), Some("llm.stream"));
@@ -140,7 +140,7 @@ impl EventRegistry {
     /// names the pair.
     ///
     /// ```should_panic
-    /// use tower_mqtt_layers::EventRegistry;
+    /// use tower_mqtt::layers::EventRegistry;
     ///
     /// // panics: invalid event registration "stt.final" <-> "stt/+": ...
     /// EventRegistry::new().event("stt.final", "stt/+");

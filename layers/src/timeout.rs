@@ -19,7 +19,7 @@
 //! use std::time::Duration;
 //! use tower::{service_fn, ServiceBuilder, ServiceExt};
 //! use tower_mqtt::{Envelope, Outcome, Request};
-//! use tower_mqtt_layers::{isolation::IsolationLayer, timeout::{is_timeout, TimeoutLayer, DEFAULT_TIMEOUT}};
+//! use tower_mqtt::layers::{isolation::IsolationLayer, timeout::{is_timeout, TimeoutLayer, DEFAULT_TIMEOUT}};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 //! let svc = ServiceBuilder::new()
@@ -46,7 +46,7 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 ///
 /// ```
 /// use tower_mqtt::HandlerError;
-/// use tower_mqtt_layers::timeout::{is_timeout, Elapsed};
+/// use tower_mqtt::layers::timeout::{is_timeout, Elapsed};
 ///
 /// assert!(is_timeout(&HandlerError::new(Elapsed::new())));
 /// assert!(!is_timeout(&HandlerError::new("db down")));

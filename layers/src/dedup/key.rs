@@ -24,7 +24,7 @@ use tower_mqtt_core::Envelope;
 /// ```
 /// use serde_json::json;
 /// use tower_mqtt::Envelope;
-/// use tower_mqtt_layers::dedup::DedupKey;
+/// use tower_mqtt::layers::dedup::DedupKey;
 ///
 /// // Stream chunks share their id; the seq tells them apart.
 /// let chunk = |seq: i64| Envelope::new("llm.stream", json!({"seq": seq, "delta": "lo"})).unwrap().with_id("ab12");

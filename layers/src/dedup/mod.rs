@@ -48,7 +48,7 @@
 //! ```
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{Envelope, Outcome, Request};
-//! use tower_mqtt_layers::dedup::DedupLayer;
+//! use tower_mqtt::layers::dedup::DedupLayer;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let handler = service_fn(|_: Request<Envelope>| async { Ok::<_, BoxError>(Outcome::Handled) });

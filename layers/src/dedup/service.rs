@@ -28,7 +28,7 @@ use crate::decode::RawPayload;
 /// ```
 /// use tower::ServiceBuilder;
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::dedup::{DedupLayer, DEFAULT_MAX_ENTRIES, DEFAULT_TTL};
+/// use tower_mqtt::layers::dedup::{DedupLayer, DEFAULT_MAX_ENTRIES, DEFAULT_TTL};
 ///
 /// let layer = DedupLayer::new();
 /// assert_eq!((layer.ttl(), layer.max_entries()), (DEFAULT_TTL, DEFAULT_MAX_ENTRIES));
@@ -58,7 +58,7 @@ impl DedupLayer {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_mqtt_layers::dedup::DedupLayer;
+    /// use tower_mqtt::layers::dedup::DedupLayer;
     ///
     /// let layer = DedupLayer::with_limits(Duration::from_secs(60), 10_000);
     /// assert_eq!(layer.ttl(), Duration::from_secs(60));
@@ -77,7 +77,7 @@ impl DedupLayer {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_mqtt_layers::dedup::DedupLayer;
+    /// use tower_mqtt::layers::dedup::DedupLayer;
     ///
     /// let off = DedupLayer::disabled();
     /// assert!(!off.is_enabled());
@@ -136,7 +136,7 @@ impl<S> Layer<S> for DedupLayer {
 /// ```
 /// use std::time::Duration;
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::Dedup;
+/// use tower_mqtt::layers::Dedup;
 ///
 /// let svc = Dedup::with_limits(Router::<()>::new(), Duration::from_secs(60), 4096);
 /// let router: &Router = svc.get_ref();
