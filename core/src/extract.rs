@@ -347,5 +347,4 @@ impl<S, T: Clone + Send + Sync + 'static> FromMessageParts<S> for Extension<T> {
 }
 
 #[cfg(test)]
-#[path = "extract_tests.rs"]
 mod tests;

@@ -260,5 +260,4 @@ impl Future for ResponseFuture {
 }
 
 #[cfg(test)]
-#[path = "batch/tests.rs"]
 mod tests;

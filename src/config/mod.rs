@@ -692,5 +692,3 @@ enum ClientIdOrigin {
 
 #[cfg(test)]
 mod tests;
-#[cfg(test)]
-mod transport_tests;

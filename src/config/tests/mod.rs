@@ -1,6 +1,8 @@
 // The tests reach into every part of the module.
 #![allow(clippy::wildcard_imports)]
 
+mod transport;
+
 use std::{
     collections::HashMap,
     io,

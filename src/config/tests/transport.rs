@@ -11,7 +11,7 @@ use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rumqttc::{ConnectionError, TlsConfiguration, Transport};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError, ClientConfig};
 
-use super::{connect::ConnectionAttempts, *};
+use crate::config::{connect::ConnectionAttempts, *};
 
 // Keys made once with openssl for the formats rcgen does not write; throwaway test keys.
 const RSA_PKCS1: &str = "-----BEGIN RSA PRIVATE KEY-----
