@@ -69,7 +69,7 @@ use std::fmt::{Display, Write as _};
 use std::io::Write as _;
 use std::time::Duration;
 
-use support::{broker_matrix, publish_all, unique_id, AckReport, BrokerKind, Ledger};
+use support::{broker_matrix, publish_all, AckReport, BrokerKind, Ledger};
 use tower_mqtt::{config::Config, Publisher, Router, Running};
 
 /// Bound for a single step (connect, subscribe, a message to arrive, a process).
@@ -92,10 +92,10 @@ fn in_matrix(kind: BrokerKind) -> bool {
 /// A service's configuration for the scenarios: a unique client id, a persistent
 /// session, no dedup layer, everything else as a service has it by default.
 fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
-        .with_client_id(unique_id(name))
-        .with_source_name(name)
+    // The default reconnect delays (0.5 to 5 s), which the restart figures in
+    // docs/RELIABILITY.md were measured with.
+    support::service_config(url, name)
+        .with_reconnect_delays(Duration::from_millis(500), Duration::from_secs(5))
         .with_clean_session(false)
         .with_dedupe(Duration::ZERO, 2048)
 }

@@ -67,10 +67,7 @@ fn errors_about(broker: &str) -> Vec<String> {
 
 fn config(url: &str) -> Config {
     logs();
-    Config::new(url)
-        .expect("test URL")
-        .with_client_id(support::unique_id("tls"))
-        .with_source_name("tls-test")
+    support::service_config(url, "tls-test")
         .with_reconnect_delays(Duration::from_millis(200), Duration::from_secs(1))
 }
 

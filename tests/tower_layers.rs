@@ -24,10 +24,7 @@ use tower_mqtt::{config::Config, Envelope, Request, Router, Running};
 const WAIT: Duration = Duration::from_secs(30);
 
 fn config(url: &str, name: &str) -> Config {
-    Config::new(url)
-        .expect("test URL")
-        .with_client_id(support::unique_id(name))
-        .with_source_name(name)
+    support::service_config(url, name)
 }
 
 async fn publish(url: &str, topic: &str, n: usize) {
