@@ -41,8 +41,9 @@
 //!   Throughput is from reconnecting to the last message handled; `twice`
 //!   counts messages handled more than once.
 //!
-//! Each case runs `E2E_RUNS` times (3), interleaved raw, decode, standard;
-//! the table shows medians, and the ratio of each row to the raw row of its
+//! Each case runs `E2E_RUNS` times (3), interleaved raw, decode, standard
+//! (and, in the steady scenarios, the standard stack with a Prometheus
+//! recorder installed); the table shows medians, and the ratio of each row to the raw row of its
 //! scenario. Every wait has a limit: a case that takes longer than
 //! `E2E_CASE_TIMEOUT` seconds (120) is reported as `timeout` with the count it
 //! reached, and a case that fails or takes more than a third of that is not

@@ -1,4 +1,4 @@
-//! The three consumers under test, all subscribed to `bench/#` and recording
+//! The consumers under test, all subscribed to `bench/#` and recording
 //! every message in the same [`Recorder`]:
 //!
 //! - [`Consumer::Raw`]: the leanest correct rumqttc loop: manual acks, each
@@ -7,7 +7,9 @@
 //! - [`Consumer::Decode`]: a tower-mqtt [`Client`] whose inbound stack only
 //!   decodes (`DecodeLayer`), one route on `bench/#`;
 //! - [`Consumer::Standard`]: the same on `Config::inbound_stack` (decode,
-//!   dedup, span, isolation, retry, timeout).
+//!   dedup, span, isolation, retry, timeout);
+//! - [`Consumer::Metered`]: the standard stack with a Prometheus recorder
+//!   installed (steady scenarios only).
 //!
 //! Health and heartbeat are off, so every consumer handles the load and
 //! nothing else.
@@ -44,6 +46,9 @@ pub(crate) enum Consumer {
     Decode,
     /// tower-mqtt on the standard stack.
     Standard,
+    /// The standard stack with `metrics-exporter-prometheus` installed as the
+    /// metrics recorder and rendered every second, as a scraped service runs.
+    Metered,
 }
 
 impl Consumer {
@@ -56,6 +61,7 @@ impl Consumer {
             Self::Raw => "raw rumqttc + serde",
             Self::Decode => "tower-mqtt decode only",
             Self::Standard => "tower-mqtt InboundStack",
+            Self::Metered => "InboundStack + Prometheus",
         }
     }
 }
@@ -109,6 +115,22 @@ pub(crate) async fn run(spec: &ChildSpec, consumer: Consumer, mode: Mode) -> Opt
             None
         }
     }
+}
+
+/// Installs the Prometheus recorder once per process, with a thread that
+/// renders the exposition every second as a scrape would (rendering also
+/// folds the histograms' samples, which would otherwise pile up).
+fn install_prometheus() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .expect("the only recorder of this process");
+        std::thread::spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            std::hint::black_box(handle.render());
+        });
+    });
 }
 
 /// A started consumer.
@@ -186,10 +208,13 @@ impl Handle {
                 }
             },
         );
+        if consumer == Consumer::Metered {
+            install_prometheus();
+        }
         let serve = tower_mqtt::serve(config.clone(), router);
         let serve = match consumer {
             Consumer::Decode => serve.inbound_stack(DecodeLayer::new(EventRegistry::fleet())),
-            Consumer::Raw | Consumer::Standard => serve,
+            Consumer::Raw | Consumer::Standard | Consumer::Metered => serve,
         };
         Ok(Self::Tower(serve.spawn().map_err(|err| err.to_string())?))
     }

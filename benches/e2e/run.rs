@@ -183,6 +183,13 @@ impl Scenario {
     pub(crate) fn sides(self) -> Vec<Side> {
         match self {
             Self::Publish => PublisherKind::ALL.map(Side::Publisher).to_vec(),
+            // Steady throughput also with a metrics recorder installed: what
+            // observing a service costs.
+            Self::Steady(_) => Consumer::ALL
+                .into_iter()
+                .chain([Consumer::Metered])
+                .map(Side::Consumer)
+                .collect(),
             _ => Consumer::ALL.map(Side::Consumer).to_vec(),
         }
     }
