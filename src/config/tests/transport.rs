@@ -5,12 +5,13 @@
 // The tests reach into every part of the module.
 #![allow(clippy::wildcard_imports)]
 
-use std::{collections::HashMap, io, path::Path, sync::Arc};
+use std::{io, path::Path, sync::Arc};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
 use rumqttc::{ConnectionError, TlsConfiguration, Transport};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError, ClientConfig};
 
+use super::env;
 use crate::config::{connect::ConnectionAttempts, *};
 
 // Keys made once with openssl for the formats rcgen does not write; throwaway test keys.
@@ -83,14 +84,6 @@ CJg8lZtMHIB5JDS8kUycTm44goOhRANCAATNwgJrtt66xQI08XTmNRov7x03FQPi
 LdTB3UzAtXizKr/K8yVVd2M1YC29r47qCNFhvL5t5y0AIPGlBFFdIbKJ
 -----END PRIVATE KEY-----
 ";
-
-fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-    let map: HashMap<String, String> = vars
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    move |name| map.get(name).cloned()
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
