@@ -1,4 +1,5 @@
 use super::*;
+use crate::outcome::HandlerError;
 use serde_json::json;
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
