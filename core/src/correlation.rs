@@ -4,8 +4,9 @@
 //! the request it answers. While a message is handled, its id is available two
 //! ways:
 //!
-//! - as a [`CorrelationId`] in the request's extensions, explicit and easy to pass
-//!   to a spawned task;
+//! - as the request's [`correlation_id`](crate::Request::correlation_id), and
+//!   as a handler argument ([`CorrelationId`] is an extractor), explicit and
+//!   easy to pass to a spawned task;
 //! - as the task-local [`current`], set around the handler's future by
 //!   [`scope`], so a publish deep inside the handler can correlate without the id
 //!   being threaded through every call.

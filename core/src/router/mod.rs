@@ -9,9 +9,9 @@
 //! use tower::ServiceExt;
 //! use tower_mqtt::{Data, Envelope, Outcome, QoS, Request, Router, Subscription, TopicParams};
 //!
-//! async fn on_frame(req: Request<Envelope>) {
-//!     let camera = req.extensions().get::<TopicParams>().unwrap().get(0).unwrap();
-//!     assert_eq!(camera, "front");
+//! async fn on_frame(params: TopicParams, req: Request<Envelope>) {
+//!     assert_eq!(params.get(0), Some("front"));
+//!     assert_eq!(req.topic_params(), Some(&params));
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -448,13 +448,13 @@ impl Service<Request<Envelope>> for Router<()> {
             1 => {
                 let (_, service, params) = matched.pop().expect("one route");
                 let mut req = req;
-                req.extensions_mut().insert(params);
+                req.set_topic_params(params);
                 Box::pin(service.oneshot(req))
             }
             _ => {
                 let runs = matched.into_iter().map(|(filter, service, params)| {
                     let mut req = req.clone();
-                    req.extensions_mut().insert(params);
+                    req.set_topic_params(params);
                     service.oneshot(req).map(move |outcome| {
                         (filter, outcome.unwrap_or_else(|never| match never {}))
                     })
