@@ -29,6 +29,8 @@
 
 use std::{fmt, future::Future, sync::Arc};
 
+use crate::envelope::Envelope;
+
 /// The id that ties a request to its replies: the request envelope's `id`.
 ///
 /// Cheap to clone.
@@ -47,6 +49,18 @@ impl CorrelationId {
     /// Wraps an id.
     pub fn new(id: impl AsRef<str>) -> Self {
         Self(id.as_ref().into())
+    }
+
+    /// The id of `envelope`, sharing its string: no copy.
+    ///
+    /// ```
+    /// use tower_mqtt::{correlation::CorrelationId, Envelope};
+    ///
+    /// let env = Envelope::from_map("llm.request", Default::default()).with_id("3f1c9b1e");
+    /// assert_eq!(CorrelationId::of(&env).as_str(), "3f1c9b1e");
+    /// ```
+    pub fn of(envelope: &Envelope) -> Self {
+        Self(envelope.shared_id().clone())
     }
 
     /// The id.

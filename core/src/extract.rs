@@ -324,7 +324,7 @@ impl<S> FromMessageParts<S> for CorrelationId {
         Ok(req
             .correlation_id()
             .cloned()
-            .unwrap_or_else(|| CorrelationId::new(req.body().id())))
+            .unwrap_or_else(|| CorrelationId::of(req.body())))
     }
 }
 

@@ -254,7 +254,7 @@ where
 
     fn call(&mut self, mut req: Request<Envelope>) -> Self::Future {
         let span = self.make_span.make_span(&req);
-        let id = CorrelationId::new(req.body().id());
+        let id = CorrelationId::of(req.body());
         req.set_correlation_id(id.clone());
         let future = {
             let _entered = span.enter();

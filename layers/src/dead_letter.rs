@@ -332,7 +332,7 @@ where
             return;
         };
         let (sink, timeout) = (self.sink.clone(), self.timeout);
-        let id = CorrelationId::new(letter.body().id());
+        let id = CorrelationId::of(letter.body());
         letter.set_correlation_id(id.clone());
         let topic = letter.topic().clone();
         let publish = async move {
