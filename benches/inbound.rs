@@ -40,12 +40,19 @@ use std::{
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use tokio::runtime::Runtime;
-use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower::{
+    retry::budget::{Budget, TpsBudget},
+    Layer, Service, ServiceBuilder, ServiceExt,
+};
 use tower_mqtt::{Envelope, Outcome, Request, Router};
 use tower_mqtt_layers::{
-    correlation_span::CorrelationSpanLayer, decode::DecodeLayer, dedup::DedupKey,
-    isolation::IsolationLayer, retry::MessageRetryLayer, timeout::TimeoutLayer, DedupLayer,
-    EventRegistry, InboundStack,
+    correlation_span::CorrelationSpanLayer,
+    decode::DecodeLayer,
+    dedup::DedupKey,
+    isolation::IsolationLayer,
+    retry::{MessageRetryLayer, RetryBudget},
+    timeout::TimeoutLayer,
+    DedupLayer, EventRegistry, InboundStack,
 };
 
 /// More than the dedup store holds (2048), so a message is new when it comes
@@ -260,6 +267,15 @@ fn parts(c: &mut Criterion) {
             next += 1;
             black_box(DedupKey::new(decoded[next % decoded.len()].body()))
         });
+    });
+    // What a retry layer's budget costs each message: one deposit.
+    let tps = TpsBudget::default();
+    c.bench_function("parts/budget_deposit_tps", |b| {
+        b.iter(|| black_box(&tps).deposit());
+    });
+    let ours = RetryBudget::default();
+    c.bench_function("parts/budget_deposit", |b| {
+        b.iter(|| black_box(&ours).deposit());
     });
     let mut next = 0;
     let route_only = router();

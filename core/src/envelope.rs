@@ -362,7 +362,11 @@ impl Envelope {
         // for a non-finite `ts`, which JSON cannot express and is written as null
         // by serde_json's `Value` path; encode it as 0 to keep the contract.
         let fields = &*self.0;
-        let ts = if fields.ts.is_finite() { fields.ts } else { 0.0 };
+        let ts = if fields.ts.is_finite() {
+            fields.ts
+        } else {
+            0.0
+        };
         let wire = Wire {
             id: &fields.id,
             event_type: &fields.event_type,
