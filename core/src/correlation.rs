@@ -4,8 +4,9 @@
 //! the request it answers. While a message is handled, its id is available two
 //! ways:
 //!
-//! - as a [`CorrelationId`] in the request's extensions, explicit and easy to pass
-//!   to a spawned task;
+//! - as the request's [`correlation_id`](crate::Request::correlation_id), and
+//!   as a handler argument ([`CorrelationId`] is an extractor), explicit and
+//!   easy to pass to a spawned task;
 //! - as the task-local [`current`], set around the handler's future by
 //!   [`scope`], so a publish deep inside the handler can correlate without the id
 //!   being threaded through every call.
@@ -28,6 +29,8 @@
 
 use std::{fmt, future::Future, sync::Arc};
 
+use crate::envelope::Envelope;
+
 /// The id that ties a request to its replies: the request envelope's `id`.
 ///
 /// Cheap to clone.
@@ -46,6 +49,18 @@ impl CorrelationId {
     /// Wraps an id.
     pub fn new(id: impl AsRef<str>) -> Self {
         Self(id.as_ref().into())
+    }
+
+    /// The id of `envelope`, sharing its string: no copy.
+    ///
+    /// ```
+    /// use tower_mqtt::{correlation::CorrelationId, Envelope};
+    ///
+    /// let env = Envelope::from_map("llm.request", Default::default()).with_id("3f1c9b1e");
+    /// assert_eq!(CorrelationId::of(&env).as_str(), "3f1c9b1e");
+    /// ```
+    pub fn of(envelope: &Envelope) -> Self {
+        Self(envelope.shared_id().clone())
     }
 
     /// The id.

@@ -34,12 +34,16 @@
 //! ```
 
 use std::{
+    fmt,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{
+    de::{self, DeserializeOwned, Visitor},
+    Deserialize, Deserializer, Serialize,
+};
 use serde_json::{Map, Value};
 
 /// The `source` of an envelope built without one; the fleet's Python default.
@@ -71,25 +75,85 @@ pub enum EnvelopeError {
 ///
 /// The fields are private so that the wire shape cannot drift: read them with
 /// the accessors, change them with the `with_*` builders.
+///
+/// Cloning is one reference count: a clone shares the fields, data included
+/// (the retry layer keeps a copy of every message it runs). A change through
+/// a builder or [`data_mut`](Self::data_mut) copies them first if they are
+/// shared.
+#[derive(Clone, PartialEq)]
+pub struct Envelope(Arc<Fields>);
+
+/// The five keys, in their order on the wire.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Envelope {
-    #[serde(default = "new_id")]
-    id: String,
+#[serde(rename = "Envelope", deny_unknown_fields)]
+struct Fields {
+    /// An `Arc` of its own, for a [`CorrelationId`](crate::correlation::CorrelationId)
+    /// that shares it.
+    #[serde(default = "new_shared_id", deserialize_with = "shared_str")]
+    id: Arc<str>,
     #[serde(rename = "type")]
     event_type: String,
     #[serde(default = "now")]
     ts: f64,
     #[serde(default = "default_source")]
     source: String,
-    /// Shared, so that cloning a request (retry keeps a copy of every
-    /// message) does not copy its data.
     #[serde(default)]
-    data: Arc<Map<String, Value>>,
+    data: Map<String, Value>,
+}
+
+impl Serialize for Envelope {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Envelope {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Fields::deserialize(deserializer).map(|fields| Self(Arc::new(fields)))
+    }
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let fields = &*self.0;
+        f.debug_struct("Envelope")
+            .field("id", &fields.id)
+            .field("event_type", &fields.event_type)
+            .field("ts", &fields.ts)
+            .field("source", &fields.source)
+            .field("data", &fields.data)
+            .finish()
+    }
 }
 
 fn default_source() -> String {
     DEFAULT_SOURCE.to_owned()
+}
+
+/// Decodes a string straight into an `Arc<str>`: one allocation, as for a
+/// `String` (serde's own `Arc<str>` decodes a `Box<str>` and copies it).
+fn shared_str<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Arc<str>, D::Error> {
+    struct SharedStr;
+
+    impl Visitor<'_> for SharedStr {
+        type Value = Arc<str>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<Arc<str>, E> {
+            Ok(value.into())
+        }
+    }
+
+    deserializer.deserialize_str(SharedStr)
+}
+
+/// [`new_id`] without the intermediate `String`.
+fn new_shared_id() -> Arc<str> {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    (&*uuid::Uuid::new_v4().simple().encode_lower(&mut buffer)).into()
 }
 
 /// A fresh id in the fleet's form: a uuid4 as 32 lowercase hex digits.
@@ -165,13 +229,13 @@ impl Envelope {
     /// assert!(empty.data().is_empty());
     /// ```
     pub fn from_map(event_type: impl Into<String>, data: Map<String, Value>) -> Self {
-        Self {
-            id: new_id(),
+        Self(Arc::new(Fields {
+            id: new_shared_id(),
             event_type: event_type.into(),
             ts: now(),
             source: default_source(),
-            data: Arc::new(data),
-        }
+            data,
+        }))
     }
 
     /// A reply or stream chunk for `request`: a new event that reuses the
@@ -191,13 +255,15 @@ impl Envelope {
         event_type: impl Into<String>,
         data: impl Serialize,
     ) -> Result<Self, EnvelopeError> {
-        Ok(Self::new(event_type, data)?.with_id(request.id.clone()))
+        let mut reply = Self::new(event_type, data)?;
+        reply.fields_mut().id = request.0.id.clone();
+        Ok(reply)
     }
 
     /// Replaces the id: the fleet's "correlate" (a reply takes the request's id).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = id.into();
+        self.fields_mut().id = id.into().into();
         self
     }
 
@@ -211,55 +277,67 @@ impl Envelope {
     /// ```
     #[must_use]
     pub fn with_source(mut self, source: impl Into<String>) -> Self {
-        self.source = source.into();
+        self.fields_mut().source = source.into();
         self
     }
 
     /// Replaces the timestamp (epoch seconds).
     #[must_use]
     pub fn with_ts(mut self, ts: f64) -> Self {
-        self.ts = ts;
+        self.fields_mut().ts = ts;
         self
+    }
+
+    /// The fields, to change: copied first if a clone shares them.
+    fn fields_mut(&mut self) -> &mut Fields {
+        Arc::make_mut(&mut self.0)
     }
 
     /// The id.
     pub fn id(&self) -> &str {
-        &self.id
+        &self.0.id
+    }
+
+    /// The id as it is stored, for a [`CorrelationId`](crate::correlation::CorrelationId)
+    /// that shares it.
+    pub(crate) fn shared_id(&self) -> &Arc<str> {
+        &self.0.id
     }
 
     /// The event type (the `type` key).
     pub fn event_type(&self) -> &str {
-        &self.event_type
+        &self.0.event_type
     }
 
     /// The timestamp in epoch seconds.
     pub fn ts(&self) -> f64 {
-        self.ts
+        self.0.ts
     }
 
     /// The emitting service.
     pub fn source(&self) -> &str {
-        &self.source
+        &self.0.source
     }
 
     /// The payload object.
     pub fn data(&self) -> &Map<String, Value> {
-        &self.data
+        &self.0.data
     }
 
-    /// The payload object, mutably.
+    /// The payload object, mutably; copied first if a clone of the envelope
+    /// shares it.
     pub fn data_mut(&mut self) -> &mut Map<String, Value> {
-        Arc::make_mut(&mut self.data)
+        &mut self.fields_mut().data
     }
 
     /// Consumes the envelope and returns its payload object.
     pub fn into_data(self) -> Map<String, Value> {
-        Arc::unwrap_or_clone(self.data)
+        Arc::unwrap_or_clone(self.0).data
     }
 
     /// `data.seq` when it is an integer: the position of a stream chunk.
     pub fn seq(&self) -> Option<i64> {
-        self.data.get("seq").and_then(Value::as_i64)
+        self.0.data.get("seq").and_then(Value::as_i64)
     }
 
     /// Decodes `data` into `T`.
@@ -275,7 +353,7 @@ impl Envelope {
     /// assert!(env.data_as::<Vec<u8>>().is_err());
     /// ```
     pub fn data_as<T: DeserializeOwned>(&self) -> Result<T, EnvelopeError> {
-        T::deserialize(&*self.data).map_err(EnvelopeError::Data)
+        T::deserialize(&self.0.data).map_err(EnvelopeError::Data)
     }
 
     /// Encodes the envelope as JSON: exactly the five keys.
@@ -283,13 +361,18 @@ impl Envelope {
         // Only strings, a float and a JSON map: serializing cannot fail, except
         // for a non-finite `ts`, which JSON cannot express and is written as null
         // by serde_json's `Value` path; encode it as 0 to keep the contract.
-        let ts = if self.ts.is_finite() { self.ts } else { 0.0 };
+        let fields = &*self.0;
+        let ts = if fields.ts.is_finite() {
+            fields.ts
+        } else {
+            0.0
+        };
         let wire = Wire {
-            id: &self.id,
-            event_type: &self.event_type,
+            id: &fields.id,
+            event_type: &fields.event_type,
             ts,
-            source: &self.source,
-            data: &self.data,
+            source: &fields.source,
+            data: &fields.data,
         };
         serde_json::to_vec(&wire).unwrap_or_default()
     }
@@ -356,6 +439,51 @@ mod tests {
         let ours: Value = serde_json::from_slice(&env.to_vec()).unwrap();
         let theirs: Value = serde_json::from_str(PYTHON_FIXTURE).unwrap();
         assert_eq!(ours, theirs);
+    }
+
+    #[test]
+    fn the_wire_bytes_are_pinned() {
+        let env = Envelope::from_slice(PYTHON_FIXTURE.as_bytes()).unwrap();
+        // `data` comes out with its keys sorted (serde_json's map); the rest
+        // in the contract's order.
+        let expected = r#"{"id":"3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19","type":"stt.final","ts":1732650123.456789,"source":"stt-worker","data":{"confidence":0.93,"is_final":true,"text":"turn on the lights"}}"#;
+        assert_eq!(String::from_utf8(env.to_vec()).unwrap(), expected);
+        // The derived serializer (used by serde_json::to_value and by anyone
+        // who serializes an envelope directly) writes the same bytes.
+        assert_eq!(serde_json::to_string(&env).unwrap(), expected);
+        let escaped = Envelope::from_slice(
+            br#"{"id":"a\"b","type":"t\u00e9","ts":1.5,"source":"s\\n","data":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (escaped.id(), escaped.event_type(), escaped.source()),
+            ("a\"b", "t\u{e9}", "s\\n")
+        );
+        assert_eq!(
+            String::from_utf8(escaped.to_vec()).unwrap(),
+            r#"{"id":"a\"b","type":"té","ts":1.5,"source":"s\\n","data":{}}"#
+        );
+    }
+
+    #[test]
+    fn clones_share_until_changed() {
+        let env = Envelope::from_slice(PYTHON_FIXTURE.as_bytes()).unwrap();
+        let mut copy = env.clone();
+        assert!(Arc::ptr_eq(&env.0, &copy.0));
+        copy.data_mut().insert("extra".into(), json!(1));
+        let copy = copy.with_source("other");
+        assert!(!env.data().contains_key("extra"));
+        assert_eq!(env.source(), "stt-worker");
+        assert_eq!((copy.source(), copy.id()), ("other", env.id()));
+        assert_eq!(
+            format!("{env:?}"),
+            format!(
+                "Envelope {{ id: {:?}, event_type: \"stt.final\", ts: {:?}, source: \"stt-worker\", data: {:?} }}",
+                env.id(),
+                env.ts(),
+                env.data()
+            )
+        );
     }
 
     #[test]

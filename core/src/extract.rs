@@ -12,6 +12,7 @@
 //! | [`Wildcard<T>`] | the value of the filter's single wildcard, parsed into `T` |
 //! | [`Wildcards<(A, B, ..)>`](Wildcards) | the values of every wildcard, parsed |
 //! | [`TopicParams`], [`TopicName`], [`QoS`] | the wildcard values, the topic, the QoS |
+//! | [`CorrelationId`] | the id that ties the message to its replies |
 //! | [`Extension<T>`] | a value a layer put into the request's extensions |
 //! | `Request<Envelope>`, [`Envelope`] | the whole message (last argument only) |
 //!
@@ -45,11 +46,12 @@
 //! # }
 //! ```
 
-use std::{fmt, str::FromStr};
+use std::{any::TypeId, fmt, str::FromStr};
 
 use serde::de::DeserializeOwned;
 
 use crate::{
+    correlation::CorrelationId,
     envelope::Envelope,
     outcome::HandlerError,
     request::{QoS, Request},
@@ -276,7 +278,7 @@ impl<S, T: FromWildcards> FromMessageParts<S> for Wildcards<T> {
 }
 
 fn params(req: &Request<Envelope>) -> Result<&TopicParams, HandlerError> {
-    req.extensions().get::<TopicParams>().ok_or_else(|| {
+    req.topic_params().ok_or_else(|| {
         HandlerError::permanent(format!(
             "no wildcard values for {}: the request did not come through a Router",
             req.topic()
@@ -306,6 +308,26 @@ impl<S> FromMessageParts<S> for TopicParams {
     }
 }
 
+/// The message's correlation id: the one the correlation layer set
+/// ([`Request::correlation_id`]), else the envelope's id, which is what that
+/// layer sets. Never fails.
+///
+/// ```
+/// use tower_mqtt::correlation::CorrelationId;
+///
+/// async fn traced(id: CorrelationId) {
+///     tokio::spawn(async move { println!("still working on {id}") });
+/// }
+/// ```
+impl<S> FromMessageParts<S> for CorrelationId {
+    fn from_message_parts(req: &Request<Envelope>, _state: &S) -> Result<Self, HandlerError> {
+        Ok(req
+            .correlation_id()
+            .cloned()
+            .unwrap_or_else(|| CorrelationId::of(req.body())))
+    }
+}
+
 impl<S> FromMessageParts<S> for TopicName {
     fn from_message_parts(req: &Request<Envelope>, _state: &S) -> Result<Self, HandlerError> {
         Ok(req.topic().clone())
@@ -321,11 +343,32 @@ impl<S> FromMessageParts<S> for QoS {
 /// A value a layer put into the request's extensions.
 ///
 /// ```
-/// use tower_mqtt::{correlation::CorrelationId, extract::Extension};
+/// use tower_mqtt::extract::Extension;
 ///
-/// async fn traced(Extension(id): Extension<CorrelationId>) {
-///     println!("handling {id}");
+/// /// Put into the extensions by a layer of the service's own.
+/// #[derive(Clone)]
+/// struct Tenant(String);
+///
+/// async fn per_tenant(Extension(tenant): Extension<Tenant>) {
+///     println!("handling for {}", tenant.0);
 /// }
+/// ```
+///
+/// The topic parameters and the correlation id are not extensions but fields
+/// of the request, so `Extension<TopicParams>` and `Extension<CorrelationId>`
+/// fail the message with a message that says so: take [`TopicParams`] or
+/// [`CorrelationId`] as arguments of their own instead.
+///
+/// ```
+/// use tower::ServiceExt;
+/// use tower_mqtt::{extract::Extension, Envelope, Request, Router, TopicParams};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let router = Router::new().route("rooms/+", |_: Extension<TopicParams>| async {});
+/// let env = Envelope::new("room.state", serde_json::json!({})).unwrap();
+/// let outcome = router.oneshot(Request::builder("rooms/kitchen").body(env).unwrap()).await.unwrap();
+/// assert!(outcome.error().unwrap().to_string().contains("take `TopicParams` as a handler argument"));
+/// # }
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Extension<T>(pub T);
@@ -337,8 +380,18 @@ impl<S, T: Clone + Send + Sync + 'static> FromMessageParts<S> for Extension<T> {
             .cloned()
             .map(Extension)
             .ok_or_else(|| {
+                let wanted = TypeId::of::<T>();
+                let hint = if wanted == TypeId::of::<TopicParams>() {
+                    ": the topic parameters are not an extension; take `TopicParams` as a \
+                     handler argument, or read `Request::topic_params`"
+                } else if wanted == TypeId::of::<CorrelationId>() {
+                    ": the correlation id is not an extension; take `CorrelationId` as a \
+                     handler argument, or read `Request::correlation_id`"
+                } else {
+                    ""
+                };
                 HandlerError::permanent(format!(
-                    "no {} in the extensions of the message on {}",
+                    "no {} in the extensions of the message on {}{hint}",
                     std::any::type_name::<T>(),
                     req.topic()
                 ))

@@ -2,9 +2,12 @@
 //!
 //! A request is the topic and flags of a PUBLISH packet around a body: raw
 //! [`Bytes`] as it comes off the wire, an [`Envelope`](crate::Envelope) once
-//! decoded. Like `http::Request`, it carries typed [`Extensions`] so one layer can
-//! leave data for the next (the router leaves [`TopicParams`](crate::TopicParams),
-//! a correlation layer leaves the correlation id).
+//! decoded. Two things every handled message has are fields of their own,
+//! cheap to copy: the values of the route's wildcards
+//! ([`Request::topic_params`], left by the router) and the correlation id
+//! ([`Request::correlation_id`], left by the correlation layer). Anything else
+//! a layer leaves for the next goes into typed [`Extensions`], as in
+//! `http::Request`.
 //!
 //! ```
 //! use bytes::Bytes;
@@ -17,7 +20,8 @@
 //! assert_eq!(req.topic(), "llm/request");
 //! assert_eq!(req.qos(), QoS::AtLeastOnce);
 //!
-//! // Changing the body keeps the topic, flags and extensions.
+//! // Changing the body keeps the topic, flags, parameters, correlation id and
+//! // extensions.
 //! let req = req.map(|bytes| bytes.len());
 //! assert_eq!(*req.body(), 15);
 //! ```
@@ -27,7 +31,10 @@ use std::fmt;
 use bytes::Bytes;
 pub use http::Extensions;
 
-use crate::topic::{TopicError, TopicName};
+use crate::{
+    correlation::CorrelationId,
+    topic::{TopicError, TopicName, TopicParams},
+};
 
 /// Marks a delivery that repeats a message this client handled and
 /// acknowledged on an earlier connection: the same packet id, topic and
@@ -101,14 +108,19 @@ impl From<QoS> for u8 {
 /// An incoming message: the topic and flags of a PUBLISH around a body `T`.
 ///
 /// `T` is [`Bytes`] off the wire and [`Envelope`](crate::Envelope) after
-/// decoding. Cloning is cheap when `T` is (topics are shared strings), except for
-/// the extensions, which are cloned entry by entry.
+/// decoding. Cloning is cheap when `T` is: the topic, the
+/// [topic parameters](Self::topic_params) and the
+/// [correlation id](Self::correlation_id) are shared, and the extensions,
+/// which are cloned entry by entry, are empty unless a layer or the runtime
+/// put something there.
 #[derive(Clone)]
 pub struct Request<T> {
     topic: TopicName,
     qos: QoS,
     retain: bool,
     dup: bool,
+    topic_params: Option<TopicParams>,
+    correlation_id: Option<CorrelationId>,
     extensions: Extensions,
     body: T,
 }
@@ -128,6 +140,8 @@ impl<T> Request<T> {
             qos: QoS::default(),
             retain: false,
             dup: false,
+            topic_params: None,
+            correlation_id: None,
             extensions: Extensions::new(),
             body,
         }
@@ -169,6 +183,72 @@ impl<T> Request<T> {
         self.body
     }
 
+    /// The values the topic gave to the wildcards of the route's filter, set
+    /// by the [`Router`](crate::Router) before it calls the route; `None`
+    /// before routing. Handlers take them with the [`TopicParams`],
+    /// [`Wildcard`](crate::extract::Wildcard) and
+    /// [`Wildcards`](crate::extract::Wildcards) extractors.
+    ///
+    /// ```
+    /// use tower::ServiceExt;
+    /// use tower_mqtt::{Envelope, Request, Router};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let router = Router::new().route("camera/+/frame", |req: Request<Envelope>| async move {
+    ///     assert_eq!(req.topic_params().unwrap().get(0), Some("front"));
+    /// });
+    /// let env = Envelope::new("camera.frame", serde_json::json!({})).unwrap();
+    /// let req = Request::builder("camera/front/frame").body(env).unwrap();
+    /// assert!(req.topic_params().is_none());
+    /// assert!(router.oneshot(req).await.unwrap().error().is_none());
+    /// # }
+    /// ```
+    pub fn topic_params(&self) -> Option<&TopicParams> {
+        self.topic_params.as_ref()
+    }
+
+    /// Sets the [topic parameters](Self::topic_params): what the router does
+    /// for each route it calls. A cheap clone of `params` shares its values.
+    ///
+    /// ```
+    /// use tower_mqtt::{Request, TopicFilter, TopicName};
+    ///
+    /// let topic = TopicName::new("rooms/kitchen").unwrap();
+    /// let params = TopicFilter::new("rooms/+").unwrap().captures(&topic).unwrap();
+    /// let mut req = Request::new(topic, ());
+    /// req.set_topic_params(params);
+    /// assert_eq!(req.topic_params().unwrap().get(0), Some("kitchen"));
+    /// ```
+    pub fn set_topic_params(&mut self, params: TopicParams) {
+        self.topic_params = Some(params);
+    }
+
+    /// The correlation id of the message: inbound, set by the correlation
+    /// span layer (`tower_mqtt::layers::CorrelationSpanLayer`) to the
+    /// envelope's id, `None` before it; outbound, set by the encode layer to
+    /// the envelope's id, so the layers below it, which see only bytes, can
+    /// log it. Handlers take it with the [`CorrelationId`] extractor, and
+    /// [`correlation::current`](crate::correlation::current) gives it
+    /// anywhere in the handler's future.
+    ///
+    /// ```
+    /// use tower_mqtt::{correlation::CorrelationId, Request, TopicName};
+    ///
+    /// let mut req = Request::new(TopicName::new("llm/request").unwrap(), ());
+    /// assert!(req.correlation_id().is_none());
+    /// req.set_correlation_id(CorrelationId::new("3f1c9b1e"));
+    /// assert_eq!(req.correlation_id().unwrap().as_str(), "3f1c9b1e");
+    /// ```
+    pub fn correlation_id(&self) -> Option<&CorrelationId> {
+        self.correlation_id.as_ref()
+    }
+
+    /// Sets the [correlation id](Self::correlation_id); cloning a
+    /// [`CorrelationId`] shares its string.
+    pub fn set_correlation_id(&mut self, id: CorrelationId) {
+        self.correlation_id = Some(id);
+    }
+
     /// Typed data that layers attach for later layers and handlers.
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
@@ -205,7 +285,8 @@ impl<T> Request<T> {
         self.dup = dup;
     }
 
-    /// Replaces the body with `f(body)`, keeping topic, flags and extensions.
+    /// Replaces the body with `f(body)`, keeping the topic, flags, topic
+    /// parameters, correlation id and extensions.
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Request<U> {
         let (parts, body) = self.into_parts();
         Request::from_parts(parts, f(body))
@@ -219,6 +300,8 @@ impl<T> Request<T> {
                 qos: self.qos,
                 retain: self.retain,
                 dup: self.dup,
+                topic_params: self.topic_params,
+                correlation_id: self.correlation_id,
                 extensions: self.extensions,
             },
             self.body,
@@ -232,6 +315,8 @@ impl<T> Request<T> {
             qos: parts.qos,
             retain: parts.retain,
             dup: parts.dup,
+            topic_params: parts.topic_params,
+            correlation_id: parts.correlation_id,
             extensions: parts.extensions,
             body,
         }
@@ -247,6 +332,8 @@ impl Request<()> {
             qos: QoS::default(),
             retain: false,
             dup: false,
+            topic_params: None,
+            correlation_id: None,
             extensions: Extensions::new(),
         }
     }
@@ -259,6 +346,8 @@ impl<T: fmt::Debug> fmt::Debug for Request<T> {
             .field("qos", &self.qos)
             .field("retain", &self.retain)
             .field("dup", &self.dup)
+            .field("topic_params", &self.topic_params)
+            .field("correlation_id", &self.correlation_id)
             .field("body", &self.body)
             .finish_non_exhaustive()
     }
@@ -286,6 +375,10 @@ pub struct Parts {
     pub retain: bool,
     /// The DUP flag.
     pub dup: bool,
+    /// The values of the route's wildcards; see [`Request::topic_params`].
+    pub topic_params: Option<TopicParams>,
+    /// The correlation id; see [`Request::correlation_id`].
+    pub correlation_id: Option<CorrelationId>,
     /// The extensions.
     pub extensions: Extensions,
 }
@@ -310,6 +403,8 @@ pub struct Builder {
     qos: QoS,
     retain: bool,
     dup: bool,
+    topic_params: Option<TopicParams>,
+    correlation_id: Option<CorrelationId>,
     extensions: Extensions,
 }
 
@@ -332,6 +427,39 @@ impl Builder {
         self
     }
 
+    /// Sets the [topic parameters](Request::topic_params), as a router
+    /// would: for a request built in a test of a handler that reads them.
+    ///
+    /// ```
+    /// use tower_mqtt::{Request, TopicFilter, TopicName};
+    ///
+    /// let topic = TopicName::new("rooms/kitchen").unwrap();
+    /// let params = TopicFilter::new("rooms/+").unwrap().captures(&topic).unwrap();
+    /// let req = Request::builder("rooms/kitchen").topic_params(params).body(()).unwrap();
+    /// assert_eq!(req.topic_params().unwrap().get(0), Some("kitchen"));
+    /// ```
+    pub fn topic_params(mut self, params: TopicParams) -> Self {
+        self.topic_params = Some(params);
+        self
+    }
+
+    /// Sets the [correlation id](Request::correlation_id), as the
+    /// correlation layer would.
+    ///
+    /// ```
+    /// use tower_mqtt::{correlation::CorrelationId, Request};
+    ///
+    /// let req = Request::builder("llm/request")
+    ///     .correlation_id(CorrelationId::new("3f1c9b1e"))
+    ///     .body(())
+    ///     .unwrap();
+    /// assert_eq!(req.correlation_id().unwrap().as_str(), "3f1c9b1e");
+    /// ```
+    pub fn correlation_id(mut self, id: CorrelationId) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
     /// Adds an extension.
     pub fn extension<E: Clone + Send + Sync + 'static>(mut self, value: E) -> Self {
         self.extensions.insert(value);
@@ -345,6 +473,8 @@ impl Builder {
             qos: self.qos,
             retain: self.retain,
             dup: self.dup,
+            topic_params: self.topic_params,
+            correlation_id: self.correlation_id,
             extensions: self.extensions,
             body,
         })
@@ -371,5 +501,26 @@ mod tests {
         let req = req.map(|n| n * 2);
         assert_eq!(*req.body(), 2);
         assert_eq!(req.extensions().get::<u32>(), Some(&7));
+    }
+
+    #[test]
+    fn params_and_correlation_id_survive_map_parts_and_clone() {
+        let topic = TopicName::new("rooms/kitchen").unwrap();
+        let params = crate::TopicFilter::new("rooms/+")
+            .unwrap()
+            .captures(&topic)
+            .unwrap();
+        let req = Request::builder("rooms/kitchen")
+            .topic_params(params.clone())
+            .correlation_id(CorrelationId::new("c-1"))
+            .body(1)
+            .unwrap();
+        let req = req.map(|n| n + 1);
+        let (parts, body) = req.into_parts();
+        assert_eq!(parts.topic_params.as_ref(), Some(&params));
+        let req = Request::from_parts(parts, body).clone();
+        assert_eq!(req.topic_params(), Some(&params));
+        assert_eq!(req.correlation_id().unwrap().as_str(), "c-1");
+        assert!(req.extensions().is_empty());
     }
 }

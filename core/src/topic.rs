@@ -391,17 +391,22 @@ impl From<TopicName> for TopicFilter {
 
 /// The values a topic gave to a filter's wildcards, in order.
 ///
-/// The [`Router`](crate::Router) puts them in the request's extensions, so a
-/// handler for `camera/+/frame` can read the camera id:
+/// The [`Router`](crate::Router) sets them on the request it hands a route
+/// ([`Request::topic_params`](crate::Request::topic_params)), and a handler
+/// takes them as an argument, so a handler for `camera/+/frame` can read the
+/// camera id (or take it parsed, with [`Wildcard`](crate::extract::Wildcard)):
 ///
 /// ```
-/// use tower_mqtt::{Request, TopicParams, Envelope};
+/// use tower_mqtt::TopicParams;
 ///
-/// async fn on_frame(req: Request<Envelope>) {
-///     let camera = req.extensions().get::<TopicParams>().and_then(|p| p.get(0));
+/// async fn on_frame(params: TopicParams) {
+///     let camera = params.get(0);
 ///     println!("frame from {camera:?}");
 /// }
 /// ```
+///
+/// They are not in the request's extensions: `Extension<TopicParams>` fails
+/// the message, with a message that says where they are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TopicParams(Arc<[Arc<str>]>);
 

@@ -8,14 +8,16 @@
 //!   [`Decode`](crate::decode::Decode)). The span is entered while the inner
 //!   service's `call` runs and on every poll of its future, so everything the
 //!   inner layers and the handler log carries these fields;
-//! - inserts the id as a [`CorrelationId`] into the request's extensions, for
-//!   code that runs in the inner `call` or hands the id to a spawned task;
+//! - sets the id as the request's
+//!   [`correlation_id`](tower_mqtt_core::Request::correlation_id), for code
+//!   that runs in the inner `call` or hands the id to a spawned task (a
+//!   handler takes it as a [`CorrelationId`] argument);
 //! - runs the inner future inside [`correlation::scope`], so
 //!   [`correlation::current`] gives the id anywhere in the handler's future, and
 //!   a publish made while handling the message can correlate its reply without
 //!   the id being passed along. A task spawned by the handler does not inherit
-//!   it (pass the extension). Inner services' `call` methods run before the
-//!   future and outside the scope: they read the extension.
+//!   it (pass the id). Inner services' `call` methods run before the
+//!   future and outside the scope: they read the request's id.
 //!
 //! Put it outside error isolation, so the errors isolation logs are inside the
 //! span.
@@ -27,7 +29,7 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let handler = service_fn(|req: Request<Envelope>| async move {
-//!     let id = req.extensions().get::<CorrelationId>().unwrap();
+//!     let id = req.correlation_id().unwrap();
 //!     assert_eq!(id.as_str(), "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
 //!     assert_eq!(correlation::current().as_ref(), Some(id));
 //!     tracing::info!("handling"); // logged inside the `mqtt.message` span
@@ -252,8 +254,8 @@ where
 
     fn call(&mut self, mut req: Request<Envelope>) -> Self::Future {
         let span = self.make_span.make_span(&req);
-        let id = CorrelationId::new(req.body().id());
-        req.extensions_mut().insert(id.clone());
+        let id = CorrelationId::of(req.body());
+        req.set_correlation_id(id.clone());
         let future = {
             let _entered = span.enter();
             self.inner.call(req)
@@ -316,14 +318,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_handler_sees_the_id_in_extensions_and_scope() {
+    async fn the_handler_sees_the_id_on_the_request_and_in_scope() {
         let svc = CorrelationSpan::new(tower::service_fn(|req: Request<Envelope>| async move {
             tokio::task::yield_now().await;
-            let from_extension = req.extensions().get::<CorrelationId>().cloned();
-            Ok::<_, Infallible>((from_extension, correlation::current()))
+            let from_request = req.correlation_id().cloned();
+            Ok::<_, Infallible>((from_request, correlation::current()))
         }));
-        let (from_extension, current) = svc.oneshot(msg()).await.unwrap();
-        assert_eq!(from_extension.unwrap().as_str(), ID);
+        let (from_request, current) = svc.oneshot(msg()).await.unwrap();
+        assert_eq!(from_request.unwrap().as_str(), ID);
         assert_eq!(current.unwrap().as_str(), ID);
         assert_eq!(
             correlation::current(),
@@ -426,10 +428,8 @@ mod tests {
         handle.allow(1);
         let (result, ()) = tokio::join!(svc.oneshot(msg()), async {
             let (req, respond) = handle.next_request().await.unwrap();
-            assert_eq!(
-                req.extensions().get::<CorrelationId>().unwrap().as_str(),
-                ID
-            );
+            assert_eq!(req.correlation_id().unwrap().as_str(), ID);
+            assert!(req.extensions().get::<CorrelationId>().is_none());
             respond.send_error(std::io::Error::other("boom"));
         });
         assert_eq!(result.unwrap_err().to_string(), "boom");

@@ -124,7 +124,9 @@ impl DeadLetterPolicy for NoDeadLetters {
 /// at QoS 1 to the topic, default [`DEFAULT_DEAD_LETTER_TOPIC`].
 ///
 /// The sink is any `Service<Request<Envelope>>`, called with `oneshot` on a
-/// spawned task (in the failed message's correlation scope) and given
+/// spawned task, in the failed message's correlation scope and with its
+/// correlation id on the letter
+/// ([`Request::correlation_id`](tower_mqtt_core::Request::correlation_id)), and given
 /// [`DEFAULT_DEAD_LETTER_TIMEOUT`] unless configured otherwise. Outside a tokio
 /// runtime, the dead letter is logged and dropped.
 ///
@@ -324,13 +326,14 @@ where
     }
 
     fn dead_letter(&mut self, kept: FailedMessage, error: &HandlerError) {
-        let letter = self.letter(&kept, error);
+        let mut letter = self.letter(&kept, error);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::error!(topic = %letter.topic(), "cannot dead-letter outside a tokio runtime");
             return;
         };
         let (sink, timeout) = (self.sink.clone(), self.timeout);
-        let id = CorrelationId::new(letter.body().id());
+        let id = CorrelationId::of(letter.body());
+        letter.set_correlation_id(id.clone());
         let topic = letter.topic().clone();
         let publish = async move {
             match tokio::time::timeout(timeout, sink.oneshot(letter)).await {

@@ -13,8 +13,9 @@
 //!   [`ExponentialBackoff`](tower::retry::backoff::ExponentialBackoff); by default from 100 ms, doubling, up to 5 s, plus up
 //!   to 50 % random jitter), each message with its own random sequence so that
 //!   messages failing together do not retry in lockstep;
-//! - while a retry budget allows (tower's [`TpsBudget`]; by default retries may
-//!   add 20 % to the messages handled over 10 s, plus 10 retries a second), so a
+//! - while a retry budget allows ([`RetryBudget`]; by default retries may add
+//!   20 % to the messages handled over 10 s, plus 10 retries a second, the
+//!   rule of tower's `TpsBudget` without its clock read per message), so a
 //!   broken dependency does not turn every message into `max_attempts` of them.
 //!   The budget is shared by every service made from one layer.
 //!
@@ -66,12 +67,14 @@ use std::{fmt, time::Duration};
 
 use tokio::time::Sleep;
 use tower::{
-    retry::{budget::TpsBudget, Policy, Retry},
+    retry::{budget::Budget, Policy, Retry},
     Layer,
 };
 use tower_mqtt_core::{router::RoutesFailed, Envelope, Outcome, Request};
 
 use self::attempts::{Attempts, Next};
+
+pub use self::budget::{RetryBudget, DEPOSITS_PER_CLOCK_READ};
 
 pub(crate) mod attempts;
 mod budget;
@@ -154,17 +157,21 @@ impl MessageRetryPolicy {
         self
     }
 
-    /// Limits retries with `budget` instead of `TpsBudget::default()`.
+    /// Limits retries with `budget` instead of `RetryBudget::default()`: a
+    /// [`RetryBudget`] of other limits, or any tower [`Budget`], such as its
+    /// `TpsBudget`.
     ///
     /// ```
     /// use std::time::Duration;
     /// use tower::retry::budget::TpsBudget;
-    /// use tower_mqtt::layers::retry::MessageRetryPolicy;
+    /// use tower_mqtt::layers::retry::{MessageRetryPolicy, RetryBudget};
     ///
     /// // Retries may add 10 % to the load over 10 s, plus 1 retry a second.
+    /// let policy = MessageRetryPolicy::new(3).budget(RetryBudget::new(Duration::from_secs(10), 1, 0.1));
+    /// // The same rule, kept by tower's budget, which reads the clock per message.
     /// let policy = MessageRetryPolicy::new(3).budget(TpsBudget::new(Duration::from_secs(10), 1, 0.1));
     /// ```
-    pub fn budget(mut self, budget: TpsBudget) -> Self {
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.attempts = self.attempts.budget(budget);
         self
     }
@@ -230,14 +237,14 @@ impl<E: fmt::Display> Policy<Request<Envelope>, Outcome, E> for MessageRetryPoli
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower::{retry::budget::TpsBudget, ServiceBuilder};
+/// use tower::ServiceBuilder;
 /// use tower_mqtt::Router;
-/// use tower_mqtt::layers::MessageRetryLayer;
+/// use tower_mqtt::layers::{retry::RetryBudget, MessageRetryLayer};
 ///
 /// let retry = MessageRetryLayer::new(5)
 ///     .backoff(Duration::from_millis(200), Duration::from_secs(10))
 ///     .jitter(0.25)
-///     .budget(TpsBudget::new(Duration::from_secs(10), 5, 0.1));
+///     .budget(RetryBudget::new(Duration::from_secs(10), 5, 0.1));
 /// assert_eq!(retry.policy().max_attempts(), 5);
 /// let svc = ServiceBuilder::new().layer(retry).service(Router::<()>::new());
 /// ```
@@ -279,7 +286,7 @@ impl MessageRetryLayer {
     }
 
     /// See [`MessageRetryPolicy::budget`].
-    pub fn budget(mut self, budget: TpsBudget) -> Self {
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.policy = self.policy.budget(budget);
         self
     }

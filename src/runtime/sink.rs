@@ -102,10 +102,7 @@ impl Sink {
                 max: self.max_packet_size,
             });
         }
-        let correlation_id = req
-            .extensions()
-            .get::<CorrelationId>()
-            .map_or("", CorrelationId::as_str);
+        let correlation_id = req.correlation_id().map_or("", CorrelationId::as_str);
         tracing::debug!(
             %topic,
             qos = u8::from(req.qos()),

@@ -129,3 +129,42 @@ async fn topic_name_and_params_are_extractors() {
     run(router, msg("cam/front/frame", json!({}))).await;
     assert_eq!(*log.lock().unwrap(), ["cam/front/frame front/frame"]);
 }
+
+#[tokio::test]
+async fn the_correlation_id_is_the_one_set_else_the_envelope_id() {
+    async fn handler(State(log): State<Log>, id: CorrelationId) {
+        log.lock().unwrap().push(id.to_string());
+    }
+    let log = Log::default();
+    let router = Router::new().route("a", handler).with_state(log.clone());
+    let unset = msg("a", json!({}));
+    let envelope_id = unset.body().id().to_owned();
+    run(router.clone(), unset).await;
+    let mut set = msg("a", json!({}));
+    set.set_correlation_id(CorrelationId::new("c-7"));
+    run(router, set).await;
+    assert_eq!(*log.lock().unwrap(), [envelope_id, "c-7".to_owned()]);
+}
+
+#[tokio::test]
+async fn fields_asked_for_as_extensions_fail_with_directions() {
+    let router = Router::new()
+        .route("params", |_: Extension<TopicParams>| async {})
+        .route("id", |_: Extension<CorrelationId>| async {})
+        .route("other", |_: Extension<u8>| async {});
+    for (topic, says) in [
+        ("params", "take `TopicParams` as a handler argument"),
+        ("id", "take `CorrelationId` as a handler argument"),
+        ("other", "no u8 in the extensions of the message on other"),
+    ] {
+        let mut req = msg(topic, json!({}));
+        req.set_correlation_id(CorrelationId::new("c-1"));
+        let outcome = run(router.clone(), req).await;
+        let err = outcome.error().unwrap();
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains(says), "{err}");
+        if topic == "other" {
+            assert!(!err.to_string().contains("handler argument"), "{err}");
+        }
+    }
+}

@@ -141,9 +141,10 @@ async fn a_stuck_or_failing_sink_delays_nothing_and_is_logged() {
 }
 
 #[tokio::test]
-async fn the_sink_runs_in_the_failed_messages_correlation_scope() {
+async fn the_letter_carries_the_failed_messages_correlation_id_and_scope() {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let sink = tower::service_fn(move |_letter: Request<Envelope>| {
+    let sink = tower::service_fn(move |letter: Request<Envelope>| {
+        assert_eq!(letter.correlation_id().unwrap().as_str(), ID);
         tx.send(correlation::current()).unwrap();
         async { Ok::<_, BoxError>(()) }
     });

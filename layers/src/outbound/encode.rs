@@ -5,8 +5,8 @@
 //! default) is stamped with this service's name; one that names its own
 //! source keeps it.
 //!
-//! The encoded request carries the envelope's id as its [`CorrelationId`]
-//! extension, so that the layers below and the runtime, which see only bytes,
+//! The encoded request carries the envelope's id as its
+//! [correlation id](Request::correlation_id), so that the layers below and the runtime, which see only bytes,
 //! log every attempt, retry and drop with it (FR-008).
 //!
 //! ```
@@ -132,7 +132,7 @@ where
                 envelope.to_bytes()
             }
         });
-        encoded.extensions_mut().insert(id);
+        encoded.set_correlation_id(id);
         self.inner.call(encoded)
     }
 }
@@ -161,7 +161,7 @@ mod tests {
     #[tokio::test]
     async fn the_encoded_request_carries_the_envelope_id() {
         let sink = service_fn(|req: Request<Bytes>| async move {
-            Ok::<_, std::convert::Infallible>(req.extensions().get::<CorrelationId>().cloned())
+            Ok::<_, std::convert::Infallible>(req.correlation_id().cloned())
         });
         let svc = EncodeLayer::new("me").layer(sink);
         let env = Envelope::new("a.b", serde_json::json!({})).unwrap();

@@ -11,9 +11,9 @@
 //!
 //! The attempts, the backoff (by default from 100 ms, doubling, up to 5 s,
 //! plus up to 50 % jitter, each publish with its own random sequence) and the
-//! budget (tower's [`TpsBudget`], by default 20 % on top of the publishes of
-//! the last 10 s plus 10 retries a second, shared by every service made from
-//! one layer) are the same core as the inbound
+//! budget ([`RetryBudget`](crate::retry::RetryBudget), by default 20 % on top of the publishes of the
+//! last 10 s plus 10 retries a second, shared by every service made from one
+//! layer) are the same core as the inbound
 //! [`MessageRetryPolicy`](crate::retry::MessageRetryPolicy)'s; only what is
 //! retryable, and the logging, differ.
 //!
@@ -41,7 +41,7 @@ use std::{
 use bytes::Bytes;
 use tokio::time::Sleep;
 use tower::{
-    retry::{budget::TpsBudget, Policy, Retry},
+    retry::{budget::Budget, Policy, Retry},
     timeout::error::Elapsed,
     Layer,
 };
@@ -164,17 +164,18 @@ impl PublishRetryPolicy {
         self
     }
 
-    /// Limits retries with `budget` instead of `TpsBudget::default()`.
+    /// Limits retries with `budget` instead of `RetryBudget::default()`: a
+    /// [`RetryBudget`](crate::retry::RetryBudget) of other limits, or any tower [`Budget`], such as its
+    /// `TpsBudget`.
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower::retry::budget::TpsBudget;
-    /// use tower_mqtt::layers::outbound::PublishRetryPolicy;
+    /// use tower_mqtt::layers::{outbound::PublishRetryPolicy, retry::RetryBudget};
     ///
     /// // Retries may add 10 % to the publishes of the last 10 s, plus 1 a second.
-    /// let policy = PublishRetryPolicy::new(3).budget(TpsBudget::new(Duration::from_secs(10), 1, 0.1));
+    /// let policy = PublishRetryPolicy::new(3).budget(RetryBudget::new(Duration::from_secs(10), 1, 0.1));
     /// ```
-    pub fn budget(mut self, budget: TpsBudget) -> Self {
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.attempts = self.attempts.budget(budget);
         self
     }
@@ -206,10 +207,7 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
         let topic = req.topic().as_str();
         // Set by the encode layer from the envelope's id; "" for bytes sent
         // past it.
-        let correlation_id = req
-            .extensions()
-            .get::<CorrelationId>()
-            .map_or("", CorrelationId::as_str);
+        let correlation_id = req.correlation_id().map_or("", CorrelationId::as_str);
         match self.attempts.next(error) {
             Next::Done => None,
             Next::LastAttempt { attempt, error } => {
@@ -260,13 +258,12 @@ impl Policy<Request<Bytes>, (), BoxError> for PublishRetryPolicy {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower::retry::budget::TpsBudget;
-/// use tower_mqtt::layers::outbound::PublishRetryLayer;
+/// use tower_mqtt::layers::{outbound::PublishRetryLayer, retry::RetryBudget};
 ///
 /// let retry = PublishRetryLayer::new(5)
 ///     .backoff(Duration::from_millis(200), Duration::from_secs(10))
 ///     .jitter(0.25)
-///     .budget(TpsBudget::new(Duration::from_secs(10), 5, 0.1));
+///     .budget(RetryBudget::new(Duration::from_secs(10), 5, 0.1));
 /// assert_eq!(retry.policy().max_attempts(), 5);
 /// ```
 #[derive(Clone, Debug)]
@@ -314,7 +311,7 @@ impl PublishRetryLayer {
     }
 
     /// See [`PublishRetryPolicy::budget`].
-    pub fn budget(mut self, budget: TpsBudget) -> Self {
+    pub fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
         self.policy = self.policy.budget(budget);
         self
     }
@@ -356,7 +353,7 @@ impl<S> Layer<S> for PublishRetryLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbound::DeliveryError;
+    use crate::{outbound::DeliveryError, retry::RetryBudget};
     use std::sync::atomic::AtomicUsize;
     use tower::{service_fn, ServiceExt};
 
@@ -398,7 +395,7 @@ mod tests {
     async fn an_empty_budget_stops_retries_and_counts_the_drop() {
         let calls = Arc::new(AtomicUsize::new(0));
         let layer =
-            PublishRetryLayer::new(5).budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0));
+            PublishRetryLayer::new(5).budget(RetryBudget::new(Duration::from_secs(1), 0, 0.0));
         let svc = layer.layer(failing(calls.clone(), buffer_full));
         assert!(svc.oneshot(req()).await.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 1);
@@ -410,7 +407,7 @@ mod tests {
         // A reserve of 1 retry a second over 1 s, nothing earned by publishes.
         let calls = Arc::new(AtomicUsize::new(0));
         let layer =
-            PublishRetryLayer::new(2).budget(TpsBudget::new(Duration::from_secs(1), 1, 0.0));
+            PublishRetryLayer::new(2).budget(RetryBudget::new(Duration::from_secs(1), 1, 0.0));
         let first = layer.layer(failing(calls.clone(), buffer_full));
         let second = layer.layer(failing(calls.clone(), buffer_full));
         assert!(first.oneshot(req()).await.is_err());

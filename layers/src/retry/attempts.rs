@@ -14,12 +14,12 @@ use tower::{
         backoff::{
             Backoff, ExponentialBackoff, ExponentialBackoffMaker, InvalidBackoff, MakeBackoff,
         },
-        budget::TpsBudget,
+        budget::Budget,
     },
     util::rng::HasherRng,
 };
 
-use super::{budget::RetryBudget, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF};
+use super::{budget::SharedBudget, DEFAULT_JITTER, DEFAULT_MAX_BACKOFF, DEFAULT_MIN_BACKOFF};
 
 /// See the [module docs](self).
 #[derive(Clone)]
@@ -30,7 +30,7 @@ pub(crate) struct Attempts {
     min_backoff: Duration,
     max_backoff: Duration,
     jitter: f64,
-    budget: RetryBudget,
+    budget: SharedBudget,
     /// Made at the first retry, with a random generator of its own.
     backoff: Option<ExponentialBackoff>,
 }
@@ -61,7 +61,7 @@ impl Attempts {
             min_backoff: DEFAULT_MIN_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
             jitter: DEFAULT_JITTER,
-            budget: RetryBudget::default(),
+            budget: SharedBudget::default(),
             backoff: None,
         }
     }
@@ -81,8 +81,8 @@ impl Attempts {
         self
     }
 
-    pub(crate) fn budget(mut self, budget: TpsBudget) -> Self {
-        self.budget = RetryBudget::new(budget);
+    pub(crate) fn budget(mut self, budget: impl Budget + Send + Sync + 'static) -> Self {
+        self.budget = SharedBudget::new(budget);
         self
     }
 

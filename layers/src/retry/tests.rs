@@ -156,7 +156,7 @@ async fn jitter_is_bounded_and_differs_between_messages() {
 async fn an_empty_budget_stops_retries() {
     let (calls, handler) = scripted(|_| retryable());
     let svc = MessageRetryLayer::new(5)
-        .budget(TpsBudget::new(Duration::from_secs(1), 0, 0.0))
+        .budget(RetryBudget::new(Duration::from_secs(1), 0, 0.0))
         .layer(handler);
     assert!(svc.oneshot(msg()).await.unwrap().is_failed());
     assert_eq!(calls.lock().unwrap().len(), 1);
@@ -165,12 +165,36 @@ async fn an_empty_budget_stops_retries() {
 #[tokio::test(start_paused = true)]
 async fn the_budget_is_shared_by_services_of_one_layer() {
     // A reserve of 1 retry a second over 1 s, nothing earned by successes.
-    let layer = MessageRetryLayer::new(2).budget(TpsBudget::new(Duration::from_secs(1), 1, 0.0));
+    let layer = MessageRetryLayer::new(2).budget(RetryBudget::new(Duration::from_secs(1), 1, 0.0));
     let (calls, handler) = scripted(|_| retryable());
     layer.layer(handler.clone()).oneshot(msg()).await.unwrap();
     layer.layer(handler).oneshot(msg()).await.unwrap();
     // The first message used the one retry; the second got none.
     assert_eq!(calls.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn any_tower_budget_can_be_given() {
+    use tower::retry::budget::TpsBudget;
+    let layer = MessageRetryLayer::new(2).budget(TpsBudget::new(Duration::from_secs(1), 1, 0.0));
+    let (calls, handler) = scripted(|_| retryable());
+    layer.layer(handler.clone()).oneshot(msg()).await.unwrap();
+    layer.layer(handler).oneshot(msg()).await.unwrap();
+    assert_eq!(calls.lock().unwrap().len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_budget_allows_a_fifth_of_the_messages_plus_ten_a_second() {
+    // Over a 10 s window: a reserve of 100, and 20 per 100 messages.
+    let (calls, handler) = scripted(|_| retryable());
+    let svc = MessageRetryLayer::new(2)
+        .backoff(Duration::from_millis(1), Duration::from_millis(1))
+        .layer(handler);
+    for _ in 0..150 {
+        svc.clone().oneshot(msg()).await.unwrap();
+    }
+    // 150 first attempts; retries for 100 + 150 / 5 = 130 of them.
+    assert_eq!(calls.lock().unwrap().len(), 150 + 130);
 }
 
 #[tokio::test]

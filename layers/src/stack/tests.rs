@@ -64,9 +64,7 @@ fn router(
                     seen.lock().unwrap().push((
                         say.text,
                         req.body().event_type().to_owned(),
-                        req.extensions()
-                            .get::<CorrelationId>()
-                            .map(ToString::to_string),
+                        req.correlation_id().map(ToString::to_string),
                         correlation::current().map(|id| id.to_string()),
                     ));
                 }

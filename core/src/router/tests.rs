@@ -1,4 +1,5 @@
 use super::*;
+use crate::outcome::HandlerError;
 use serde_json::json;
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
@@ -73,7 +74,7 @@ async fn wildcard_values_reach_the_handler() {
     let router = Router::new().route("camera/+/frame/#", move |req: Request<Envelope>| {
         let s = s.clone();
         async move {
-            let params = req.extensions().get::<TopicParams>().unwrap();
+            let params = req.topic_params().unwrap();
             s.lock().unwrap().extend(params.iter().map(str::to_owned));
         }
     });

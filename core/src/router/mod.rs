@@ -9,9 +9,9 @@
 //! use tower::ServiceExt;
 //! use tower_mqtt::{Data, Envelope, Outcome, QoS, Request, Router, Subscription, TopicParams};
 //!
-//! async fn on_frame(req: Request<Envelope>) {
-//!     let camera = req.extensions().get::<TopicParams>().unwrap().get(0).unwrap();
-//!     assert_eq!(camera, "front");
+//! async fn on_frame(params: TopicParams, req: Request<Envelope>) {
+//!     assert_eq!(params.get(0), Some("front"));
+//!     assert_eq!(req.topic_params(), Some(&params));
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -49,113 +49,39 @@
 //! them, and the standard retry runs only those again ([`RemainingRoutes`]).
 //! To give one route a retry or timeout of its own, use [`Router::layer`].
 
+mod failure;
+mod index;
+mod route;
+
+pub use failure::{RemainingRoutes, RoutesFailed};
+pub use route::{Panicked, RouteService};
+
 use std::{
-    any::Any,
-    collections::HashMap,
     convert::Infallible,
     fmt,
     future::Future,
-    panic::AssertUnwindSafe,
     pin::Pin,
     sync::{Arc, OnceLock},
     task::{Context, Poll},
 };
 
 use futures_util::{future::join_all, FutureExt};
-use tower::{util::BoxCloneSyncService, Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use crate::{
     envelope::Envelope,
     handler::Handler,
-    outcome::{BoxError, HandlerError, IntoOutcome, Outcome},
+    outcome::{BoxError, IntoOutcome, Outcome},
     request::{QoS, Request},
     subscription::{IntoSubscription, Subscription},
     topic::{TopicFilter, TopicName, TopicParams},
 };
 
-/// The type every route is stored as.
-pub type RouteService = BoxCloneSyncService<Request<Envelope>, Outcome, Infallible>;
-
-/// Makes a route's service once the state is known.
-type MakeRoute<S> = Arc<dyn Fn(S) -> RouteService + Send + Sync>;
-
-/// A route's service, or how to make it from the state.
-enum Endpoint<S> {
-    Ready(RouteService),
-    NeedsState(MakeRoute<S>),
-}
-
-impl<S> Clone for Endpoint<S> {
-    fn clone(&self) -> Self {
-        match self {
-            Self::Ready(service) => Self::Ready(service.clone()),
-            Self::NeedsState(make) => Self::NeedsState(make.clone()),
-        }
-    }
-}
-
-impl<S: Clone + Send + Sync + 'static> Endpoint<S> {
-    /// The endpoint of a handler: ready at once when the state is `()`, which
-    /// needs no `with_state`.
-    fn handler<H, M>(handler: H) -> Self
-    where
-        H: Handler<M, S>,
-        M: 'static,
-    {
-        match (&() as &dyn Any).downcast_ref::<S>() {
-            Some(unit) => Self::Ready(into_route(handler.with_state(unit.clone()))),
-            None => Self::NeedsState(Arc::new(move |state| {
-                into_route(handler.clone().with_state(state))
-            })),
-        }
-    }
-
-    fn layer<L>(self, layer: L) -> Self
-    where
-        L: Layer<RouteService> + Clone + Send + Sync + 'static,
-        L::Service: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
-        <L::Service as Service<Request<Envelope>>>::Response: IntoOutcome,
-        <L::Service as Service<Request<Envelope>>>::Error: Into<BoxError>,
-        <L::Service as Service<Request<Envelope>>>::Future: Send + 'static,
-    {
-        match self {
-            Self::Ready(service) => Self::Ready(into_route(layer.layer(service))),
-            Self::NeedsState(make) => {
-                Self::NeedsState(Arc::new(move |state| into_route(layer.layer(make(state)))))
-            }
-        }
-    }
-
-    fn with_state<S2>(self, state: &S) -> Endpoint<S2> {
-        match self {
-            Self::Ready(service) => Endpoint::Ready(service),
-            Self::NeedsState(make) => Endpoint::Ready(make(state.clone())),
-        }
-    }
-}
-
-impl Endpoint<()> {
-    fn service(&self) -> RouteService {
-        match self {
-            Self::Ready(service) => service.clone(),
-            Self::NeedsState(make) => make(()),
-        }
-    }
-}
-
-struct Route<S> {
-    subscription: Subscription,
-    endpoint: Option<Endpoint<S>>,
-}
-
-impl<S> Clone for Route<S> {
-    fn clone(&self) -> Self {
-        Self {
-            subscription: self.subscription.clone(),
-            endpoint: self.endpoint.clone(),
-        }
-    }
-}
+use self::{
+    failure::combine,
+    index::RouteIndex,
+    route::{into_route, Endpoint, Route},
+};
 
 struct Inner<S> {
     routes: Vec<Route<S>>,
@@ -189,48 +115,6 @@ impl<S> Inner<S> {
             .candidates(&topic)
             .into_iter()
             .filter(move |&i| self.routes[i].subscription.filter().matches(&topic))
-    }
-}
-
-/// Routes by the first level of their filter, so a message is matched only
-/// against routes that can match it: those whose first level is its own,
-/// and those that start with a wildcard.
-#[derive(Debug, Default)]
-struct RouteIndex {
-    by_first_level: HashMap<Box<str>, Vec<usize>>,
-    wildcard_first: Vec<usize>,
-}
-
-impl RouteIndex {
-    fn new<'a>(filters: impl Iterator<Item = &'a TopicFilter>) -> Self {
-        let mut index = Self::default();
-        for (i, filter) in filters.enumerate() {
-            let first = filter.pattern().split('/').next().unwrap_or_default();
-            if first == "+" || first == "#" {
-                index.wildcard_first.push(i);
-            } else {
-                index
-                    .by_first_level
-                    .entry(first.into())
-                    .or_default()
-                    .push(i);
-            }
-        }
-        index
-    }
-
-    fn candidates(&self, topic: &TopicName) -> Vec<usize> {
-        let first = topic.as_str().split('/').next().unwrap_or_default();
-        let literal = self
-            .by_first_level
-            .get(first)
-            .map_or(&[][..], Vec::as_slice);
-        if self.wildcard_first.is_empty() {
-            return literal.to_vec();
-        }
-        let mut all = [literal, &self.wildcard_first].concat();
-        all.sort_unstable();
-        all
     }
 }
 
@@ -524,136 +408,6 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     }
 }
 
-/// Adapts any service to a [`RouteService`]: responses become outcomes, errors
-/// become [`Outcome::Failed`], and a panic becomes a failure of this route only.
-fn into_route<S>(service: S) -> RouteService
-where
-    S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
-    S::Response: IntoOutcome,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    BoxCloneSyncService::new(service_fn_route(service))
-}
-
-fn service_fn_route<S>(
-    service: S,
-) -> impl Service<
-    Request<Envelope>,
-    Response = Outcome,
-    Error = Infallible,
-    Future = impl Future<Output = Result<Outcome, Infallible>> + Send,
-> + Clone
-       + Send
-       + Sync
-where
-    S: Service<Request<Envelope>> + Clone + Send + Sync + 'static,
-    S::Response: IntoOutcome,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    tower::service_fn(move |req: Request<Envelope>| {
-        let service = service.clone();
-        // `oneshot` drives readiness before calling; both run inside the
-        // catch, so a panic in `poll_ready`, `call` or the future is contained.
-        let run = AssertUnwindSafe(service.oneshot(req)).catch_unwind();
-        async move {
-            Ok(match run.await {
-                Ok(Ok(response)) => response.into_outcome(),
-                Ok(Err(err)) => Outcome::Failed(HandlerError::from_boxed(err.into())),
-                Err(panic) => Outcome::Failed(HandlerError::new(Panicked::from_payload(&*panic))),
-            })
-        }
-    })
-}
-
-/// A handler panicked; the message says what it panicked with.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("handler panicked: {message}")]
-pub struct Panicked {
-    message: String,
-}
-
-impl Panicked {
-    /// Describes a panic payload, as caught by `catch_unwind`.
-    ///
-    /// ```
-    /// let payload = std::panic::catch_unwind(|| panic!("bad frame")).unwrap_err();
-    /// let err = tower_mqtt::router::Panicked::from_payload(&*payload);
-    /// assert_eq!(err.to_string(), "handler panicked: bad frame");
-    /// ```
-    pub fn from_payload(payload: &(dyn std::any::Any + Send)) -> Self {
-        let message = payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a non-string payload".to_owned());
-        Self { message }
-    }
-
-    /// What the handler panicked with.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-/// Several routes failed on one message.
-#[derive(Debug, thiserror::Error)]
-#[error("{}", failures.iter().map(|(filter, err)| format!("route {filter}: {err}")).collect::<Vec<_>>().join("; "))]
-pub struct RoutesFailed {
-    failures: Vec<(TopicFilter, HandlerError)>,
-}
-
-impl RoutesFailed {
-    /// Each failed route's filter with its error.
-    pub fn failures(&self) -> &[(TopicFilter, HandlerError)] {
-        &self.failures
-    }
-
-    /// The failed routes, for the next attempt: see [`RemainingRoutes`].
-    pub fn remaining(&self) -> RemainingRoutes {
-        RemainingRoutes(
-            self.failures
-                .iter()
-                .map(|(filter, _)| filter.clone())
-                .collect(),
-        )
-    }
-}
-
-/// The routes a message still has to reach, as a request extension: when one
-/// of several matching routes fails, a retry puts this on the next attempt so
-/// that only the failed routes run again (`MessageRetryLayer` does).
-///
-/// ```
-/// use tower::ServiceExt;
-/// use tower_mqtt::{router::RemainingRoutes, Envelope, Outcome, Request, Router, TopicFilter};
-///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() {
-/// async fn ok(_: Request<Envelope>) {}
-/// let router = Router::new().route("a/#", ok).route("a/b", ok);
-/// let env = Envelope::new("t", serde_json::json!({})).unwrap();
-/// let mut req = Request::builder("a/b").body(env).unwrap();
-/// // Only `a/b` runs: `a/#` already handled the message.
-/// req.extensions_mut().insert(RemainingRoutes::new([TopicFilter::new("a/b").unwrap()]));
-/// assert!(matches!(router.oneshot(req).await.unwrap(), Outcome::Handled));
-/// # }
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RemainingRoutes(Arc<[TopicFilter]>);
-
-impl RemainingRoutes {
-    /// The routes with these filters.
-    pub fn new(filters: impl IntoIterator<Item = TopicFilter>) -> Self {
-        Self(filters.into_iter().collect())
-    }
-
-    /// Whether the route with `filter` still has to run.
-    pub fn contains(&self, filter: &TopicFilter) -> bool {
-        self.0.contains(filter)
-    }
-}
-
 /// The future of [`Router`]'s `call`.
 pub type RouterFuture = Pin<Box<dyn Future<Output = Result<Outcome, Infallible>> + Send>>;
 
@@ -694,13 +448,13 @@ impl Service<Request<Envelope>> for Router<()> {
             1 => {
                 let (_, service, params) = matched.pop().expect("one route");
                 let mut req = req;
-                req.extensions_mut().insert(params);
+                req.set_topic_params(params);
                 Box::pin(service.oneshot(req))
             }
             _ => {
                 let runs = matched.into_iter().map(|(filter, service, params)| {
                     let mut req = req.clone();
-                    req.extensions_mut().insert(params);
+                    req.set_topic_params(params);
                     service.oneshot(req).map(move |outcome| {
                         (filter, outcome.unwrap_or_else(|never| match never {}))
                     })
@@ -712,28 +466,5 @@ impl Service<Request<Envelope>> for Router<()> {
     }
 }
 
-/// One outcome for a message that reached several routes: handled when every
-/// route handled it; otherwise failed, retryable only if every failure is.
-fn combine(outcomes: Vec<(TopicFilter, Outcome)>) -> Outcome {
-    let failures: Vec<(TopicFilter, HandlerError)> = outcomes
-        .into_iter()
-        .filter_map(|(filter, outcome)| match outcome {
-            Outcome::Failed(err) => Some((filter, err)),
-            _ => None,
-        })
-        .collect();
-    if failures.is_empty() {
-        return Outcome::Handled;
-    }
-    let retryable = failures.iter().all(|(_, err)| err.is_retryable());
-    let err = RoutesFailed { failures };
-    Outcome::Failed(if retryable {
-        HandlerError::new(err)
-    } else {
-        HandlerError::permanent(err)
-    })
-}
-
 #[cfg(test)]
-#[path = "router_tests.rs"]
 mod tests;
