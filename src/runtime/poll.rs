@@ -39,7 +39,6 @@ use super::{
     heartbeat::Heartbeat,
     outbox::Outbox,
     running::{ConnectionState, Readiness, RefusedSubscription, RuntimeCounters},
-    supervisor::GOODBYE_TIMEOUT,
     wire,
 };
 use crate::{
@@ -49,6 +48,10 @@ use crate::{
     publisher::Publisher,
     request::{QoS, Request},
 };
+
+/// How long shutdown waits for each part of the goodbye: the final health,
+/// the DISCONNECT, the broker closing the connection.
+pub(super) const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A connection that stays up this long resets the reconnect backoff.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);

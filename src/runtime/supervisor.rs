@@ -22,7 +22,7 @@ use super::{
     client::Client,
     dispatch::{AckPacket, Counters, Dispatcher, Limits, QueueDefaults},
     heartbeat::Heartbeat,
-    poll::{OnConnect, PollLoop},
+    poll::{OnConnect, PollLoop, GOODBYE_TIMEOUT},
     running::{
         wait_shutdown, ConnectionState, Readiness, Running, RuntimeCounters, ShutdownReport, Stats,
         StatsView,
@@ -35,9 +35,6 @@ use crate::{
     request::{QoS, Request},
     router::Router,
 };
-
-/// How long shutdown waits for the final health and the DISCONNECT.
-pub(super) const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How a client serves, besides its router and stack.
 pub(super) struct Settings {

@@ -124,7 +124,7 @@ where
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         let source = &self.source;
-        let id = CorrelationId::new(req.body().id());
+        let id = CorrelationId::of(req.body());
         let mut encoded = req.map(|envelope| {
             if envelope.source() == DEFAULT_SOURCE {
                 envelope.with_source(&**source).to_bytes()
