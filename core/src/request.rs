@@ -245,6 +245,15 @@ impl<T> Request<T> {
 
     /// Sets the [correlation id](Self::correlation_id); cloning a
     /// [`CorrelationId`] shares its string.
+    ///
+    /// ```
+    /// use tower_mqtt::{correlation::CorrelationId, Envelope, Request};
+    ///
+    /// let env = Envelope::new("llm.request", serde_json::json!({})).unwrap();
+    /// let mut req = Request::builder("llm/request").body(env).unwrap();
+    /// req.set_correlation_id(CorrelationId::of(req.body()));
+    /// assert_eq!(req.correlation_id().unwrap().as_str(), req.body().id());
+    /// ```
     pub fn set_correlation_id(&mut self, id: CorrelationId) {
         self.correlation_id = Some(id);
     }

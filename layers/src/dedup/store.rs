@@ -25,10 +25,7 @@ use std::{
     fmt,
     hash::{BuildHasherDefault, Hasher},
     mem,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard, PoisonError,
-    },
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
@@ -36,19 +33,18 @@ use tokio::time::Instant;
 
 use super::key::DedupKey;
 
-static NEXT_TOKEN: AtomicU64 = AtomicU64::new(0);
-
 /// The most locks the keys are spread over.
 const MAX_SHARDS: usize = 16;
 /// The fewest keys a shard is sized for: small stores get fewer shards, so
 /// that their bound stays close to exact.
 const MIN_SHARD_ENTRIES: u64 = 128;
 
-/// A claimed key: who claimed it (so only they release it) and when, in
-/// nanoseconds since the store was made.
+/// A claimed key: when it was claimed, in nanoseconds since the store was
+/// made. That also tells one claim of the key from another, so that only the
+/// claimant releases it: a key is claimed again only once its entry has
+/// expired, which takes time.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    token: u64,
     at: u64,
 }
 
@@ -148,22 +144,21 @@ impl Store {
             return Err(key);
         }
         shard.make_room(now, self.ttl_nanos, self.young_limit);
-        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
-        shard.young.insert(key, Entry { token, at: now });
+        shard.young.insert(key, Entry { at: now });
         drop(shard);
         Ok(Claim {
             store: self.clone(),
             key: Some(key),
-            token,
+            at: now,
         })
     }
 
     /// Forgets `key`, unless someone else claimed it since (after the TTL).
-    fn release(&self, key: DedupKey, token: u64) {
+    fn release(&self, key: DedupKey, at: u64) {
         let mut guard = self.shard(key);
         let shard = &mut *guard;
         for table in [&mut shard.young, &mut shard.old] {
-            if table.get(&key).is_some_and(|entry| entry.token == token) {
+            if table.get(&key).is_some_and(|entry| entry.at == at) {
                 table.remove(&key);
             }
         }
@@ -208,7 +203,8 @@ impl fmt::Debug for Store {
 pub(crate) struct Claim {
     store: Arc<Store>,
     key: Option<DedupKey>,
-    token: u64,
+    /// When it was claimed: which claim of the key this is.
+    at: u64,
 }
 
 impl Claim {
@@ -222,7 +218,7 @@ impl Drop for Claim {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
             tracing::debug!(%key, "releasing the dedup key of a message that was not handled");
-            self.store.release(key, self.token);
+            self.store.release(key, self.at);
         }
     }
 }

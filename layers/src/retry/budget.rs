@@ -27,7 +27,12 @@ use tower::retry::budget::TpsBudget;
 /// `TpsBudget` keeps it.
 const SLOTS: usize = 10;
 
-/// A [`RetryBudget`] reads the clock on every this many deposits.
+/// A [`RetryBudget`] reads the clock on every this many deposits, and counts
+/// at most this many requests fewer than were made over its window.
+///
+/// ```
+/// assert_eq!(tower_mqtt::layers::retry::DEPOSITS_PER_CLOCK_READ, 32);
+/// ```
 pub const DEPOSITS_PER_CLOCK_READ: u64 = 32;
 
 /// The retry budget: retries may add a ratio of the requests made over a
@@ -99,6 +104,14 @@ struct Slot {
 impl RetryBudget {
     /// Retries may add `retry_ratio` times the requests of the last `window`
     /// (0.2 is 20 %), plus `min_per_sec` retries a second.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_mqtt::layers::{retry::RetryBudget, MessageRetryLayer};
+    ///
+    /// // Retries may add 10 % over 30 s, plus 1 a second.
+    /// let retry = MessageRetryLayer::new(3).budget(RetryBudget::new(Duration::from_secs(30), 1, 0.1));
+    /// ```
     ///
     /// # Panics
     ///
