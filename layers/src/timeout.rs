@@ -84,7 +84,7 @@ pub fn is_timeout(error: &HandlerError) -> bool {
 /// use std::time::Duration;
 /// use tower::ServiceBuilder;
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::timeout::TimeoutLayer;
+/// use tower_mqtt::layers::timeout::TimeoutLayer;
 ///
 /// let layer = TimeoutLayer::new(Duration::from_secs(5));
 /// assert_eq!(layer.timeout(), Duration::from_secs(5));
@@ -122,7 +122,7 @@ impl<S> Layer<S> for TimeoutLayer {
 /// ```
 /// use std::time::Duration;
 /// use tower_mqtt::Router;
-/// use tower_mqtt_layers::Timeout;
+/// use tower_mqtt::layers::Timeout;
 ///
 /// let svc = Timeout::new(Router::<()>::new(), Duration::from_secs(5));
 /// let router: &Router = svc.get_ref();
