@@ -110,19 +110,37 @@ pub(crate) type RawSink = BoxCloneSyncService<Request<Bytes>, (), BoxError>;
 ///     publisher.publish("memory/results", results).reply_to(&req).await
 /// }
 /// ```
-#[derive(Clone)]
 pub struct Publisher {
+    shared: Arc<Shared>,
+    /// The outbound stack this handle drives as a tower [`Service`]: cloned
+    /// from `shared` at the first `poll_ready`, so that cloning a publisher
+    /// (the runtime hands one to every message) is one reference count, not
+    /// a clone of the whole stack.
+    ready: Option<Outbound>,
+}
+
+/// What every clone of a [`Publisher`] shares.
+struct Shared {
     outbound: Outbound,
     raw: RawSink,
     source: Arc<str>,
     health_name: Arc<str>,
 }
 
+impl Clone for Publisher {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+            ready: None,
+        }
+    }
+}
+
 impl fmt::Debug for Publisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Publisher")
-            .field("source", &self.source)
-            .field("health_name", &self.health_name)
+            .field("source", &self.shared.source)
+            .field("health_name", &self.shared.health_name)
             .finish_non_exhaustive()
     }
 }
@@ -131,10 +149,13 @@ impl Publisher {
     /// A publisher that sends through `outbound` for service `source`.
     pub(crate) fn new(outbound: Outbound, raw: RawSink, source: &str, health_name: &str) -> Self {
         Self {
-            outbound,
-            raw,
-            source: source.into(),
-            health_name: health_name.into(),
+            shared: Arc::new(Shared {
+                outbound,
+                raw,
+                source: source.into(),
+                health_name: health_name.into(),
+            }),
+            ready: None,
         }
     }
 
@@ -146,10 +167,16 @@ impl Publisher {
         <L::Service as Service<Request<Envelope>>>::Error: Into<BoxError>,
         <L::Service as Service<Request<Envelope>>>::Future: Send + 'static,
     {
-        let service = layer.layer(self.outbound);
+        let shared = &self.shared;
+        let service = layer.layer(shared.outbound.clone());
         Self {
-            outbound: Outbound::new(service.map_err(Into::into)),
-            ..self
+            shared: Arc::new(Shared {
+                outbound: Outbound::new(service.map_err(Into::into)),
+                raw: shared.raw.clone(),
+                source: shared.source.clone(),
+                health_name: shared.health_name.clone(),
+            }),
+            ready: None,
         }
     }
 
@@ -160,7 +187,7 @@ impl Publisher {
     /// assert_eq!(publisher.source_name(), "tts-worker");
     /// ```
     pub fn source_name(&self) -> &str {
-        &self.source
+        &self.shared.source
     }
 
     /// Publishes `data` to `topic` as the `data` of a new envelope; await the
@@ -216,7 +243,7 @@ impl Publisher {
     /// # Ok(()) }
     /// ```
     pub async fn send(&self, req: Request<Envelope>) -> Result<(), BoxError> {
-        self.outbound.clone().oneshot(req).await
+        self.shared.outbound.clone().oneshot(req).await
     }
 
     /// Clears the retained message of `topic` (an empty retained publish,
@@ -235,7 +262,7 @@ impl Publisher {
             .qos(QoS::AtLeastOnce)
             .retain(true)
             .body(Bytes::new())?;
-        self.raw.clone().oneshot(req).await
+        self.shared.raw.clone().oneshot(req).await
     }
 
     /// Publishes this service's health, retained at QoS 1 on
@@ -256,14 +283,15 @@ impl Publisher {
     /// # Ok(()) }
     /// ```
     pub async fn report_health(&self, health: Health) -> Result<(), BoxError> {
-        let req = Request::builder(health::health_topic(&self.health_name))
+        let Shared {
+            source,
+            health_name,
+            ..
+        } = &*self.shared;
+        let req = Request::builder(health::health_topic(health_name))
             .qos(QoS::AtLeastOnce)
             .retain(true)
-            .body(
-                health
-                    .envelope(&self.health_name)
-                    .with_source(&*self.source),
-            )?;
+            .body(health.envelope(health_name).with_source(&**source))?;
         self.send(req).await
     }
 }
@@ -274,11 +302,20 @@ impl Service<Request<Envelope>> for Publisher {
     type Future = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.outbound.poll_ready(cx)
+        let shared = &self.shared;
+        self.ready
+            .get_or_insert_with(|| shared.outbound.clone())
+            .poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
-        self.outbound.call(req)
+        // `call` after a ready `poll_ready`, as tower requires; the service
+        // is taken so that the next call polls readiness again.
+        let mut service = self
+            .ready
+            .take()
+            .expect("Publisher::call without a ready poll_ready");
+        service.call(req)
     }
 }
 
@@ -291,5 +328,59 @@ impl<S> FromMessageParts<S> for Publisher {
                  with Request::builder(..).extension(publisher)",
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tower::{Service, ServiceExt};
+
+    use super::Publisher;
+    use crate::{envelope::Envelope, request::Request};
+
+    fn request(event_type: &str) -> Request<Envelope> {
+        Request::builder("svc/out")
+            .body(Envelope::new(event_type, serde_json::json!({})).unwrap())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn clones_share_the_stack_and_each_drives_it_as_a_service() {
+        let (mut publisher, recorded) = Publisher::recording("svc");
+        let mut clone = publisher.clone();
+        publisher
+            .ready()
+            .await
+            .unwrap()
+            .call(request("a"))
+            .await
+            .unwrap();
+        clone
+            .ready()
+            .await
+            .unwrap()
+            .call(request("b"))
+            .await
+            .unwrap();
+        // Readiness is per call: a second call polls it again.
+        publisher
+            .ready()
+            .await
+            .unwrap()
+            .call(request("c"))
+            .await
+            .unwrap();
+        let sent = recorded.take();
+        let types: Vec<_> = sent.iter().map(|p| p.envelope.event_type()).collect();
+        assert_eq!(types, ["a", "b", "c"]);
+        assert!(sent.iter().all(|p| p.envelope.source() == "svc"));
+        assert_eq!(clone.source_name(), "svc");
+    }
+
+    #[test]
+    #[should_panic(expected = "without a ready poll_ready")]
+    fn a_call_without_readiness_is_a_bug() {
+        let (mut publisher, _) = Publisher::recording("svc");
+        drop(publisher.call(request("a")));
     }
 }
