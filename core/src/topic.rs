@@ -26,7 +26,7 @@
 //! assert!(!TopicFilter::new("#").unwrap().matches(&TopicName::new("$SYS/uptime").unwrap()));
 //! ```
 
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{fmt, ops::Range, str::FromStr, sync::Arc};
 
 /// The longest topic the protocol can carry: its length is a 16-bit prefix.
 const MAX_TOPIC_LEN: usize = 65_535;
@@ -267,9 +267,12 @@ impl TopicFilter {
     /// match. Each `+` contributes the level it matched; a trailing `#` contributes
     /// the rest of the topic (possibly empty).
     pub fn captures(&self, topic: &TopicName) -> Option<TopicParams> {
-        let mut values = Vec::new();
-        self.match_levels(topic, |value| values.push(Arc::<str>::from(value)))
-            .then(|| TopicParams(values.into()))
+        let mut spans = Spans::default();
+        self.match_levels(topic, |span| spans.push(span))
+            .then(|| TopicParams {
+                topic: topic.0.clone(),
+                spans,
+            })
     }
 
     /// Whether every topic matched by `other` is also matched by `self`.
@@ -314,32 +317,37 @@ impl TopicFilter {
         mine.len() == theirs.len()
     }
 
-    fn match_levels(&self, topic: &TopicName, mut capture: impl FnMut(&str)) -> bool {
+    /// Whether `topic` matches, calling `capture` with the byte range of
+    /// every wildcard's value in order.
+    fn match_levels(&self, topic: &TopicName, mut capture: impl FnMut(Range<usize>)) -> bool {
         let pattern = self.pattern();
         if topic.is_system() && (pattern.starts_with('+') || pattern.starts_with('#')) {
             return false;
         }
         let topic = topic.as_str();
-        let mut rest = Some(topic);
+        let end = topic.len();
+        // Where the unmatched rest of the topic starts; `None` once the last
+        // level has been matched.
+        let mut rest = Some(0);
         for level in pattern.split('/') {
             if level == "#" {
                 // The rest of the topic, or nothing when `#` matches the parent.
-                capture(rest.unwrap_or(""));
+                capture(rest.unwrap_or(end)..end);
                 return true;
             }
-            let Some(remaining) = rest else {
+            let Some(start) = rest else {
                 return false;
             };
-            let (head, tail) = match remaining.split_once('/') {
-                Some((head, tail)) => (head, Some(tail)),
-                None => (remaining, None),
+            let (head_end, next) = match topic.as_bytes()[start..].iter().position(|&b| b == b'/') {
+                Some(slash) => (start + slash, Some(start + slash + 1)),
+                None => (end, None),
             };
             if level == "+" {
-                capture(head);
-            } else if level != head {
+                capture(start..head_end);
+            } else if level != &topic[start..head_end] {
                 return false;
             }
-            rest = tail;
+            rest = next;
         }
         rest.is_none()
     }
@@ -407,29 +415,114 @@ impl From<TopicName> for TopicFilter {
 ///
 /// They are not in the request's extensions: `Extension<TopicParams>` fails
 /// the message, with a message that says where they are.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TopicParams(Arc<[Arc<str>]>);
+#[derive(Clone, Default)]
+pub struct TopicParams {
+    /// The topic the values are slices of.
+    topic: Arc<str>,
+    spans: Spans,
+}
 
 impl TopicParams {
     /// The value of the `index`-th wildcard.
     pub fn get(&self, index: usize) -> Option<&str> {
-        self.0.get(index).map(|value| &**value)
+        self.spans
+            .as_slice()
+            .get(index)
+            .map(|&(start, end)| &self.topic[start as usize..end as usize])
     }
 
     /// How many wildcards the filter had.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.spans.as_slice().len()
     }
 
     /// Whether the filter had no wildcards.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 
     /// The values in order.
     pub fn iter(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|value| &**value)
+        self.spans
+            .as_slice()
+            .iter()
+            .map(|&(start, end)| &self.topic[start as usize..end as usize])
     }
+}
+
+impl PartialEq for TopicParams {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for TopicParams {}
+
+impl fmt::Debug for TopicParams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("TopicParams")
+            .field(&self.iter().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// How many wildcard values a [`TopicParams`] holds without an allocation of
+/// its own: routing a message allocates nothing for them (a topic has at most
+/// 65,535 bytes, so a range fits in two `u32`s).
+const INLINE_SPANS: usize = 4;
+
+/// Byte ranges of the wildcard values in the topic.
+#[derive(Clone)]
+enum Spans {
+    Inline {
+        len: u8,
+        spans: [(u32, u32); INLINE_SPANS],
+    },
+    Heap(Arc<[(u32, u32)]>),
+}
+
+impl Default for Spans {
+    fn default() -> Self {
+        Self::Inline {
+            len: 0,
+            spans: [(0, 0); INLINE_SPANS],
+        }
+    }
+}
+
+impl Spans {
+    fn push(&mut self, span: Range<usize>) {
+        let span = (to_u32(span.start), to_u32(span.end));
+        match self {
+            Self::Inline { len, spans } if usize::from(*len) < INLINE_SPANS => {
+                spans[usize::from(*len)] = span;
+                *len += 1;
+            }
+            Self::Inline { .. } => {
+                let mut all = self.as_slice().to_vec();
+                all.push(span);
+                *self = Self::Heap(all.into());
+            }
+            Self::Heap(spans) => {
+                let mut all = spans.to_vec();
+                all.push(span);
+                *self = Self::Heap(all.into());
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[(u32, u32)] {
+        match self {
+            Self::Inline { len, spans } => &spans[..usize::from(*len)],
+            Self::Heap(spans) => spans,
+        }
+    }
+}
+
+/// A byte offset into a topic as `u32`; topics are validated to at most
+/// 65,535 bytes.
+fn to_u32(offset: usize) -> u32 {
+    u32::try_from(offset).expect("topic offsets fit in u32")
 }
 
 #[cfg(test)]
@@ -560,6 +653,30 @@ mod tests {
         assert_eq!(params.iter().collect::<Vec<_>>(), [""]);
         assert!(filter("a/b").captures(&name("a/b")).unwrap().is_empty());
         assert!(filter("a/+").captures(&name("b/c")).is_none());
+    }
+
+    #[test]
+    fn captures_past_the_inline_ones() {
+        let params = filter("+/+/+/+/+/#")
+            .captures(&name("a/b/c/d/e/f/g"))
+            .unwrap();
+        assert_eq!(params.len(), 6);
+        assert_eq!(
+            params.iter().collect::<Vec<_>>(),
+            ["a", "b", "c", "d", "e", "f/g"]
+        );
+        assert_eq!(params.get(4), Some("e"));
+        assert_eq!(params.get(6), None);
+    }
+
+    #[test]
+    fn params_compare_and_print_by_value() {
+        let one = filter("x/+").captures(&name("x/7")).unwrap();
+        let other = filter("+/y").captures(&name("7/y")).unwrap();
+        assert_eq!(one, other);
+        assert_ne!(one, filter("x/+").captures(&name("x/8")).unwrap());
+        assert_eq!(format!("{one:?}"), r#"TopicParams(["7"])"#);
+        assert!(TopicParams::default().is_empty());
     }
 
     #[test]

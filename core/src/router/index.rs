@@ -32,17 +32,22 @@ impl RouteIndex {
         index
     }
 
-    pub(super) fn candidates(&self, topic: &TopicName) -> Vec<usize> {
+    /// The routes `topic` can match, in route order, without allocating:
+    /// the two ascending lists merged.
+    pub(super) fn candidates(&self, topic: &TopicName) -> impl Iterator<Item = usize> + '_ {
         let first = topic.as_str().split('/').next().unwrap_or_default();
         let literal = self
             .by_first_level
             .get(first)
             .map_or(&[][..], Vec::as_slice);
-        if self.wildcard_first.is_empty() {
-            return literal.to_vec();
-        }
-        let mut all = [literal, &self.wildcard_first].concat();
-        all.sort_unstable();
-        all
+        let (mut literal, mut wildcard) = (
+            literal.iter().copied().peekable(),
+            self.wildcard_first.iter().copied().peekable(),
+        );
+        std::iter::from_fn(move || match (literal.peek(), wildcard.peek()) {
+            (Some(l), Some(w)) if l < w => literal.next(),
+            (Some(_), Some(_)) | (None, _) => wildcard.next(),
+            (Some(_), None) => literal.next(),
+        })
     }
 }

@@ -113,7 +113,6 @@ impl<S> Inner<S> {
         let topic = topic.clone();
         self.index()
             .candidates(&topic)
-            .into_iter()
             .filter(move |&i| self.routes[i].subscription.filter().matches(&topic))
     }
 }
@@ -423,46 +422,45 @@ impl Service<Request<Envelope>> for Router<()> {
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         let remaining = req.extensions().get::<RemainingRoutes>();
         let routes = &self.inner.routes;
-        let mut matched: Vec<(TopicFilter, RouteService, TopicParams)> = self
-            .inner
-            .index()
-            .candidates(req.topic())
-            .into_iter()
-            .filter_map(|i| {
-                let route = &routes[i];
-                let endpoint = route.endpoint.as_ref()?;
-                let filter = route.subscription.filter();
-                if remaining.is_some_and(|only| !only.contains(filter)) {
-                    return None;
-                }
-                let params = filter.captures(req.topic())?;
-                Some((filter.clone(), endpoint.service(), params))
-            })
-            .collect();
-
-        match matched.len() {
-            0 => match self.inner.fallback.as_ref().map(Endpoint::service) {
+        let mut matches = self.inner.index().candidates(req.topic()).filter_map(|i| {
+            let route = &routes[i];
+            let endpoint = route.endpoint.as_ref()?;
+            let filter = route.subscription.filter();
+            if remaining.is_some_and(|only| !only.contains(filter)) {
+                return None;
+            }
+            let params = filter.captures(req.topic())?;
+            Some((filter, endpoint, params))
+        });
+        // One route is the common case: it gets the request itself, and
+        // nothing is collected.
+        let Some(first) = matches.next() else {
+            return match self.inner.fallback.as_ref().map(Endpoint::service) {
                 Some(fallback) => Box::pin(fallback.oneshot(req)),
                 None => Box::pin(async { Ok(Outcome::Unrouted) }),
-            },
-            1 => {
-                let (_, service, params) = matched.pop().expect("one route");
-                let mut req = req;
-                req.set_topic_params(params);
-                Box::pin(service.oneshot(req))
-            }
-            _ => {
-                let runs = matched.into_iter().map(|(filter, service, params)| {
-                    let mut req = req.clone();
-                    req.set_topic_params(params);
-                    service.oneshot(req).map(move |outcome| {
-                        (filter, outcome.unwrap_or_else(|never| match never {}))
-                    })
-                });
-                let all = join_all(runs);
-                Box::pin(async move { Ok(combine(all.await)) })
-            }
-        }
+            };
+        };
+        let Some(second) = matches.next() else {
+            let (_, endpoint, params) = first;
+            let service = endpoint.service();
+            let mut req = req;
+            req.set_topic_params(params);
+            return Box::pin(service.oneshot(req));
+        };
+        let several: Vec<(TopicFilter, RouteService, TopicParams)> = [first, second]
+            .into_iter()
+            .chain(matches)
+            .map(|(filter, endpoint, params)| (filter.clone(), endpoint.service(), params))
+            .collect();
+        let runs = several.into_iter().map(|(filter, service, params)| {
+            let mut req = req.clone();
+            req.set_topic_params(params);
+            service
+                .oneshot(req)
+                .map(move |outcome| (filter, outcome.unwrap_or_else(|never| match never {})))
+        });
+        let all = join_all(runs);
+        Box::pin(async move { Ok(combine(all.await)) })
     }
 }
 
