@@ -52,6 +52,19 @@
 //!
 //! `E2E_QUICK=1` (also the default without `--bench`, as under
 //! `cargo test --benches`) runs 1,000 messages, one run, a 2,000 backlog.
+//!
+//! Seconds move with whatever else the machine runs; instructions do not.
+//! `E2E_CHILD_WRAPPER` runs every child under a command, so
+//!
+//! ```sh
+//! E2E_CHILD_WRAPPER="valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p" \
+//!     E2E_SCENARIOS=steady E2E_RUNS=1 E2E_MESSAGES=5000 cargo bench --bench e2e
+//! ```
+//!
+//! leaves one profile per child (in the table's order) whose `summary:` line,
+//! divided by the messages, is the instructions per message of that side;
+//! `callgrind_annotate` shows where they go. The throughput columns of such a
+//! run mean nothing (valgrind runs one thread at a time).
 
 #[path = "e2e/broker.rs"]
 mod broker;

@@ -24,10 +24,24 @@ pub(crate) struct ChildProcess {
 impl ChildProcess {
     /// Starts this binary as the child `spec` describes. Its stderr is ours,
     /// so a panic in it shows.
+    ///
+    /// `E2E_CHILD_WRAPPER` (e.g. `valgrind --tool=callgrind`) runs the child
+    /// under that command: instruction counts, unlike seconds, do not move
+    /// with the load on a shared machine.
     pub(crate) fn spawn(spec: &ChildSpec) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|err| format!("current_exe: {err}"))?;
         let spec = serde_json::to_string(spec).map_err(|err| err.to_string())?;
-        let mut child = Command::new(exe)
+        let wrapper = std::env::var("E2E_CHILD_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut command = Command::new(program);
+                command.args(words).arg(exe);
+                command
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .env(ENV, spec)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
