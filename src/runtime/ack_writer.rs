@@ -69,7 +69,7 @@ pub(super) fn spawn(
 /// Hands one acknowledgement to rumqttc if its connection is still the
 /// current one, waiting for room in the channel outside the gate.
 async fn forward(client: &AsyncClient, gate: &AckGate, epoch: u64, packet: AckPacket) {
-    let publish = packet.to_publish();
+    let publish = super::wire::ack_publish(packet);
     loop {
         {
             let current = gate.epoch.lock().expect("ack gate poisoned");

@@ -45,11 +45,11 @@ impl Deliveries {
     /// channel: use [`Deliveries::with_place`].
     /// Runs `send` (which puts the publish into the client's channel) and, if it
     /// succeeded, takes the waiter into the next place in the FIFO.
-    pub(crate) fn with_place(
+    pub(crate) fn with_place<E>(
         &self,
         waiter: &mut Option<oneshot::Sender<Result<(), DeliveryError>>>,
-        send: impl FnOnce() -> Result<(), rumqttc::ClientError>,
-    ) -> Result<(), rumqttc::ClientError> {
+        send: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut inner = self.inner.lock().expect("deliveries poisoned");
         // Holding the lock while the request enters the channel keeps the FIFO
         // in channel order when publishes race.
@@ -159,7 +159,7 @@ mod tests {
 
     fn place(d: &Deliveries) -> oneshot::Receiver<Result<(), DeliveryError>> {
         let (tx, rx) = oneshot::channel();
-        d.with_place(&mut Some(tx), || Ok(())).unwrap();
+        d.with_place(&mut Some(tx), || Ok::<(), ()>(())).unwrap();
         rx
     }
 

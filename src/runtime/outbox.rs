@@ -27,8 +27,11 @@ use rumqttc::{AsyncClient, Publish};
 use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, warn};
 
-use super::delivery::{Deliveries, Waiter};
-use crate::{config::OfflineOverflow, publisher::DeliveryError};
+use super::{
+    delivery::{Deliveries, Waiter},
+    wire,
+};
+use crate::{config::OfflineOverflow, publisher::DeliveryError, request::QoS};
 
 /// Bounds of the offline buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,7 +43,7 @@ pub(crate) struct OutboxLimits {
 
 pub(crate) struct Outgoing {
     pub(crate) topic: String,
-    pub(crate) qos: rumqttc::QoS,
+    pub(crate) qos: QoS,
     pub(crate) retain: bool,
     pub(crate) payload: Bytes,
 }
@@ -123,7 +126,7 @@ impl Outbox {
             .with_place(waiter, || {
                 self.client.try_publish(
                     message.topic.as_str(),
-                    message.qos,
+                    wire::to_wire(message.qos),
                     message.retain,
                     message.payload.to_vec(),
                 )
@@ -205,7 +208,7 @@ impl Outbox {
             state.queue.push_front(Entry {
                 message: Outgoing {
                     topic: publish.topic,
-                    qos: publish.qos,
+                    qos: wire::from_wire(publish.qos),
                     retain: publish.retain,
                     payload: publish.payload,
                 },

@@ -303,7 +303,7 @@ where
                             continue;
                         }
                     }
-                    self.dispatcher.push(&publish, over_limit);
+                    self.dispatcher.push(&wire::inbound(publish), over_limit);
                 }
                 Step::Event(Event::Incoming(Packet::PubAck(ack))) => {
                     self.deliveries.confirmed(ack.pkid);

@@ -114,7 +114,7 @@ impl Sink {
         let (tx, rx) = oneshot::channel();
         let message = Outgoing {
             topic: topic.to_owned(),
-            qos: super::wire::to_wire(req.qos()),
+            qos: req.qos(),
             retain: req.retain(),
             payload: req.body().clone(),
         };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::{Event, EventLoop, Outgoing, Packet};
 
-use super::delivery::Deliveries;
+use super::{delivery::Deliveries, dispatch::AckPacket};
 use crate::{
     request::{QoS, Request},
     router::Router,
@@ -32,13 +32,48 @@ pub(crate) fn from_wire(qos: rumqttc::QoS) -> QoS {
     }
 }
 
-/// The request for a PUBLISH packet received by rumqttc.
-pub(crate) fn request(publish: &rumqttc::Publish) -> Result<Request<Bytes>, TopicError> {
-    let mut req = Request::new(TopicName::new(&publish.topic)?, publish.payload.clone());
-    req.set_qos(from_wire(publish.qos));
-    req.set_retain(publish.retain);
-    req.set_dup(publish.dup);
-    Ok(req)
+/// A PUBLISH received from the broker, in our types: what the dispatcher
+/// takes, whichever protocol version brought it.
+#[derive(Clone, Debug)]
+pub(crate) struct Inbound {
+    pub(crate) topic: String,
+    pub(crate) payload: Bytes,
+    pub(crate) qos: QoS,
+    pub(crate) retain: bool,
+    pub(crate) dup: bool,
+    /// 0 for QoS 0.
+    pub(crate) pkid: u16,
+}
+
+impl Inbound {
+    /// The request for this message.
+    pub(crate) fn request(&self) -> Result<Request<Bytes>, TopicError> {
+        let mut req = Request::new(TopicName::new(&self.topic)?, self.payload.clone());
+        req.set_qos(self.qos);
+        req.set_retain(self.retain);
+        req.set_dup(self.dup);
+        Ok(req)
+    }
+}
+
+/// A PUBLISH packet received by rumqttc, taken apart without copying.
+pub(crate) fn inbound(publish: rumqttc::Publish) -> Inbound {
+    Inbound {
+        topic: publish.topic,
+        payload: publish.payload,
+        qos: from_wire(publish.qos),
+        retain: publish.retain,
+        dup: publish.dup,
+        pkid: publish.pkid,
+    }
+}
+
+/// The publish rumqttc's `AsyncClient::ack` takes for `packet`: only its QoS
+/// and packet id are read.
+pub(crate) fn ack_publish(packet: AckPacket) -> rumqttc::Publish {
+    let mut publish = rumqttc::Publish::new("", to_wire(packet.qos), Bytes::new());
+    publish.pkid = packet.pkid;
+    publish
 }
 
 /// The router's filters with the QoS to subscribe at.
@@ -191,7 +226,10 @@ mod tests {
         let mut publish = rumqttc::Publish::new("a/b", rumqttc::QoS::ExactlyOnce, b"xy".to_vec());
         publish.retain = true;
         publish.dup = true;
-        let req = request(&publish).unwrap();
+        publish.pkid = 7;
+        let inbound = inbound(publish);
+        assert_eq!(inbound.pkid, 7);
+        let req = inbound.request().unwrap();
         assert_eq!(req.topic(), "a/b");
         assert_eq!(req.qos(), QoS::ExactlyOnce);
         assert!(req.retain() && req.dup());
@@ -201,7 +239,15 @@ mod tests {
     #[test]
     fn a_publish_with_a_bad_topic_is_refused() {
         let publish = rumqttc::Publish::new("a/+", rumqttc::QoS::AtMostOnce, Vec::new());
-        assert!(request(&publish).is_err());
+        assert!(inbound(publish).request().is_err());
+    }
+
+    #[test]
+    fn an_acknowledgement_names_its_packet_and_qos() {
+        for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let publish = ack_publish(AckPacket { pkid: 9, qos });
+            assert_eq!((publish.pkid, from_wire(publish.qos)), (9, qos));
+        }
     }
 
     #[test]

@@ -39,9 +39,10 @@
 use std::collections::VecDeque;
 
 use hashbrown::HashMap;
-use rumqttc::{Publish, QoS};
 use slab::Slab;
 use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{request::QoS, runtime::wire::Inbound};
 
 /// What an acknowledgement needs: the packet id and which packet to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,19 +53,11 @@ pub(crate) struct AckPacket {
 
 impl AckPacket {
     /// The acknowledgement a publish asks for, or `None` for QoS 0.
-    pub(crate) fn of(publish: &Publish) -> Option<Self> {
+    pub(crate) fn of(publish: &Inbound) -> Option<Self> {
         (publish.qos != QoS::AtMostOnce).then_some(Self {
             pkid: publish.pkid,
             qos: publish.qos,
         })
-    }
-
-    /// The publish rumqttc's `AsyncClient::ack` takes: only its QoS and packet
-    /// id are read.
-    pub(crate) fn to_publish(self) -> Publish {
-        let mut publish = Publish::new("", self.qos, bytes::Bytes::new());
-        publish.pkid = self.pkid;
-        publish
     }
 }
 
@@ -453,14 +446,19 @@ mod tests {
 
     #[test]
     fn qos0_asks_for_no_acknowledgement() {
-        let publish = Publish::new("t", QoS::AtMostOnce, vec![1]);
+        let mut publish = Inbound {
+            topic: "t".to_owned(),
+            payload: bytes::Bytes::from_static(&[1]),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            dup: false,
+            pkid: 0,
+        };
         assert!(AckPacket::of(&publish).is_none());
-        let mut publish = Publish::new("t", QoS::ExactlyOnce, vec![1]);
+        publish.qos = QoS::ExactlyOnce;
         publish.pkid = 7;
         let packet = AckPacket::of(&publish).unwrap();
-        let back = packet.to_publish();
-        assert_eq!((back.pkid, back.qos), (7, QoS::ExactlyOnce));
-        assert!(back.payload.is_empty());
+        assert_eq!((packet.pkid, packet.qos), (7, QoS::ExactlyOnce));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::{
 use crate::{
     outcome::{BoxError, Outcome},
     request::{HandledBefore, Request},
+    runtime::wire::Inbound,
     subscription::{Ack, AckOrder, Overflow},
     topic::TopicName,
 };
@@ -39,7 +40,7 @@ where
     /// this, and every publish and acknowledgement of the handlers goes
     /// through the poll loop, so waiting here for a handler to make room would
     /// be a circular wait.
-    pub(crate) fn push(&self, publish: &rumqttc::Publish, over_limit: OverLimit) {
+    pub(crate) fn push(&self, publish: &Inbound, over_limit: OverLimit) {
         let counters = &self.shared.counters;
         let metrics = &self.shared.metrics;
         let limits = &self.shared.limits;
@@ -140,7 +141,7 @@ where
     fn admissible(
         &self,
         state: &mut State,
-        publish: &rumqttc::Publish,
+        publish: &Inbound,
         ack: Option<Acked>,
         written: u64,
     ) -> Option<Request<Bytes>> {
@@ -163,7 +164,7 @@ where
             state.ack_now(ack, CONNECTION_LINE, written);
             return None;
         }
-        match super::super::wire::request(publish) {
+        match publish.request() {
             Ok(request) => Some(request),
             Err(err) => {
                 counters.received(metrics, None);
@@ -180,13 +181,7 @@ where
 
     /// A delivery that may be a message held from an earlier connection:
     /// whether it was (and so is dealt with).
-    fn rejoin(
-        &self,
-        state: &mut State,
-        publish: &rumqttc::Publish,
-        acked: Acked,
-        written: u64,
-    ) -> bool {
+    fn rejoin(&self, state: &mut State, publish: &Inbound, acked: Acked, written: u64) -> bool {
         let (counters, metrics) = (&self.shared.counters, &self.shared.metrics);
         // Under `AckOrder::Topic` the redelivery waits in its topic's line.
         let lane = if self.shared.limits.ack_order == AckOrder::Topic {

@@ -10,7 +10,8 @@ use bytes::Bytes;
 
 use super::*;
 use crate::{
-    request::HandledBefore,
+    request::{HandledBefore, QoS},
+    runtime::wire::Inbound,
     subscription::{Ack, Overflow},
     Subscription,
 };
@@ -28,14 +29,19 @@ fn limits(max_pending: usize) -> Limits {
     }
 }
 
-fn publish(topic: &str, pkid: u16, qos: rumqttc::QoS) -> rumqttc::Publish {
-    let mut p = rumqttc::Publish::new(topic, qos, pkid.to_be_bytes().to_vec());
-    p.pkid = pkid;
-    p
+fn publish(topic: &str, pkid: u16, qos: QoS) -> Inbound {
+    Inbound {
+        topic: topic.to_owned(),
+        payload: Bytes::copy_from_slice(&pkid.to_be_bytes()),
+        qos,
+        retain: false,
+        dup: false,
+        pkid,
+    }
 }
 
-fn qos1(topic: &str, pkid: u16) -> rumqttc::Publish {
-    publish(topic, pkid, rumqttc::QoS::AtLeastOnce)
+fn qos1(topic: &str, pkid: u16) -> Inbound {
+    publish(topic, pkid, QoS::AtLeastOnce)
 }
 
 /// A service that records (topic, pkid) in handling order, and holds every
@@ -221,10 +227,7 @@ async fn the_pending_limit_pauses_then_withholds_until_the_next_connection() {
         d.push(&qos1("t", pkid), OverLimit::Withhold);
     }
     assert!(d.is_full());
-    d.push(
-        &publish("t", 0, rumqttc::QoS::AtMostOnce),
-        OverLimit::Withhold,
-    );
+    d.push(&publish("t", 0, QoS::AtMostOnce), OverLimit::Withhold);
     assert_eq!(
         get(&counters.dropped_over_limit),
         1,
@@ -424,7 +427,7 @@ async fn an_unordered_topic_fills_every_worker() {
     assert_eq!(service.seen().len(), 20);
 }
 
-fn redelivered(topic: &str, pkid: u16) -> rumqttc::Publish {
+fn redelivered(topic: &str, pkid: u16) -> Inbound {
     let mut p = qos1(topic, pkid);
     p.dup = true;
     p
