@@ -38,6 +38,11 @@
 //! pinned, three runs of each interleaved: medians of 1.50 to 1.56 µs
 //! before, 0.91 to 1.02 µs after.
 //!
+//! Later, a route match that allocates nothing (wildcard values as byte
+//! ranges into the topic, no `Vec` when one route matches): plain runs on a
+//! quiet machine, 0.54 to 0.60 µs against 0.64 µs for the code before it in
+//! the same session; `routing/100_routes_match` 71 to 75 ns against 126 ns.
+//!
 //! A profile of what is left (`perf record` of the standard stack and of
 //! decode-only, 400,000 messages each, the difference per symbol) puts about
 //! half of it in dedup: its 128-bit key over the canonical data a fifth
