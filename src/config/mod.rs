@@ -130,6 +130,7 @@
 //! ```
 
 mod connect;
+pub(crate) use self::connect::ConnectionAttempts;
 mod credentials;
 mod env;
 mod error;

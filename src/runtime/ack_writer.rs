@@ -14,13 +14,12 @@
 
 use std::{sync::Mutex, time::Duration};
 
-use rumqttc::AsyncClient;
 use tokio::{
     sync::{mpsc, Notify},
     task::JoinHandle,
 };
 
-use super::dispatch::AckPacket;
+use super::{dispatch::AckPacket, wire::Handle};
 
 /// How long the writer waits before trying a full request channel again.
 const ROOM_RETRY: Duration = Duration::from_millis(1);
@@ -43,7 +42,7 @@ impl AckGate {
 /// rumqttc, and on `goodbye` sends DISCONNECT after everything released
 /// before it, then stops.
 pub(super) fn spawn(
-    client: AsyncClient,
+    client: Handle,
     gate: std::sync::Arc<AckGate>,
     mut released: mpsc::UnboundedReceiver<(u64, AckPacket)>,
     goodbye: std::sync::Arc<Notify>,
@@ -58,7 +57,7 @@ pub(super) fn spawn(
                 () = goodbye.notified() => {
                     // A DISCONNECT that overtook released acknowledgements
                     // would have the session deliver those messages again.
-                    let _ = client.disconnect().await;
+                    client.disconnect().await;
                     break;
                 }
             }
@@ -68,8 +67,7 @@ pub(super) fn spawn(
 
 /// Hands one acknowledgement to rumqttc if its connection is still the
 /// current one, waiting for room in the channel outside the gate.
-async fn forward(client: &AsyncClient, gate: &AckGate, epoch: u64, packet: AckPacket) {
-    let publish = super::wire::ack_publish(packet);
+async fn forward(client: &Handle, gate: &AckGate, epoch: u64, packet: AckPacket) {
     loop {
         {
             let current = gate.epoch.lock().expect("ack gate poisoned");
@@ -80,7 +78,7 @@ async fn forward(client: &AsyncClient, gate: &AckGate, epoch: u64, packet: AckPa
             }
             // Full, or rumqttc is gone (then the runtime is shutting down and
             // aborts this task).
-            if client.try_ack(&publish).is_ok() {
+            if client.try_ack(packet) {
                 return;
             }
         }

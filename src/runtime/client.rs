@@ -7,7 +7,6 @@
 
 use std::sync::Arc;
 
-use rumqttc::{AsyncClient, EventLoop, LastWill};
 use tokio::sync::watch;
 use tower::{Layer, Service, ServiceExt};
 
@@ -17,6 +16,7 @@ use super::{
     running::{ConnectionState, ShutdownHandle},
     serve::Serve,
     sink::Sink,
+    wire::{self, Connection, Handle},
 };
 use crate::{
     config::{Config, ConfigError},
@@ -35,8 +35,8 @@ use crate::{
 /// (a handler's state, say), then [`Client::serve`] the router.
 pub struct Client {
     pub(super) config: Config,
-    pub(super) mqtt: AsyncClient,
-    pub(super) eventloop: EventLoop,
+    pub(super) mqtt: Handle,
+    pub(super) connection: Connection,
     pub(super) deliveries: Arc<Deliveries>,
     pub(super) outbox: Arc<Outbox>,
     pub(super) sink: Sink,
@@ -70,26 +70,17 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub fn new(config: Config) -> Result<Self, ConfigError> {
-        let mut options = config.mqtt_options()?;
-        options.set_manual_acks(true);
-        if config.enable_health {
+        let will = config.enable_health.then(|| {
             let will = Health::offline()
                 .envelope(config.health_name())
                 .with_source(&config.source_name);
-            options.set_last_will(LastWill::new(
-                health::health_topic(config.health_name()),
-                will.to_vec(),
-                rumqttc::QoS::AtLeastOnce,
-                true,
-            ));
-        }
-        let (client, mut eventloop) = AsyncClient::new(options, config.request_channel_capacity);
-        // rumqttc leaves Nagle's algorithm on: a reply published right after
-        // another then waited ~40 ms for the delayed ACK (measured: every
-        // second reply of a request/reply burst took 42-47 ms instead of 0.6).
-        let mut network = eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+            (health::health_topic(config.health_name()), will.to_vec())
+        });
+        let (client, connection) = wire::connect(
+            config.mqtt_options()?,
+            will,
+            config.request_channel_capacity,
+        );
         let deliveries = Arc::new(Deliveries::default());
         let outbox = Arc::new(Outbox::new(
             client.clone(),
@@ -113,7 +104,7 @@ impl Client {
         Ok(Self {
             config,
             mqtt: client,
-            eventloop,
+            connection,
             deliveries,
             outbox,
             sink,

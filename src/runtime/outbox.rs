@@ -23,13 +23,12 @@ use std::{
 };
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Publish};
 use tokio::{sync::Notify, time::Instant};
 use tracing::{debug, warn};
 
 use super::{
     delivery::{Deliveries, Waiter},
-    wire,
+    wire::Handle,
 };
 use crate::{config::OfflineOverflow, publisher::DeliveryError, request::QoS};
 
@@ -61,7 +60,7 @@ struct State {
 }
 
 pub(crate) struct Outbox {
-    client: AsyncClient,
+    client: Handle,
     deliveries: Arc<Deliveries>,
     limits: OutboxLimits,
     state: Mutex<State>,
@@ -96,11 +95,7 @@ impl OutboxMetrics {
 }
 
 impl Outbox {
-    pub(crate) fn new(
-        client: AsyncClient,
-        deliveries: Arc<Deliveries>,
-        limits: OutboxLimits,
-    ) -> Self {
+    pub(crate) fn new(client: Handle, deliveries: Arc<Deliveries>, limits: OutboxLimits) -> Self {
         Self {
             client,
             deliveries,
@@ -123,14 +118,7 @@ impl Outbox {
     /// channel is full.
     fn try_send(&self, message: &Outgoing, waiter: &mut Waiter) -> bool {
         self.deliveries
-            .with_place(waiter, || {
-                self.client.try_publish(
-                    message.topic.as_str(),
-                    wire::to_wire(message.qos),
-                    message.retain,
-                    message.payload.to_vec(),
-                )
-            })
+            .with_place(waiter, || self.client.try_publish(message))
             .is_ok()
     }
 
@@ -178,40 +166,26 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// The connection failed. With a clean session, takes the publishes
-    /// rumqttc held back to the front of the buffer (see the module docs).
-    pub(crate) fn disconnected(&self, reclaim_from: Option<&mut VecDeque<rumqttc::Request>>) {
+    /// The connection failed. With a clean session, `reclaimed` are the
+    /// publishes rumqttc held, as (packet id, message) in its order: they go
+    /// back to the front of the buffer (see the module docs).
+    pub(crate) fn disconnected(&self, reclaimed: Option<Vec<(u16, Outgoing)>>) {
         let mut state = self.state();
         state.connected = false;
-        let Some(pending) = reclaim_from else {
+        let Some(reclaimed) = reclaimed.filter(|r| !r.is_empty()) else {
             return;
         };
-        let mut reclaimed: Vec<Publish> = Vec::new();
-        let mut kept = VecDeque::new();
-        for request in pending.drain(..) {
-            match request {
-                rumqttc::Request::Publish(publish) => reclaimed.push(publish),
-                other => kept.push_back(other),
-            }
-        }
-        *pending = kept;
-        if reclaimed.is_empty() {
-            return;
-        }
-        let waiters = self.deliveries.reclaim(reclaimed.iter().map(|p| p.pkid));
+        let waiters = self
+            .deliveries
+            .reclaim(reclaimed.iter().map(|(pkid, _)| *pkid));
         debug!(
             count = reclaimed.len(),
             "taking back unconfirmed publishes to send again"
         );
         let now = Instant::now();
-        for (publish, waiter) in reclaimed.into_iter().zip(waiters).rev() {
+        for ((_, message), waiter) in reclaimed.into_iter().zip(waiters).rev() {
             state.queue.push_front(Entry {
-                message: Outgoing {
-                    topic: publish.topic,
-                    qos: wire::from_wire(publish.qos),
-                    retain: publish.retain,
-                    payload: publish.payload,
-                },
+                message,
                 waiter,
                 queued_at: now,
             });

@@ -18,9 +18,6 @@ use std::{
 };
 
 use bytes::Bytes;
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Outgoing, Packet, SubscribeReasonCode,
-};
 use tokio::{
     sync::{watch, Notify},
     time::Instant,
@@ -39,7 +36,7 @@ use super::{
     heartbeat::Heartbeat,
     outbox::Outbox,
     running::{ConnectionState, Readiness, RefusedSubscription, RuntimeCounters},
-    wire,
+    wire::{Connection, Event, Handle, PollError},
 };
 use crate::{
     config::Config,
@@ -102,8 +99,8 @@ pub(super) type OnConnect =
 pub(super) struct PollLoop<S> {
     /// Whether subscriptions are in place on the current connection.
     pub(super) ready: Arc<watch::Sender<Readiness>>,
-    pub(super) eventloop: EventLoop,
-    pub(super) client: AsyncClient,
+    pub(super) connection: Connection,
+    pub(super) client: Handle,
     pub(super) config: Config,
     pub(super) filters: Vec<(String, QoS)>,
     pub(super) dispatcher: Dispatcher<S>,
@@ -193,14 +190,14 @@ where
         // Credentials fetched before each connect, failures described (config/connect.rs).
         let mut attempts = self.config.connection_attempts();
         loop {
-            collided_since = match (&self.eventloop.state.collision, collided_since) {
-                (None, _) => None,
-                (Some(_), None) => Some(Instant::now()),
-                (Some(_), since) => since,
+            collided_since = match (self.connection.collided(), collided_since) {
+                (false, _) => None,
+                (true, None) => Some(Instant::now()),
+                (true, since) => since,
             };
             let stuck =
                 collided_since.is_some_and(|since| since.elapsed() > self.config.keep_alive);
-            let connected = self.eventloop.network.is_some();
+            let connected = self.connection.is_connected();
             if connected
                 && self.dispatcher.is_withholding()
                 && self.dispatcher.load().pending == 0
@@ -226,11 +223,11 @@ where
                 Step::Failed(Failure::Lost(
                     "outgoing publishes stuck on a packet id collision".to_owned(),
                 ))
-            } else if let Err(reason) = attempts.prepare(&mut self.eventloop) {
+            } else if let Err(reason) = self.connection.prepare(&mut attempts) {
                 Step::Failed(Failure::Lost(reason)) // no password: a failed attempt
             } else {
                 // The loop owns the keep-alive check (see above).
-                self.eventloop.state.await_pingresp = false;
+                self.connection.clear_ping_check();
                 tokio::select! {
                     // Abandoning `poll` mid-way is only done when the connection is
                     // abandoned too, so its cancel safety does not matter here.
@@ -238,21 +235,25 @@ where
                         self.abandon();
                         Step::Failed(Failure::Lost("no heartbeat came back (connection stalled)".to_owned()))
                     }
-                    event = self.eventloop.poll() => match event {
+                    event = self.connection.poll() => match event {
                         Ok(event) => Step::Event(event),
-                        Err(ConnectionError::ConnectionRefused(code)) => {
-                            Step::Failed(Failure::Refused(wire::describe_refusal(code)))
-                        }
-                        Err(err) => Step::Failed(Failure::Lost(attempts.failed(&err))), // TLS reasons
+                        Err(PollError::Refused(reason)) => Step::Failed(Failure::Refused(reason)),
+                        Err(PollError::Lost(err)) => Step::Failed(Failure::Lost(attempts.failed(&err))), // TLS reasons
                     },
                 }
             };
             let step = match step {
-                Step::Event(Event::Incoming(_)) => {
+                Step::Event(
+                    Event::Connected { .. }
+                    | Event::Publish(_)
+                    | Event::Confirmed(_)
+                    | Event::Subscribed(_)
+                    | Event::Read,
+                ) => {
                     liveness.read = true;
                     step
                 }
-                Step::Event(Event::Outgoing(Outgoing::PingReq)) => {
+                Step::Event(Event::PingWritten) => {
                     let alive = liveness.read || liveness.paused;
                     liveness = Liveness::default();
                     if alive {
@@ -268,22 +269,21 @@ where
                 step => step,
             };
             match step {
-                Step::Event(Event::Incoming(Packet::ConnAck(ack))) => {
+                Step::Event(Event::Connected { session_present }) => {
                     self.counters.connected();
                     connected_at = Some(Instant::now());
                     collided_since = None;
                     last_refusal = None;
                     attempts.connected(); // a later failure is reported anew
-                    self.dispatcher.connected(ack.session_present);
-                    if ack.session_present && expects_pubrel {
-                        wire::expect_pubrels(&mut self.eventloop);
+                    self.dispatcher.connected(session_present);
+                    if session_present && expects_pubrel {
+                        self.connection.expect_pubrels();
                     }
-                    self.deliveries.connected(ack.session_present);
+                    self.deliveries.connected(session_present);
                     self.outbox.connected();
-                    self.state.send_replace(ConnectionState::Connected {
-                        session_present: ack.session_present,
-                    });
-                    info!(session_present = ack.session_present, "connected");
+                    self.state
+                        .send_replace(ConnectionState::Connected { session_present });
+                    info!(session_present, "connected");
                     // A resumed session may lack some filters; subscribing is
                     // idempotent, so always subscribe. Ready comes with the SUBACK.
                     if self.filters.is_empty() {
@@ -295,7 +295,7 @@ where
                         *hb.last_echo.lock().expect("heartbeat poisoned") = Instant::now();
                     }
                 }
-                Step::Event(Event::Incoming(Packet::Publish(publish))) => {
+                Step::Event(Event::Publish(publish)) => {
                     self.publishes_read.fetch_add(1, Ordering::Relaxed);
                     if let Some(hb) = &self.heartbeat {
                         if publish.topic == hb.topic {
@@ -303,35 +303,33 @@ where
                             continue;
                         }
                     }
-                    self.dispatcher.push(&wire::inbound(publish), over_limit);
+                    self.dispatcher.push(&publish, over_limit);
                 }
-                Step::Event(Event::Incoming(Packet::PubAck(ack))) => {
-                    self.deliveries.confirmed(ack.pkid);
+                Step::Event(Event::Confirmed(pkid)) => {
+                    self.deliveries.confirmed(pkid);
                 }
-                Step::Event(Event::Incoming(Packet::PubComp(comp))) => {
-                    self.deliveries.confirmed(comp.pkid);
-                }
-                Step::Event(Event::Incoming(Packet::SubAck(suback))) => {
+                Step::Event(Event::Subscribed(answers)) => {
                     let refused = self
                         .filters
                         .iter()
-                        .zip(&suback.return_codes)
-                        .filter(|(_, code)| matches!(code, SubscribeReasonCode::Failure))
-                        .map(|((filter, _), _)| RefusedSubscription {
-                            filter: filter.clone(),
-                            reason: "the broker refused it (SUBACK 0x80)".to_owned(),
+                        .zip(answers)
+                        .filter_map(|((filter, _), refusal)| {
+                            refusal.map(|reason| RefusedSubscription {
+                                filter: filter.clone(),
+                                reason,
+                            })
                         })
                         .collect();
                     self.subscribed(refused);
                 }
-                Step::Event(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                Step::Event(Event::PublishWritten(pkid)) => {
                     self.deliveries.written(pkid);
                 }
-                Step::Event(Event::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_))) => {
+                Step::Event(Event::AckWritten) => {
                     self.dispatcher.ack_written();
                 }
-                Step::Event(Event::Outgoing(Outgoing::Disconnect)) => {
-                    if !wire::await_close(&mut self.eventloop, GOODBYE_TIMEOUT).await {
+                Step::Event(Event::DisconnectWritten) => {
+                    if !self.connection.await_close(GOODBYE_TIMEOUT).await {
                         warn!("the broker did not close the connection after DISCONNECT");
                     }
                     info!("disconnected cleanly");
@@ -375,8 +373,7 @@ where
 
     /// Drops the connection without a word to the broker.
     fn abandon(&mut self) {
-        self.eventloop.clean();
-        self.eventloop.network = None;
+        self.connection.abandon();
     }
 
     /// Stops reading from the broker until the dispatcher has room again (or
@@ -401,7 +398,7 @@ where
             tokio::select! {
                 () = &mut room => break,
                 _ = ping.tick() => {
-                    if !wire::ping(&mut self.eventloop, self.config.keep_alive).await {
+                    if !self.connection.ping(self.config.keep_alive).await {
                         break;
                     }
                 }
@@ -419,7 +416,7 @@ where
     /// Gives the connection up on purpose, to take withheld messages back.
     async fn goodbye(&mut self) {
         info!("taking withheld messages back: reconnecting");
-        wire::disconnect(&mut self.eventloop, GOODBYE_TIMEOUT).await;
+        self.connection.disconnect(GOODBYE_TIMEOUT).await;
     }
 
     /// The connection is gone (`Failed`) or given up on purpose (`Recover`):
@@ -439,36 +436,19 @@ where
         }
         // Acknowledgements still on their way belong to the old connection:
         // close the gate first, so that none follows, then clear those that
-        // reached rumqttc (its `clean` drops PUBACKs from the channel; PUBRECs
-        // and anything already in its pending list are ours to drop).
+        // reached the connection's channel.
         self.ack_gate.close_connection();
-        self.eventloop.clean();
-        self.eventloop.pending.retain(|request| {
-            !matches!(
-                request,
-                rumqttc::Request::PubAck(_) | rumqttc::Request::PubRec(_)
-            )
-        });
-        wire::salvage_events(&mut self.eventloop, &self.deliveries, || {
-            self.dispatcher.ack_written();
-        });
+        let dispatcher = &self.dispatcher;
+        self.connection
+            .clear_acknowledgements(&self.deliveries, || dispatcher.ack_written());
         // What was not acknowledged on the wire is carried to the next
         // connection.
         self.dispatcher.connection_lost();
-        wire::release_collision(&mut self.eventloop);
-        // With a clean session the broker forgets everything; take
-        // rumqttc's unconfirmed publishes back to send them again.
-        let reclaim = self
-            .config
-            .clean_session
-            .then_some(&mut self.eventloop.pending);
-        self.outbox.disconnected(reclaim);
+        // With a clean session the broker forgets everything; unconfirmed
+        // publishes are taken back to be sent again.
         let pending_unassigned = self
-            .eventloop
-            .pending
-            .iter()
-            .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
-            .count();
+            .connection
+            .carry_publishes(&self.outbox, self.config.clean_session);
         self.deliveries.disconnected(pending_unassigned);
         self.ready.send_replace(Readiness::Pending);
         let (reason, delay) = match step {
@@ -514,17 +494,13 @@ where
     /// poll loop must not wait for it.
     fn subscribe(&self) {
         let client = self.client.clone();
-        let filters: Vec<rumqttc::SubscribeFilter> = self
-            .filters
-            .iter()
-            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.clone(), wire::to_wire(*qos)))
-            .collect();
+        let filters = self.filters.clone();
         for (filter, qos) in &self.filters {
             info!(%filter, qos = u8::from(*qos), "subscribing");
         }
         tokio::spawn(
             async move {
-                if let Err(err) = client.subscribe_many(filters).await {
+                if let Err(err) = client.subscribe(&filters).await {
                     error!(error = %err, "could not subscribe");
                 }
             }

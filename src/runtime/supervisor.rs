@@ -111,7 +111,7 @@ where
     let Client {
         config,
         mqtt: client,
-        eventloop,
+        connection,
         deliveries,
         outbox,
         sink,
@@ -182,7 +182,7 @@ where
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let poll = PollLoop {
         ready: ready.clone(),
-        eventloop,
+        connection,
         client: client.clone(),
         config: config.clone(),
         filters,

@@ -1,18 +1,289 @@
-//! Everything that knows rumqttc's insides: conversions between our types and
-//! its (no rumqttc type appears in a public signature), and the workarounds
-//! for what rumqttc 0.25 does not do or does wrong.
+//! Everything that knows the MQTT client underneath (rumqttc 0.25): the
+//! [`Connection`] the poll loop drives and the [`Handle`] the other tasks
+//! send requests through, conversions between our types and rumqttc's (no
+//! rumqttc type appears in a public signature, and the runtime's other
+//! modules name none), and the workarounds for what rumqttc does not do or
+//! does wrong.
 
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 
 use bytes::Bytes;
-use rumqttc::{Event, EventLoop, Outgoing, Packet};
+use rumqttc::{AsyncClient, ConnectionError, EventLoop, LastWill, MqttOptions, Outgoing, Packet};
 
-use super::{delivery::Deliveries, dispatch::AckPacket};
+use super::{
+    delivery::Deliveries,
+    dispatch::AckPacket,
+    outbox::{self, Outbox},
+};
 use crate::{
+    config::ConnectionAttempts,
     request::{QoS, Request},
     router::Router,
     topic::{TopicError, TopicName},
 };
+
+/// What happened on the connection, as the poll loop needs it.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The broker accepted the connection (CONNACK).
+    Connected { session_present: bool },
+    /// A message arrived.
+    Publish(Inbound),
+    /// The broker confirmed one of our publishes (PUBACK, or PUBCOMP).
+    Confirmed(u16),
+    /// The broker answered the subscriptions: for each filter in the order
+    /// subscribed, why it was refused, or `None`.
+    Subscribed(Vec<Option<String>>),
+    /// A publish of ours went out with this packet id (0 for QoS 0).
+    PublishWritten(u16),
+    /// An acknowledgement of ours (PUBACK or PUBREC) went out.
+    AckWritten,
+    /// A PINGREQ went out.
+    PingWritten,
+    /// Our DISCONNECT went out.
+    DisconnectWritten,
+    /// Anything else read from the broker.
+    Read,
+    /// Anything else written.
+    Written,
+}
+
+/// Why a poll ended the connection (or the attempt).
+#[derive(Debug)]
+pub(crate) enum PollError {
+    /// The broker refused the connection; its reason in words.
+    Refused(String),
+    /// Anything else: network, TLS, protocol.
+    Lost(ConnectionError),
+}
+
+/// The connection to the broker, one after another: rumqttc's event loop.
+pub(crate) struct Connection {
+    eventloop: EventLoop,
+}
+
+/// Puts requests into the connection's channel (rumqttc's `AsyncClient`);
+/// cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Handle {
+    client: AsyncClient,
+}
+
+/// A client for `options` with manual acknowledgements, its Last Will (topic,
+/// payload, retained at QoS 1) and `capacity` requests of channel.
+pub(crate) fn connect(
+    mut options: MqttOptions,
+    will: Option<(String, Vec<u8>)>,
+    capacity: usize,
+) -> (Handle, Connection) {
+    options.set_manual_acks(true);
+    if let Some((topic, payload)) = will {
+        options.set_last_will(LastWill::new(
+            topic,
+            payload,
+            rumqttc::QoS::AtLeastOnce,
+            true,
+        ));
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    // rumqttc leaves Nagle's algorithm on: a reply published right after
+    // another then waited ~40 ms for the delayed ACK (measured: every
+    // second reply of a request/reply burst took 42-47 ms instead of 0.6).
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (Handle { client }, Connection { eventloop })
+}
+
+impl Handle {
+    /// Puts a publish into the channel, or hands back an error when it is
+    /// full (or the connection's task is gone).
+    pub(crate) fn try_publish(
+        &self,
+        message: &outbox::Outgoing,
+    ) -> Result<(), rumqttc::ClientError> {
+        self.client.try_publish(
+            message.topic.as_str(),
+            to_wire(message.qos),
+            message.retain,
+            message.payload.to_vec(),
+        )
+    }
+
+    /// Puts an acknowledgement into the channel; false when it is full (or
+    /// the connection's task is gone).
+    pub(crate) fn try_ack(&self, packet: AckPacket) -> bool {
+        self.client.try_ack(&ack_publish(packet)).is_ok()
+    }
+
+    /// Subscribes to `filters`, waiting for room in the channel.
+    pub(crate) async fn subscribe(&self, filters: &[(String, QoS)]) -> Result<(), String> {
+        let filters: Vec<rumqttc::SubscribeFilter> = filters
+            .iter()
+            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.clone(), to_wire(*qos)))
+            .collect();
+        self.client
+            .subscribe_many(filters)
+            .await
+            .map_err(|err| err.to_string())
+    }
+
+    /// Asks for a DISCONNECT after every request already in the channel.
+    pub(crate) async fn disconnect(&self) {
+        let _ = self.client.disconnect().await;
+    }
+}
+
+impl Connection {
+    /// Whether a connection is up (or being set up).
+    pub(crate) fn is_connected(&self) -> bool {
+        self.eventloop.network.is_some()
+    }
+
+    /// Before a connection attempt: the current credentials (see
+    /// [`ConnectionAttempts::prepare`]).
+    pub(crate) fn prepare(&mut self, attempts: &mut ConnectionAttempts) -> Result<(), String> {
+        attempts.prepare(&mut self.eventloop)
+    }
+
+    /// Clears rumqttc's own keep-alive check, which the poll loop replaces
+    /// (see the dispatcher's module docs).
+    pub(crate) fn clear_ping_check(&mut self) {
+        self.eventloop.state.await_pingresp = false;
+    }
+
+    /// Whether an outgoing publish waits on a packet id still in use.
+    pub(crate) fn collided(&self) -> bool {
+        self.eventloop.state.collision.is_some()
+    }
+
+    /// The next event; connects first when there is no connection.
+    pub(crate) async fn poll(&mut self) -> Result<Event, PollError> {
+        let event = match self.eventloop.poll().await {
+            Ok(event) => event,
+            Err(ConnectionError::ConnectionRefused(code)) => {
+                return Err(PollError::Refused(describe_refusal(code)))
+            }
+            Err(err) => return Err(PollError::Lost(err)),
+        };
+        Ok(match event {
+            rumqttc::Event::Incoming(packet) => match packet {
+                Packet::ConnAck(ack) => Event::Connected {
+                    session_present: ack.session_present,
+                },
+                Packet::Publish(publish) => Event::Publish(inbound(publish)),
+                Packet::PubAck(ack) => Event::Confirmed(ack.pkid),
+                Packet::PubComp(comp) => Event::Confirmed(comp.pkid),
+                Packet::SubAck(suback) => Event::Subscribed(
+                    suback
+                        .return_codes
+                        .iter()
+                        .map(|code| {
+                            matches!(code, rumqttc::SubscribeReasonCode::Failure)
+                                .then(|| "the broker refused it (SUBACK 0x80)".to_owned())
+                        })
+                        .collect(),
+                ),
+                _ => Event::Read,
+            },
+            rumqttc::Event::Outgoing(outgoing) => match outgoing {
+                Outgoing::Publish(pkid) => Event::PublishWritten(pkid),
+                Outgoing::PubAck(_) | Outgoing::PubRec(_) => Event::AckWritten,
+                Outgoing::PingReq => Event::PingWritten,
+                Outgoing::Disconnect => Event::DisconnectWritten,
+                _ => Event::Written,
+            },
+        })
+    }
+
+    /// Drops the connection without a word to the broker.
+    pub(crate) fn abandon(&mut self) {
+        self.eventloop.clean();
+        self.eventloop.network = None;
+    }
+
+    /// After the connection ended: drops the acknowledgements that were
+    /// meant for it (rumqttc's `clean` drops PUBACKs from the channel;
+    /// PUBRECs and anything already in its pending list are ours to drop),
+    /// and counts what it reported written before it failed (see
+    /// [`salvage_events`]).
+    pub(crate) fn clear_acknowledgements(
+        &mut self,
+        deliveries: &Deliveries,
+        ack_written: impl FnMut(),
+    ) {
+        self.eventloop.clean();
+        self.eventloop.pending.retain(|request| {
+            !matches!(
+                request,
+                rumqttc::Request::PubAck(_) | rumqttc::Request::PubRec(_)
+            )
+        });
+        salvage_events(&mut self.eventloop, deliveries, ack_written);
+    }
+
+    /// After the connection ended, before the next: see [`release_collision`];
+    /// with `reclaim` (a clean session, which forgets them) the unconfirmed
+    /// publishes go back to the outbox to be sent again. Returns how many
+    /// publishes without a packet id rumqttc keeps for the next connection.
+    pub(crate) fn carry_publishes(&mut self, outbox: &Outbox, reclaim: bool) -> usize {
+        release_collision(&mut self.eventloop);
+        let reclaimed = if reclaim {
+            take_publishes(&mut self.eventloop.pending)
+        } else {
+            Vec::new()
+        };
+        outbox.disconnected(reclaim.then_some(reclaimed));
+        self.eventloop
+            .pending
+            .iter()
+            .filter(|req| matches!(req, rumqttc::Request::Publish(p) if p.pkid == 0))
+            .count()
+    }
+
+    /// See [`expect_pubrels`].
+    pub(crate) fn expect_pubrels(&mut self) {
+        expect_pubrels(&mut self.eventloop);
+    }
+
+    /// See [`ping`].
+    pub(crate) async fn ping(&mut self, timeout: Duration) -> bool {
+        ping(&mut self.eventloop, timeout).await
+    }
+
+    /// See [`disconnect`].
+    pub(crate) async fn disconnect(&mut self, timeout: Duration) {
+        disconnect(&mut self.eventloop, timeout).await;
+    }
+
+    /// See [`await_close`].
+    pub(crate) async fn await_close(&mut self, timeout: Duration) -> bool {
+        await_close(&mut self.eventloop, timeout).await
+    }
+}
+
+/// Takes the publishes out of rumqttc's pending list, in its order, as
+/// (packet id, message); the other requests stay.
+fn take_publishes(pending: &mut VecDeque<rumqttc::Request>) -> Vec<(u16, outbox::Outgoing)> {
+    let mut publishes = Vec::new();
+    let mut kept = VecDeque::new();
+    for request in pending.drain(..) {
+        match request {
+            rumqttc::Request::Publish(publish) => publishes.push((
+                publish.pkid,
+                outbox::Outgoing {
+                    topic: publish.topic,
+                    qos: from_wire(publish.qos),
+                    retain: publish.retain,
+                    payload: publish.payload,
+                },
+            )),
+            other => kept.push_back(other),
+        }
+    }
+    *pending = kept;
+    publishes
+}
 
 /// Our QoS as rumqttc's.
 pub(crate) fn to_wire(qos: QoS) -> rumqttc::QoS {
@@ -57,7 +328,7 @@ impl Inbound {
 }
 
 /// A PUBLISH packet received by rumqttc, taken apart without copying.
-pub(crate) fn inbound(publish: rumqttc::Publish) -> Inbound {
+fn inbound(publish: rumqttc::Publish) -> Inbound {
     Inbound {
         topic: publish.topic,
         payload: publish.payload,
@@ -70,7 +341,7 @@ pub(crate) fn inbound(publish: rumqttc::Publish) -> Inbound {
 
 /// The publish rumqttc's `AsyncClient::ack` takes for `packet`: only its QoS
 /// and packet id are read.
-pub(crate) fn ack_publish(packet: AckPacket) -> rumqttc::Publish {
+fn ack_publish(packet: AckPacket) -> rumqttc::Publish {
     let mut publish = rumqttc::Publish::new("", to_wire(packet.qos), Bytes::new());
     publish.pkid = packet.pkid;
     publish
@@ -97,7 +368,7 @@ pub(crate) fn subscriptions(router: &Router) -> Vec<(String, QoS)> {
 /// packet id is marked as awaiting one, through rumqttc's own incoming-publish
 /// path (its bit set is private). Marking all 65,535 takes a few milliseconds
 /// per resumed session with a QoS 2 route.
-pub(crate) fn expect_pubrels(eventloop: &mut EventLoop) {
+fn expect_pubrels(eventloop: &mut EventLoop) {
     let events = eventloop.state.events.len();
     let mut marker = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Bytes::new());
     for pkid in 1..=u16::MAX {
@@ -114,7 +385,7 @@ pub(crate) fn expect_pubrels(eventloop: &mut EventLoop) {
 }
 
 /// A CONNACK refusal in words, with its return code.
-pub(crate) fn describe_refusal(code: rumqttc::ConnectReturnCode) -> String {
+fn describe_refusal(code: rumqttc::ConnectReturnCode) -> String {
     use rumqttc::ConnectReturnCode as Code;
     let (number, words) = match code {
         Code::Success => (0, "accepted"),
@@ -131,7 +402,7 @@ pub(crate) fn describe_refusal(code: rumqttc::ConnectReturnCode) -> String {
 /// paused); its PINGRESP is read when reading resumes and clears nothing
 /// rumqttc waits for. Returns false when the write failed (the next poll then
 /// finds the broken connection).
-pub(crate) async fn ping(eventloop: &mut EventLoop, timeout: Duration) -> bool {
+async fn ping(eventloop: &mut EventLoop, timeout: Duration) -> bool {
     let Some(network) = eventloop.network.as_mut() else {
         return false;
     };
@@ -145,7 +416,7 @@ pub(crate) async fn ping(eventloop: &mut EventLoop, timeout: Duration) -> bool {
 /// Sends DISCONNECT and drops the connection once the broker has read it, so
 /// that the broker keeps the session and does not publish the Last Will; the
 /// next poll reconnects, and rumqttc keeps what it had not sent.
-pub(crate) async fn disconnect(eventloop: &mut EventLoop, timeout: Duration) {
+async fn disconnect(eventloop: &mut EventLoop, timeout: Duration) {
     if let Some(network) = eventloop.network.as_mut() {
         let write = async {
             network.write(Packet::Disconnect).await?;
@@ -170,7 +441,7 @@ pub(crate) async fn disconnect(eventloop: &mut EventLoop, timeout: Duration) {
 /// 2.0.11: PUBACKs 53 to 64 of 64 dropped so). Once the broker has closed the
 /// connection, it has read everything before the DISCONNECT. Publishes it
 /// sent meanwhile are dropped unacknowledged; the session delivers them again.
-pub(crate) async fn await_close(eventloop: &mut EventLoop, timeout: Duration) -> bool {
+async fn await_close(eventloop: &mut EventLoop, timeout: Duration) -> bool {
     let Some(network) = eventloop.network.as_mut() else {
         return false;
     };
@@ -184,11 +455,12 @@ pub(crate) async fn await_close(eventloop: &mut EventLoop, timeout: Duration) ->
 /// confirmation FIFO would drift by one; so do acknowledgements it reported
 /// written (`ack_written`). Incoming publishes are left
 /// unacknowledged; the broker sends them again if it can.
-pub(crate) fn salvage_events(
+fn salvage_events(
     eventloop: &mut EventLoop,
     deliveries: &Deliveries,
     mut ack_written: impl FnMut(),
 ) {
+    use rumqttc::Event;
     for event in eventloop.state.events.drain(..) {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => deliveries.written(pkid),
@@ -204,7 +476,7 @@ pub(crate) fn salvage_events(
 /// list, and keeps refusing requests while it holds one, even across
 /// reconnects. Put it back where it belongs: before the publishes that came
 /// after it, as the oldest one without a packet id.
-pub(crate) fn release_collision(eventloop: &mut EventLoop) {
+fn release_collision(eventloop: &mut EventLoop) {
     let Some(mut publish) = eventloop.state.collision.take() else {
         return;
     };
