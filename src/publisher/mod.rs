@@ -113,9 +113,9 @@ pub(crate) type RawSink = BoxCloneSyncService<Request<Bytes>, (), BoxError>;
 pub struct Publisher {
     shared: Arc<Shared>,
     /// The outbound stack this handle drives as a tower [`Service`]: cloned
-    /// from `shared` at the first `poll_ready`, so that cloning a publisher
-    /// (the runtime hands one to every message) is one reference count, not
-    /// a clone of the whole stack.
+    /// from `shared` when it is first driven so, and kept, so that cloning a
+    /// publisher (the runtime hands one to every message) is one reference
+    /// count, not a clone of the whole stack.
     ready: Option<Outbound>,
 }
 
@@ -309,13 +309,10 @@ impl Service<Request<Envelope>> for Publisher {
     }
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
-        // `call` after a ready `poll_ready`, as tower requires; the service
-        // is taken so that the next call polls readiness again.
-        let mut service = self
-            .ready
-            .take()
-            .expect("Publisher::call without a ready poll_ready");
-        service.call(req)
+        let shared = &self.shared;
+        self.ready
+            .get_or_insert_with(|| shared.outbound.clone())
+            .call(req)
     }
 }
 
@@ -377,10 +374,10 @@ mod tests {
         assert_eq!(clone.source_name(), "svc");
     }
 
-    #[test]
-    #[should_panic(expected = "without a ready poll_ready")]
-    fn a_call_without_readiness_is_a_bug() {
-        let (mut publisher, _) = Publisher::recording("svc");
-        drop(publisher.call(request("a")));
+    #[tokio::test]
+    async fn a_call_without_poll_ready_goes_to_the_stack() {
+        let (mut publisher, recorded) = Publisher::recording("svc");
+        publisher.call(request("a")).await.unwrap();
+        assert_eq!(recorded.take().len(), 1);
     }
 }
