@@ -267,12 +267,33 @@ impl TopicFilter {
     /// match. Each `+` contributes the level it matched; a trailing `#` contributes
     /// the rest of the topic (possibly empty).
     pub fn captures(&self, topic: &TopicName) -> Option<TopicParams> {
-        let mut spans = Spans::default();
-        self.match_levels(topic, |span| spans.push(span))
-            .then(|| TopicParams {
-                topic: topic.0.clone(),
-                spans,
-            })
+        let mut inline = [(0, 0); INLINE_SPANS];
+        let mut len: u8 = 0;
+        let mut more = Vec::new();
+        let matched = self.match_levels(topic, |span| {
+            let span = (to_u16(span.start), to_u16(span.end));
+            if usize::from(len) < INLINE_SPANS {
+                inline[usize::from(len)] = span;
+                len += 1;
+            } else {
+                if more.is_empty() {
+                    more.extend_from_slice(&inline);
+                }
+                more.push(span);
+            }
+        });
+        let spans = if more.is_empty() {
+            Spans::Inline {
+                len,
+                spans: inline,
+            }
+        } else {
+            Spans::Heap(more.into())
+        };
+        matched.then(|| TopicParams {
+            topic: topic.0.clone(),
+            spans,
+        })
     }
 
     /// Whether every topic matched by `other` is also matched by `self`.
@@ -428,7 +449,7 @@ impl TopicParams {
         self.spans
             .as_slice()
             .get(index)
-            .map(|&(start, end)| &self.topic[start as usize..end as usize])
+            .map(|&(start, end)| &self.topic[usize::from(start)..usize::from(end)])
     }
 
     /// How many wildcards the filter had.
@@ -446,7 +467,7 @@ impl TopicParams {
         self.spans
             .as_slice()
             .iter()
-            .map(|&(start, end)| &self.topic[start as usize..end as usize])
+            .map(|&(start, end)| &self.topic[usize::from(start)..usize::from(end)])
     }
 }
 
@@ -467,18 +488,18 @@ impl fmt::Debug for TopicParams {
 }
 
 /// How many wildcard values a [`TopicParams`] holds without an allocation of
-/// its own: routing a message allocates nothing for them (a topic has at most
-/// 65,535 bytes, so a range fits in two `u32`s).
+/// its own: routing a message allocates nothing for them.
 const INLINE_SPANS: usize = 4;
 
-/// Byte ranges of the wildcard values in the topic.
+/// Byte ranges of the wildcard values in the topic; a topic has at most
+/// 65,535 bytes (`MAX_TOPIC_LEN`), so an offset fits in a `u16`.
 #[derive(Clone)]
 enum Spans {
     Inline {
         len: u8,
-        spans: [(u32, u32); INLINE_SPANS],
+        spans: [(u16, u16); INLINE_SPANS],
     },
-    Heap(Arc<[(u32, u32)]>),
+    Heap(Arc<[(u16, u16)]>),
 }
 
 impl Default for Spans {
@@ -491,27 +512,7 @@ impl Default for Spans {
 }
 
 impl Spans {
-    fn push(&mut self, span: Range<usize>) {
-        let span = (to_u32(span.start), to_u32(span.end));
-        match self {
-            Self::Inline { len, spans } if usize::from(*len) < INLINE_SPANS => {
-                spans[usize::from(*len)] = span;
-                *len += 1;
-            }
-            Self::Inline { .. } => {
-                let mut all = self.as_slice().to_vec();
-                all.push(span);
-                *self = Self::Heap(all.into());
-            }
-            Self::Heap(spans) => {
-                let mut all = spans.to_vec();
-                all.push(span);
-                *self = Self::Heap(all.into());
-            }
-        }
-    }
-
-    fn as_slice(&self) -> &[(u32, u32)] {
+    fn as_slice(&self) -> &[(u16, u16)] {
         match self {
             Self::Inline { len, spans } => &spans[..usize::from(*len)],
             Self::Heap(spans) => spans,
@@ -519,10 +520,9 @@ impl Spans {
     }
 }
 
-/// A byte offset into a topic as `u32`; topics are validated to at most
-/// 65,535 bytes.
-fn to_u32(offset: usize) -> u32 {
-    u32::try_from(offset).expect("topic offsets fit in u32")
+/// A byte offset into a validated topic as `u16`.
+fn to_u16(offset: usize) -> u16 {
+    u16::try_from(offset).expect("a topic has at most 65,535 bytes")
 }
 
 #[cfg(test)]
@@ -667,6 +667,33 @@ mod tests {
         );
         assert_eq!(params.get(4), Some("e"));
         assert_eq!(params.get(6), None);
+    }
+
+    #[test]
+    fn captures_at_the_edges() {
+        let long = format!("a/{}", "x".repeat(MAX_TOPIC_LEN - 2));
+        for (f, topic, expected) in [
+            ("a/+/b", "a//b", Some(vec![""])),
+            ("a/+", "a/", Some(vec![""])),
+            ("+/a", "/a", Some(vec![""])),
+            ("a/#", "a", Some(vec![""])),
+            ("a/#", "a/", Some(vec![""])),
+            ("#", "$SYS/x", None),
+            ("+/x", "$SYS/x", None),
+            ("$SYS/#", "$SYS/x/y", Some(vec!["x/y"])),
+            ("+/é/+", "ü/é/ß", Some(vec!["ü", "ß"])),
+            ("a/#", long.as_str(), Some(vec![&long[2..]])),
+            ("a/b", "a/b/c", None),
+            ("a/b/c", "a/b", None),
+        ] {
+            let params = filter(f).captures(&name(topic));
+            assert_eq!(
+                params.as_ref().map(|p| p.iter().collect::<Vec<_>>()),
+                expected,
+                "{f} on {topic:.20}"
+            );
+            assert_eq!(params.is_some(), filter(f).matches(&name(topic)));
+        }
     }
 
     #[test]

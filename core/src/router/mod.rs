@@ -74,7 +74,7 @@ use crate::{
     outcome::{BoxError, IntoOutcome, Outcome},
     request::{QoS, Request},
     subscription::{IntoSubscription, Subscription},
-    topic::{TopicFilter, TopicName, TopicParams},
+    topic::{TopicFilter, TopicName},
 };
 
 use self::{
@@ -447,18 +447,18 @@ impl Service<Request<Envelope>> for Router<()> {
             req.set_topic_params(params);
             return Box::pin(service.oneshot(req));
         };
-        let several: Vec<(TopicFilter, RouteService, TopicParams)> = [first, second]
+        let runs = [first, second]
             .into_iter()
             .chain(matches)
-            .map(|(filter, endpoint, params)| (filter.clone(), endpoint.service(), params))
-            .collect();
-        let runs = several.into_iter().map(|(filter, service, params)| {
-            let mut req = req.clone();
-            req.set_topic_params(params);
-            service
-                .oneshot(req)
-                .map(move |outcome| (filter, outcome.unwrap_or_else(|never| match never {})))
-        });
+            .map(|(filter, endpoint, params)| {
+                let filter = filter.clone();
+                let mut req = req.clone();
+                req.set_topic_params(params);
+                endpoint
+                    .service()
+                    .oneshot(req)
+                    .map(move |outcome| (filter, outcome.unwrap_or_else(|never| match never {})))
+            });
         let all = join_all(runs);
         Box::pin(async move { Ok(combine(all.await)) })
     }
