@@ -243,13 +243,7 @@ where
                 }
             };
             let step = match step {
-                Step::Event(
-                    Event::Connected { .. }
-                    | Event::Publish(_)
-                    | Event::Confirmed(_)
-                    | Event::Subscribed(_)
-                    | Event::Read,
-                ) => {
+                Step::Event(ref event) if event.is_read() => {
                     liveness.read = true;
                     step
                 }
@@ -440,7 +434,7 @@ where
         self.ack_gate.close_connection();
         let dispatcher = &self.dispatcher;
         self.connection
-            .clear_acknowledgements(&self.deliveries, || dispatcher.ack_written());
+            .forget_connection(&self.deliveries, || dispatcher.ack_written());
         // What was not acknowledged on the wire is carried to the next
         // connection.
         self.dispatcher.connection_lost();

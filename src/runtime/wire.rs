@@ -28,7 +28,7 @@ pub(crate) enum Event {
     /// The broker accepted the connection (CONNACK).
     Connected { session_present: bool },
     /// A message arrived.
-    Publish(Inbound),
+    Publish(Received),
     /// The broker confirmed one of our publishes (PUBACK, or PUBCOMP).
     Confirmed(u16),
     /// The broker answered the subscriptions: for each filter in the order
@@ -46,6 +46,21 @@ pub(crate) enum Event {
     Read,
     /// Anything else written.
     Written,
+}
+
+impl Event {
+    /// Whether the broker sent it: anything read shows the connection alive
+    /// (see the poll loop's keep-alive check).
+    pub(crate) fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Self::Connected { .. }
+                | Self::Publish(_)
+                | Self::Confirmed(_)
+                | Self::Subscribed(_)
+                | Self::Read
+        )
+    }
 }
 
 /// Why a poll ended the connection (or the attempt).
@@ -171,7 +186,7 @@ impl Connection {
                 Packet::ConnAck(ack) => Event::Connected {
                     session_present: ack.session_present,
                 },
-                Packet::Publish(publish) => Event::Publish(inbound(publish)),
+                Packet::Publish(publish) => Event::Publish(received(publish)),
                 Packet::PubAck(ack) => Event::Confirmed(ack.pkid),
                 Packet::PubComp(comp) => Event::Confirmed(comp.pkid),
                 Packet::SubAck(suback) => Event::Subscribed(
@@ -207,11 +222,7 @@ impl Connection {
     /// PUBRECs and anything already in its pending list are ours to drop),
     /// and counts what it reported written before it failed (see
     /// [`salvage_events`]).
-    pub(crate) fn clear_acknowledgements(
-        &mut self,
-        deliveries: &Deliveries,
-        ack_written: impl FnMut(),
-    ) {
+    pub(crate) fn forget_connection(&mut self, deliveries: &Deliveries, ack_written: impl FnMut()) {
         self.eventloop.clean();
         self.eventloop.pending.retain(|request| {
             !matches!(
@@ -228,12 +239,7 @@ impl Connection {
     /// publishes without a packet id rumqttc keeps for the next connection.
     pub(crate) fn carry_publishes(&mut self, outbox: &Outbox, reclaim: bool) -> usize {
         release_collision(&mut self.eventloop);
-        let reclaimed = if reclaim {
-            take_publishes(&mut self.eventloop.pending)
-        } else {
-            Vec::new()
-        };
-        outbox.disconnected(reclaim.then_some(reclaimed));
+        outbox.disconnected(reclaim.then(|| take_publishes(&mut self.eventloop.pending)));
         self.eventloop
             .pending
             .iter()
@@ -241,24 +247,84 @@ impl Connection {
             .count()
     }
 
-    /// See [`expect_pubrels`].
+    /// Lets rumqttc answer a PUBREL for any packet id.
+    ///
+    /// rumqttc answers PUBREL with PUBCOMP only for packet ids it saw a QoS 2
+    /// PUBLISH for on the current connection; any other PUBREL fails the
+    /// connection ("unsolicited pubrel"). A resumed session resends the PUBREL of
+    /// every QoS 2 message acknowledged (PUBREC) before the connection, or the
+    /// process, ended [MQTT-4.4.0-1], so the next connection would fail the same
+    /// way, forever. The protocol asks for a PUBCOMP for every PUBREL
+    /// [MQTT-4.3.3-2] and the broker sends PUBREL only after our PUBREC, so every
+    /// packet id is marked as awaiting one, through rumqttc's own incoming-publish
+    /// path (its bit set is private). Marking all 65,535 takes a few milliseconds
+    /// per resumed session with a QoS 2 route.
     pub(crate) fn expect_pubrels(&mut self) {
-        expect_pubrels(&mut self.eventloop);
+        let events = self.eventloop.state.events.len();
+        let mut marker = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Bytes::new());
+        for pkid in 1..=u16::MAX {
+            marker.pkid = pkid;
+            // Only bookkeeping: with manual acks nothing is written.
+            let _ = self
+                .eventloop
+                .state
+                .handle_incoming_packet(Packet::Publish(marker.clone()));
+            if pkid % 1024 == 0 {
+                self.eventloop.state.events.truncate(events);
+            }
+        }
+        self.eventloop.state.events.truncate(events);
     }
 
-    /// See [`ping`].
+    /// Writes a PINGREQ past rumqttc, which is not being polled (reading is
+    /// paused); its PINGRESP is read when reading resumes and clears nothing
+    /// rumqttc waits for. Returns false when the write failed (the next poll then
+    /// finds the broken connection).
     pub(crate) async fn ping(&mut self, timeout: Duration) -> bool {
-        ping(&mut self.eventloop, timeout).await
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return false;
+        };
+        let write = async {
+            network.write(Packet::PingReq).await?;
+            network.flush().await
+        };
+        matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
     }
 
-    /// See [`disconnect`].
+    /// Sends DISCONNECT and drops the connection once the broker has read it, so
+    /// that the broker keeps the session and does not publish the Last Will; the
+    /// next poll reconnects, and rumqttc keeps what it had not sent.
     pub(crate) async fn disconnect(&mut self, timeout: Duration) {
-        disconnect(&mut self.eventloop, timeout).await;
+        if let Some(network) = self.eventloop.network.as_mut() {
+            let write = async {
+                network.write(Packet::Disconnect).await?;
+                network.flush().await
+            };
+            if matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(()))) {
+                self.await_close(timeout).await;
+            }
+        }
+        self.eventloop.clean();
+        self.eventloop.network = None;
     }
 
-    /// See [`await_close`].
+    /// After our DISCONNECT: waits until the broker closes the connection, at most
+    /// `timeout`; returns whether it did.
+    ///
+    /// Writing the DISCONNECT is not enough. The broker reads the socket in order,
+    /// but a new connection under the same client id (the next process of a
+    /// redeploy, or our own reconnect) takes the session over at once, and what
+    /// the broker had not yet read of the old socket is lost: acknowledgements
+    /// included, and their messages are delivered again (seen with mosquitto
+    /// 2.0.11: PUBACKs 53 to 64 of 64 dropped so). Once the broker has closed the
+    /// connection, it has read everything before the DISCONNECT. Publishes it
+    /// sent meanwhile are dropped unacknowledged; the session delivers them again.
     pub(crate) async fn await_close(&mut self, timeout: Duration) -> bool {
-        await_close(&mut self.eventloop, timeout).await
+        let Some(network) = self.eventloop.network.as_mut() else {
+            return false;
+        };
+        let closed = async { while network.read().await.is_ok() {} };
+        tokio::time::timeout(timeout, closed).await.is_ok()
     }
 }
 
@@ -304,9 +370,9 @@ pub(crate) fn from_wire(qos: rumqttc::QoS) -> QoS {
 }
 
 /// A PUBLISH received from the broker, in our types: what the dispatcher
-/// takes, whichever protocol version brought it.
+/// takes.
 #[derive(Clone, Debug)]
-pub(crate) struct Inbound {
+pub(crate) struct Received {
     pub(crate) topic: String,
     pub(crate) payload: Bytes,
     pub(crate) qos: QoS,
@@ -316,7 +382,7 @@ pub(crate) struct Inbound {
     pub(crate) pkid: u16,
 }
 
-impl Inbound {
+impl Received {
     /// The request for this message.
     pub(crate) fn request(&self) -> Result<Request<Bytes>, TopicError> {
         let mut req = Request::new(TopicName::new(&self.topic)?, self.payload.clone());
@@ -328,8 +394,8 @@ impl Inbound {
 }
 
 /// A PUBLISH packet received by rumqttc, taken apart without copying.
-fn inbound(publish: rumqttc::Publish) -> Inbound {
-    Inbound {
+fn received(publish: rumqttc::Publish) -> Received {
+    Received {
         topic: publish.topic,
         payload: publish.payload,
         qos: from_wire(publish.qos),
@@ -356,34 +422,6 @@ pub(crate) fn subscriptions(router: &Router) -> Vec<(String, QoS)> {
         .collect()
 }
 
-/// Lets rumqttc answer a PUBREL for any packet id.
-///
-/// rumqttc answers PUBREL with PUBCOMP only for packet ids it saw a QoS 2
-/// PUBLISH for on the current connection; any other PUBREL fails the
-/// connection ("unsolicited pubrel"). A resumed session resends the PUBREL of
-/// every QoS 2 message acknowledged (PUBREC) before the connection, or the
-/// process, ended [MQTT-4.4.0-1], so the next connection would fail the same
-/// way, forever. The protocol asks for a PUBCOMP for every PUBREL
-/// [MQTT-4.3.3-2] and the broker sends PUBREL only after our PUBREC, so every
-/// packet id is marked as awaiting one, through rumqttc's own incoming-publish
-/// path (its bit set is private). Marking all 65,535 takes a few milliseconds
-/// per resumed session with a QoS 2 route.
-fn expect_pubrels(eventloop: &mut EventLoop) {
-    let events = eventloop.state.events.len();
-    let mut marker = rumqttc::Publish::new("", rumqttc::QoS::ExactlyOnce, Bytes::new());
-    for pkid in 1..=u16::MAX {
-        marker.pkid = pkid;
-        // Only bookkeeping: with manual acks nothing is written.
-        let _ = eventloop
-            .state
-            .handle_incoming_packet(Packet::Publish(marker.clone()));
-        if pkid % 1024 == 0 {
-            eventloop.state.events.truncate(events);
-        }
-    }
-    eventloop.state.events.truncate(events);
-}
-
 /// A CONNACK refusal in words, with its return code.
 fn describe_refusal(code: rumqttc::ConnectReturnCode) -> String {
     use rumqttc::ConnectReturnCode as Code;
@@ -396,57 +434,6 @@ fn describe_refusal(code: rumqttc::ConnectReturnCode) -> String {
         Code::NotAuthorized => (5, "not authorized"),
     };
     format!("{words} (CONNACK return code {number})")
-}
-
-/// Writes a PINGREQ past rumqttc, which is not being polled (reading is
-/// paused); its PINGRESP is read when reading resumes and clears nothing
-/// rumqttc waits for. Returns false when the write failed (the next poll then
-/// finds the broken connection).
-async fn ping(eventloop: &mut EventLoop, timeout: Duration) -> bool {
-    let Some(network) = eventloop.network.as_mut() else {
-        return false;
-    };
-    let write = async {
-        network.write(Packet::PingReq).await?;
-        network.flush().await
-    };
-    matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(())))
-}
-
-/// Sends DISCONNECT and drops the connection once the broker has read it, so
-/// that the broker keeps the session and does not publish the Last Will; the
-/// next poll reconnects, and rumqttc keeps what it had not sent.
-async fn disconnect(eventloop: &mut EventLoop, timeout: Duration) {
-    if let Some(network) = eventloop.network.as_mut() {
-        let write = async {
-            network.write(Packet::Disconnect).await?;
-            network.flush().await
-        };
-        if matches!(tokio::time::timeout(timeout, write).await, Ok(Ok(()))) {
-            await_close(eventloop, timeout).await;
-        }
-    }
-    eventloop.clean();
-    eventloop.network = None;
-}
-
-/// After our DISCONNECT: waits until the broker closes the connection, at most
-/// `timeout`; returns whether it did.
-///
-/// Writing the DISCONNECT is not enough. The broker reads the socket in order,
-/// but a new connection under the same client id (the next process of a
-/// redeploy, or our own reconnect) takes the session over at once, and what
-/// the broker had not yet read of the old socket is lost: acknowledgements
-/// included, and their messages are delivered again (seen with mosquitto
-/// 2.0.11: PUBACKs 53 to 64 of 64 dropped so). Once the broker has closed the
-/// connection, it has read everything before the DISCONNECT. Publishes it
-/// sent meanwhile are dropped unacknowledged; the session delivers them again.
-async fn await_close(eventloop: &mut EventLoop, timeout: Duration) -> bool {
-    let Some(network) = eventloop.network.as_mut() else {
-        return false;
-    };
-    let closed = async { while network.read().await.is_ok() {} };
-    tokio::time::timeout(timeout, closed).await.is_ok()
 }
 
 /// Reads the events rumqttc buffered before the connection failed (it records
@@ -499,7 +486,7 @@ mod tests {
         publish.retain = true;
         publish.dup = true;
         publish.pkid = 7;
-        let inbound = inbound(publish);
+        let inbound = received(publish);
         assert_eq!(inbound.pkid, 7);
         let req = inbound.request().unwrap();
         assert_eq!(req.topic(), "a/b");
@@ -511,7 +498,7 @@ mod tests {
     #[test]
     fn a_publish_with_a_bad_topic_is_refused() {
         let publish = rumqttc::Publish::new("a/+", rumqttc::QoS::AtMostOnce, Vec::new());
-        assert!(inbound(publish).request().is_err());
+        assert!(received(publish).request().is_err());
     }
 
     #[test]

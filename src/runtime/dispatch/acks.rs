@@ -42,7 +42,7 @@ use hashbrown::HashMap;
 use slab::Slab;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::{request::QoS, runtime::wire::Inbound};
+use crate::{request::QoS, runtime::wire::Received};
 
 /// What an acknowledgement needs: the packet id and which packet to send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub(crate) struct AckPacket {
 
 impl AckPacket {
     /// The acknowledgement a publish asks for, or `None` for QoS 0.
-    pub(crate) fn of(publish: &Inbound) -> Option<Self> {
+    pub(crate) fn of(publish: &Received) -> Option<Self> {
         (publish.qos != QoS::AtMostOnce).then_some(Self {
             pkid: publish.pkid,
             qos: publish.qos,
@@ -446,7 +446,7 @@ mod tests {
 
     #[test]
     fn qos0_asks_for_no_acknowledgement() {
-        let mut publish = Inbound {
+        let mut publish = Received {
             topic: "t".to_owned(),
             payload: bytes::Bytes::from_static(&[1]),
             qos: QoS::AtMostOnce,

@@ -18,7 +18,7 @@ use super::{
 use crate::{
     outcome::{BoxError, Outcome},
     request::{HandledBefore, Request},
-    runtime::wire::Inbound,
+    runtime::wire::Received,
     subscription::{Ack, AckOrder, Overflow},
     topic::TopicName,
 };
@@ -40,7 +40,7 @@ where
     /// this, and every publish and acknowledgement of the handlers goes
     /// through the poll loop, so waiting here for a handler to make room would
     /// be a circular wait.
-    pub(crate) fn push(&self, publish: &Inbound, over_limit: OverLimit) {
+    pub(crate) fn push(&self, publish: &Received, over_limit: OverLimit) {
         let counters = &self.shared.counters;
         let metrics = &self.shared.metrics;
         let limits = &self.shared.limits;
@@ -141,7 +141,7 @@ where
     fn admissible(
         &self,
         state: &mut State,
-        publish: &Inbound,
+        publish: &Received,
         ack: Option<Acked>,
         written: u64,
     ) -> Option<Request<Bytes>> {
@@ -181,7 +181,7 @@ where
 
     /// A delivery that may be a message held from an earlier connection:
     /// whether it was (and so is dealt with).
-    fn rejoin(&self, state: &mut State, publish: &Inbound, acked: Acked, written: u64) -> bool {
+    fn rejoin(&self, state: &mut State, publish: &Received, acked: Acked, written: u64) -> bool {
         let (counters, metrics) = (&self.shared.counters, &self.shared.metrics);
         // Under `AckOrder::Topic` the redelivery waits in its topic's line.
         let lane = if self.shared.limits.ack_order == AckOrder::Topic {

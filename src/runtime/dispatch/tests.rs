@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::*;
 use crate::{
     request::{HandledBefore, QoS},
-    runtime::wire::Inbound,
+    runtime::wire::Received,
     subscription::{Ack, Overflow},
     Subscription,
 };
@@ -29,8 +29,8 @@ fn limits(max_pending: usize) -> Limits {
     }
 }
 
-fn publish(topic: &str, pkid: u16, qos: QoS) -> Inbound {
-    Inbound {
+fn publish(topic: &str, pkid: u16, qos: QoS) -> Received {
+    Received {
         topic: topic.to_owned(),
         payload: Bytes::copy_from_slice(&pkid.to_be_bytes()),
         qos,
@@ -40,7 +40,7 @@ fn publish(topic: &str, pkid: u16, qos: QoS) -> Inbound {
     }
 }
 
-fn qos1(topic: &str, pkid: u16) -> Inbound {
+fn qos1(topic: &str, pkid: u16) -> Received {
     publish(topic, pkid, QoS::AtLeastOnce)
 }
 
@@ -427,7 +427,7 @@ async fn an_unordered_topic_fills_every_worker() {
     assert_eq!(service.seen().len(), 20);
 }
 
-fn redelivered(topic: &str, pkid: u16) -> Inbound {
+fn redelivered(topic: &str, pkid: u16) -> Received {
     let mut p = qos1(topic, pkid);
     p.dup = true;
     p
