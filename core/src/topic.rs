@@ -283,10 +283,7 @@ impl TopicFilter {
             }
         });
         let spans = if more.is_empty() {
-            Spans::Inline {
-                len,
-                spans: inline,
-            }
+            Spans::Inline { len, spans: inline }
         } else {
             Spans::Heap(more.into())
         };
