@@ -55,7 +55,8 @@ pub mod reply;
 pub mod runtime;
 
 pub use tower_mqtt_core::{
-    correlation, envelope, extract, handler, metrics, outcome, request, router, subscription, topic,
+    correlation, envelope, extract, handler, metrics, outcome, properties, request, router,
+    subscription, topic,
 };
 /// The middleware of both stacks: inbound (decode, dedup, correlation span, isolation, retry, timeout) and
 /// its outbound mirror ([`layers::outbound`]: correlation, encode, size guard,
@@ -67,6 +68,7 @@ pub use envelope::{Envelope, EnvelopeError};
 pub use extract::{Data, Extension, FromRef, State, Wildcard, Wildcards};
 pub use handler::{Handler, HandlerResult};
 pub use outcome::{BoxError, HandlerError, IntoOutcome, Outcome};
+pub use properties::Properties;
 pub use publisher::{Publish, PublishError, Published, Publisher, Recorded};
 pub use request::{Extensions, HandledBefore, QoS, Request};
 pub use router::Router;

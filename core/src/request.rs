@@ -26,13 +26,14 @@
 //! assert_eq!(*req.body(), 15);
 //! ```
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use bytes::Bytes;
 pub use http::Extensions;
 
 use crate::{
     correlation::CorrelationId,
+    properties::{self, Properties},
     topic::{TopicError, TopicName, TopicParams},
 };
 
@@ -121,6 +122,7 @@ pub struct Request<T> {
     dup: bool,
     topic_params: Option<TopicParams>,
     correlation_id: Option<CorrelationId>,
+    properties: Option<Arc<Properties>>,
     extensions: Extensions,
     body: T,
 }
@@ -142,6 +144,7 @@ impl<T> Request<T> {
             dup: false,
             topic_params: None,
             correlation_id: None,
+            properties: None,
             extensions: Extensions::new(),
             body,
         }
@@ -258,6 +261,54 @@ impl<T> Request<T> {
         self.correlation_id = Some(id);
     }
 
+    /// The MQTT 5 [`Properties`] of the message: user properties, content
+    /// type, response topic, correlation data, message expiry, payload
+    /// format. Empty for a message received over MQTT 3.1.1.
+    ///
+    /// ```
+    /// use tower_mqtt::{Properties, Request};
+    ///
+    /// let mut props = Properties::new();
+    /// props.add_user_property("tenant", "acme");
+    /// let req = Request::builder("orders/new").properties(props).body(()).unwrap();
+    /// assert_eq!(req.properties().user_property("tenant"), Some("acme"));
+    /// assert!(Request::builder("a").body(()).unwrap().properties().is_empty());
+    /// ```
+    pub fn properties(&self) -> &Properties {
+        self.properties.as_deref().unwrap_or(&properties::NONE)
+    }
+
+    /// The [properties](Self::properties), to change; clones of the request
+    /// keep theirs.
+    ///
+    /// ```
+    /// use tower_mqtt::Request;
+    ///
+    /// let mut req = Request::builder("a").body(()).unwrap();
+    /// let copy = req.clone();
+    /// req.properties_mut().content_type = Some("text/plain".into());
+    /// assert_eq!(req.properties().content_type.as_deref(), Some("text/plain"));
+    /// assert!(copy.properties().is_empty());
+    /// ```
+    pub fn properties_mut(&mut self) -> &mut Properties {
+        Arc::make_mut(self.properties.get_or_insert_with(Default::default))
+    }
+
+    /// Replaces the [properties](Self::properties).
+    ///
+    /// ```
+    /// use tower_mqtt::{Properties, Request};
+    ///
+    /// let mut req = Request::builder("a").body(()).unwrap();
+    /// let mut props = Properties::new();
+    /// props.response_topic = Some("replies/a".into());
+    /// req.set_properties(props);
+    /// assert_eq!(req.properties().response_topic.as_deref(), Some("replies/a"));
+    /// ```
+    pub fn set_properties(&mut self, properties: Properties) {
+        self.properties = (!properties.is_empty()).then(|| Arc::new(properties));
+    }
+
     /// Typed data that layers attach for later layers and handlers.
     pub fn extensions(&self) -> &Extensions {
         &self.extensions
@@ -311,6 +362,7 @@ impl<T> Request<T> {
                 dup: self.dup,
                 topic_params: self.topic_params,
                 correlation_id: self.correlation_id,
+                properties: self.properties,
                 extensions: self.extensions,
             },
             self.body,
@@ -326,6 +378,7 @@ impl<T> Request<T> {
             dup: parts.dup,
             topic_params: parts.topic_params,
             correlation_id: parts.correlation_id,
+            properties: parts.properties,
             extensions: parts.extensions,
             body,
         }
@@ -343,6 +396,7 @@ impl Request<()> {
             dup: false,
             topic_params: None,
             correlation_id: None,
+            properties: None,
             extensions: Extensions::new(),
         }
     }
@@ -357,6 +411,7 @@ impl<T: fmt::Debug> fmt::Debug for Request<T> {
             .field("dup", &self.dup)
             .field("topic_params", &self.topic_params)
             .field("correlation_id", &self.correlation_id)
+            .field("properties", self.properties())
             .field("body", &self.body)
             .finish_non_exhaustive()
     }
@@ -388,6 +443,9 @@ pub struct Parts {
     pub topic_params: Option<TopicParams>,
     /// The correlation id; see [`Request::correlation_id`].
     pub correlation_id: Option<CorrelationId>,
+    /// The MQTT 5 properties, `None` when there are none; shared by clones.
+    /// See [`Request::properties`].
+    pub properties: Option<Arc<Properties>>,
     /// The extensions.
     pub extensions: Extensions,
 }
@@ -414,6 +472,7 @@ pub struct Builder {
     dup: bool,
     topic_params: Option<TopicParams>,
     correlation_id: Option<CorrelationId>,
+    properties: Option<Arc<Properties>>,
     extensions: Extensions,
 }
 
@@ -469,6 +528,21 @@ impl Builder {
         self
     }
 
+    /// Sets the MQTT 5 [properties](Request::properties).
+    ///
+    /// ```
+    /// use tower_mqtt::{Properties, Request};
+    ///
+    /// let mut props = Properties::new();
+    /// props.content_type = Some("application/json".into());
+    /// let req = Request::builder("a").properties(props).body(()).unwrap();
+    /// assert_eq!(req.properties().content_type.as_deref(), Some("application/json"));
+    /// ```
+    pub fn properties(mut self, properties: Properties) -> Self {
+        self.properties = (!properties.is_empty()).then(|| Arc::new(properties));
+        self
+    }
+
     /// Adds an extension.
     pub fn extension<E: Clone + Send + Sync + 'static>(mut self, value: E) -> Self {
         self.extensions.insert(value);
@@ -484,6 +558,7 @@ impl Builder {
             dup: self.dup,
             topic_params: self.topic_params,
             correlation_id: self.correlation_id,
+            properties: self.properties,
             extensions: self.extensions,
             body,
         })
