@@ -13,6 +13,7 @@
 //! | [`Wildcards<(A, B, ..)>`](Wildcards) | the values of every wildcard, parsed |
 //! | [`TopicParams`], [`TopicName`], [`QoS`] | the wildcard values, the topic, the QoS |
 //! | [`CorrelationId`] | the id that ties the message to its replies |
+//! | [`Properties`] | the MQTT 5 properties: user properties, content type, response topic, correlation data (empty over MQTT 3.1.1) |
 //! | [`Extension<T>`] | a value a layer put into the request's extensions |
 //! | `Request<Envelope>`, [`Envelope`] | the whole message (last argument only) |
 //!
@@ -54,6 +55,7 @@ use crate::{
     correlation::CorrelationId,
     envelope::Envelope,
     outcome::HandlerError,
+    properties::Properties,
     request::{QoS, Request},
     topic::{TopicName, TopicParams},
 };
@@ -325,6 +327,47 @@ impl<S> FromMessageParts<S> for CorrelationId {
             .correlation_id()
             .cloned()
             .unwrap_or_else(|| CorrelationId::of(req.body())))
+    }
+}
+
+/// The message's MQTT 5 properties, a copy of [`Request::properties`]: user
+/// properties in order, content type, response topic, correlation data,
+/// message expiry, payload format. Empty for a message received over MQTT
+/// 3.1.1, which has none. Never fails.
+///
+/// A handler reads a user property by name with
+/// [`Properties::user_property`] (the first of that name) or
+/// [`Properties::user_property_values`] (all of them, in order):
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use tower::ServiceExt;
+/// use tower_mqtt::{extract::State, Envelope, Outcome, Properties, Request, Router};
+///
+/// async fn per_tenant(State(seen): State<Arc<Mutex<Vec<String>>>>, props: Properties) {
+///     let tenant = props.user_property("tenant").unwrap_or("default");
+///     seen.lock().unwrap().push(tenant.to_owned());
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let seen = Arc::new(Mutex::new(Vec::new()));
+/// let router = Router::new().route("orders/new", per_tenant).with_state(seen.clone());
+///
+/// let mut props = Properties::new();
+/// props.add_user_property("tenant", "acme");
+/// let env = Envelope::new("orders.new", serde_json::json!({})).unwrap();
+/// let req = Request::builder("orders/new").properties(props).body(env.clone()).unwrap();
+/// assert!(matches!(router.clone().oneshot(req).await.unwrap(), Outcome::Handled));
+/// // Over MQTT 3.1.1: no properties.
+/// let req = Request::builder("orders/new").body(env).unwrap();
+/// assert!(matches!(router.oneshot(req).await.unwrap(), Outcome::Handled));
+///
+/// assert_eq!(*seen.lock().unwrap(), ["acme", "default"]);
+/// # }
+/// ```
+impl<S> FromMessageParts<S> for Properties {
+    fn from_message_parts(req: &Request<Envelope>, _state: &S) -> Result<Self, HandlerError> {
+        Ok(req.properties().clone())
     }
 }
 

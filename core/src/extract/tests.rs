@@ -168,3 +168,38 @@ async fn fields_asked_for_as_extensions_fail_with_directions() {
         }
     }
 }
+
+#[tokio::test]
+async fn properties_are_the_requests_and_empty_without_them() {
+    async fn handler(State(log): State<Log>, props: Properties) {
+        let tenants: Vec<_> = props.user_property_values("tenant").collect();
+        log.lock().unwrap().push(format!(
+            "{} {:?} {:?}",
+            tenants.join(","),
+            props.response_topic,
+            props.correlation_data
+        ));
+    }
+    let log = Log::default();
+    let router = Router::new().route("a", handler).with_state(log.clone());
+    let mut with = msg("a", json!({}));
+    let props = with.properties_mut();
+    props
+        .add_user_property("tenant", "acme")
+        .add_user_property("other", "x")
+        .add_user_property("tenant", "globex");
+    props.response_topic = Some("replies/a".into());
+    props.correlation_data = Some(bytes::Bytes::from_static(b"c-1"));
+    assert!(matches!(run(router.clone(), with).await, Outcome::Handled));
+    assert!(matches!(
+        run(router, msg("a", json!({}))).await,
+        Outcome::Handled
+    ));
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "acme,globex Some(\"replies/a\") Some(b\"c-1\")",
+            " None None"
+        ]
+    );
+}
