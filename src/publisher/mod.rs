@@ -13,8 +13,9 @@
 //! - the *data* of an event: [`Publisher::publish`]`(topic, data)` wraps it in
 //!   a new envelope (a fresh id, the type named after the topic, this
 //!   service's source); the returned [`Publish`] sets QoS, retain, a reply's
-//!   id or the type before it is awaited. `data` is always the envelope's
-//!   `data`, whatever its keys.
+//!   id, the type or MQTT 5 properties (user properties, content type, ...;
+//!   not sent over MQTT 3.1.1) before it is awaited. `data` is always the
+//!   envelope's `data`, whatever its keys.
 //! - a whole *envelope*, built or received: [`Publisher::send`] a
 //!   [`Request<Envelope>`](Request) whose topic, QoS and retain flag say where
 //!   and how, and whose envelope goes out as it is (only the source is

@@ -15,6 +15,7 @@ use super::{Outbound, Publisher, RawSink};
 use crate::{
     envelope::Envelope,
     outcome::BoxError,
+    properties::Properties,
     request::{QoS, Request},
     topic::TopicName,
 };
@@ -45,7 +46,18 @@ impl Publisher {
 }
 
 /// One publish a [`Publisher::recording`] recorded: the bytes that would
-/// have gone on the wire, and the envelope a receiver would decode from them.
+/// have gone on the wire, the envelope a receiver would decode from them, and
+/// the MQTT 5 properties that would go with them.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), tower_mqtt::BoxError> {
+/// let (publisher, published) = tower_mqtt::Publisher::recording("svc");
+/// publisher.publish("a/b", serde_json::json!({})).user_property("tenant", "acme").await?;
+/// let sent = published.take();
+/// assert_eq!(sent[0].topic, "a/b");
+/// assert_eq!(sent[0].properties.user_property("tenant"), Some("acme"));
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Published {
@@ -60,6 +72,10 @@ pub struct Published {
     /// The envelope, as a receiver would decode it (empty for a cleared
     /// retained message: see [`Published::is_envelope`]).
     pub envelope: Envelope,
+    /// The MQTT 5 properties: what a connection over MQTT 5 sends with the
+    /// publish, and one over MQTT 3.1.1 leaves out (empty when none were
+    /// set).
+    pub properties: Properties,
 }
 
 impl Published {
@@ -148,6 +164,7 @@ impl Service<Request<Bytes>> for Recorded {
                     retain: req.retain(),
                     payload: req.body().clone(),
                     envelope,
+                    properties: req.properties().clone(),
                 });
             })
             .map_err(BoxError::from);
