@@ -328,7 +328,8 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
         .capacity(8)
         .overflow(policy);
     let mut cfg = config(&broker.url(), "overflow");
-    cfg = cfg.with_keep_alive(Duration::from_secs(2));
+    let keep_alive = support::short_keep_alive();
+    cfg = cfg.with_keep_alive(keep_alive);
     let running = tower_mqtt::serve(cfg, Router::new().route(sub, handler))
         .spawn()
         .unwrap();
@@ -363,7 +364,7 @@ async fn overflow_case(policy: Overflow) -> (tower_mqtt::runtime::Stats, Vec<i64
     while running.stats().received < 201 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(keep_alive * 2).await;
     gate.add_permits(1000);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let totals = running.stats();
@@ -428,7 +429,8 @@ async fn block_drops_qos0_past_the_capacity_and_keeps_the_connection() {
 async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
     let broker = TestBroker::start().await;
     let (seen, gate, handler) = gated_recorder();
-    let cfg = config(&broker.url(), "block").with_keep_alive(Duration::from_secs(2));
+    let keep_alive = support::short_keep_alive();
+    let cfg = config(&broker.url(), "block").with_keep_alive(keep_alive);
     let running = tower_mqtt::serve(
         cfg,
         Router::new().route(Subscription::new("jobs/slow").capacity(8), handler),
@@ -454,7 +456,7 @@ async fn block_at_qos1_loses_nothing_and_pushes_back_on_the_broker() {
     }
     sender.shutdown().await;
     // Hold every handler past two keepalives.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(keep_alive * 2).await;
     let held = running.stats();
     assert!(
         held.received < u64::try_from(total).unwrap(),

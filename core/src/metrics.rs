@@ -84,6 +84,9 @@ pub const CONNECTION_FAILURES: &str = "messaging.client.connection.failures";
 pub const RECOVERIES: &str = "messaging.client.recoveries";
 /// Counter: subscriptions the broker refused (`Stats::subscriptions_refused`).
 pub const SUBSCRIPTIONS_REFUSED: &str = "messaging.client.subscriptions.refused";
+/// Counter: publishes the broker refused with an MQTT 5 reason code
+/// (`Stats::publishes_refused`).
+pub const PUBLISHES_REFUSED: &str = "messaging.client.publishes.refused";
 
 /// Label of the publish duration: the operation, `publish`.
 pub const OPERATION: &str = "messaging.operation.name";

@@ -294,6 +294,13 @@ impl<T> Request<T> {
         Arc::make_mut(self.properties.get_or_insert_with(Default::default))
     }
 
+    /// The properties as shared by clones, `None` when there are none: for a
+    /// runtime that passes them on without copying.
+    #[doc(hidden)]
+    pub fn shared_properties(&self) -> Option<&Arc<Properties>> {
+        self.properties.as_ref()
+    }
+
     /// Replaces the [properties](Self::properties).
     ///
     /// ```

@@ -87,6 +87,55 @@ pub struct Subscription {
     overflow: Option<Overflow>,
     ordered: bool,
     ack: Ack,
+    options: SubscribeOptions,
+}
+
+/// The MQTT 5 subscription options of a route (not sent over MQTT 3.1.1,
+/// which has none).
+///
+/// ```
+/// use tower_mqtt::{subscription::{RetainHandling, SubscribeOptions}, Subscription};
+///
+/// let sub = Subscription::new("chat/room")
+///     .no_local()
+///     .retain_handling(RetainHandling::OnNewSubscription);
+/// assert_eq!(
+///     sub.get_options(),
+///     SubscribeOptions {
+///         no_local: true,
+///         retain_as_published: false,
+///         retain_handling: RetainHandling::OnNewSubscription,
+///     }
+/// );
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SubscribeOptions {
+    /// The broker does not send this client the messages it publishes itself.
+    pub no_local: bool,
+    /// Messages forwarded for this subscription keep their retain flag (for a
+    /// bridge); otherwise only retained messages sent on subscribing have it.
+    pub retain_as_published: bool,
+    /// When the broker sends the topic's retained messages.
+    pub retain_handling: RetainHandling,
+}
+
+/// When the broker sends retained messages for a subscription (MQTT 5).
+///
+/// ```
+/// use tower_mqtt::subscription::RetainHandling;
+///
+/// assert_eq!(RetainHandling::default(), RetainHandling::OnSubscribe);
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum RetainHandling {
+    /// At every subscribe, as on MQTT 3.1.1 (so again at every reconnect).
+    #[default]
+    OnSubscribe,
+    /// Only when the subscription did not exist yet (a resumed session keeps
+    /// it, so a reconnect does not send them again).
+    OnNewSubscription,
+    /// Never.
+    Never,
 }
 
 impl Subscription {
@@ -119,7 +168,54 @@ impl Subscription {
             overflow: None,
             ordered: true,
             ack: Ack::AfterHandling,
+            options: SubscribeOptions::default(),
         }
+    }
+
+    /// MQTT 5: the broker does not send this client the messages it publishes
+    /// itself on the filter (No Local). Not available on shared subscriptions,
+    /// where the broker refuses it.
+    ///
+    /// ```
+    /// assert!(tower_mqtt::Subscription::new("chat/+").no_local().get_options().no_local);
+    /// ```
+    pub fn no_local(mut self) -> Self {
+        self.options.no_local = true;
+        self
+    }
+
+    /// MQTT 5: forwarded messages keep their retain flag (Retain As Published).
+    ///
+    /// ```
+    /// let sub = tower_mqtt::Subscription::new("bridge/#").retain_as_published();
+    /// assert!(sub.get_options().retain_as_published);
+    /// ```
+    pub fn retain_as_published(mut self) -> Self {
+        self.options.retain_as_published = true;
+        self
+    }
+
+    /// MQTT 5: when the broker sends retained messages (Retain Handling).
+    ///
+    /// ```
+    /// use tower_mqtt::{subscription::RetainHandling, Subscription};
+    ///
+    /// let sub = Subscription::new("config/#").retain_handling(RetainHandling::Never);
+    /// assert_eq!(sub.get_options().retain_handling, RetainHandling::Never);
+    /// ```
+    pub fn retain_handling(mut self, handling: RetainHandling) -> Self {
+        self.options.retain_handling = handling;
+        self
+    }
+
+    /// The MQTT 5 subscription options.
+    ///
+    /// ```
+    /// let sub = tower_mqtt::Subscription::new("a");
+    /// assert_eq!(sub.get_options(), Default::default());
+    /// ```
+    pub fn get_options(&self) -> SubscribeOptions {
+        self.options
     }
 
     /// Sets the QoS to subscribe with (the broker delivers at most this QoS).

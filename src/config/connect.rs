@@ -14,7 +14,6 @@
 
 use std::{error::Error as StdError, io};
 
-use rumqttc::{ConnectionError, EventLoop};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError};
 use tracing::error;
 
@@ -57,18 +56,13 @@ impl ConnectionAttempts {
     /// Before rumqttc connects (it does when it has no connection): puts the
     /// current password into its options. An error is the reason this attempt
     /// failed; the password is never part of it.
-    pub(crate) fn prepare(&mut self, eventloop: &mut EventLoop) -> Result<(), String> {
-        if eventloop.network.is_some() {
-            return Ok(());
-        }
+    pub(crate) fn prepare(&mut self, set_login: impl FnOnce(String, &str)) -> Result<(), String> {
         let Some((user, source)) = &self.login else {
             return Ok(());
         };
         match source.read() {
             Ok(password) => {
-                eventloop
-                    .mqtt_options
-                    .set_credentials(user.clone(), password.expose());
+                set_login(user.clone(), password.expose());
                 Ok(())
             }
             Err(error) => {
@@ -79,8 +73,8 @@ impl ConnectionAttempts {
 
     /// The reason a connection attempt or a connection failed, for the
     /// connection state and the logs.
-    pub(crate) fn failed(&mut self, error: &ConnectionError) -> String {
-        let (reason, lasting) = self.describe(error);
+    pub(crate) fn failed(&mut self, error: &(dyn StdError + 'static), kind: FailureKind) -> String {
+        let (reason, lasting) = self.describe(error, kind);
         self.report(reason, lasting)
     }
 
@@ -98,7 +92,7 @@ impl ConnectionAttempts {
     }
 
     /// The reason, and whether it is one that retrying alone will not fix.
-    fn describe(&self, error: &ConnectionError) -> (String, bool) {
+    fn describe(&self, error: &(dyn StdError + 'static), kind: FailureKind) -> (String, bool) {
         let broker = &self.broker;
         if let Some(tls) = find_rustls_error(error) {
             let hint = self
@@ -107,20 +101,13 @@ impl ConnectionAttempts {
                 .unwrap_or_default();
             return (format!("TLS with {broker} failed: {tls}{hint}"), true);
         }
-        match error {
-            ConnectionError::Tls(tls) => (format!("TLS with {broker} failed: {tls}"), true),
+        match kind {
+            FailureKind::Tls => (format!("TLS with {broker} failed: {error}"), true),
             #[cfg(feature = "websocket")]
-            ConnectionError::Websocket(_)
-            | ConnectionError::WsConnect(_)
-            | ConnectionError::ResponseValidation(_)
-            | ConnectionError::InvalidUrl(_)
-                if !is_io(error) =>
-            {
-                (
-                    format!("WebSocket connection to {broker} failed: {error}"),
-                    true,
-                )
-            }
+            FailureKind::WebSocket if !is_io(error) => (
+                format!("WebSocket connection to {broker} failed: {error}"),
+                true,
+            ),
             _ => (error.to_string(), false),
         }
     }
@@ -158,6 +145,33 @@ impl ConnectionAttempts {
             }
             _ => return None,
         })
+    }
+}
+
+/// What part of connecting failed, as the client underneath tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FailureKind {
+    /// The TLS handshake or its configuration.
+    Tls,
+    /// The WebSocket upgrade or its URL.
+    #[cfg_attr(not(feature = "websocket"), allow(dead_code))]
+    WebSocket,
+    /// Anything else: I/O, protocol.
+    Other,
+}
+
+impl FailureKind {
+    /// What part of connecting a failure of rumqttc's MQTT 3.1.1 client is.
+    pub(crate) fn of_v4(error: &rumqttc::ConnectionError) -> Self {
+        use rumqttc::ConnectionError as E;
+        match error {
+            E::Tls(_) => Self::Tls,
+            #[cfg(feature = "websocket")]
+            E::Websocket(_) | E::WsConnect(_) | E::ResponseValidation(_) | E::InvalidUrl(_) => {
+                Self::WebSocket
+            }
+            _ => Self::Other,
+        }
     }
 }
 

@@ -207,6 +207,16 @@ impl Config {
                 .seconds(var::RECONNECT_MAX_DELAY)?
                 .unwrap_or(base.reconnect_max_delay),
             clean_session: vars.flag(var::CLEAN_SESSION)?.unwrap_or(base.clean_session),
+            protocol: vars
+                .parse(var::PROTOCOL, expect::PROTOCOL, |raw| raw.parse().ok())?
+                .unwrap_or(base.protocol),
+            session_expiry: vars
+                .parse(var::SESSION_EXPIRY, expect::SESSION_EXPIRY, |raw| {
+                    raw.parse::<u32>()
+                        .ok()
+                        .map(|secs| Duration::from_secs(secs.into()))
+                })?
+                .or(base.session_expiry),
             max_packet_size: vars
                 .parse(var::MAX_PACKET_SIZE, expect::PACKET_SIZE, |raw| {
                     parse_usize(raw).filter(|n| packet_size_ok(*n))

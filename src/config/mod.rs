@@ -18,7 +18,7 @@
 //! | `MQTT_TLS_ALPN` | application protocols offered in the TLS handshake, comma-separated, such as `x-amzn-mqtt-ca` | none |
 //! | `MQTT_CLIENT_ID` | MQTT client id; must be unique per running instance | `<source name>-<8 random hex digits>` |
 //! | `MQTT_SOURCE_NAME` | the name of this service | `tower-mqtt` |
-//! | `MQTT_KEEPALIVE` | keep-alive, whole seconds from 1 to 65535 | `60` |
+//! | `MQTT_KEEPALIVE` | keep-alive, whole seconds from 1 (5 with MQTT 5) to 65535 | `60` |
 //! | `MQTT_ENABLE_HEALTH` | publish retained health on `system/health/<service>` | `false` |
 //! | `MQTT_ENABLE_HEARTBEAT` | publish heartbeats on `system/keepalive/<client id>` | `false` |
 //! | `MQTT_HEARTBEAT_INTERVAL` | seconds between heartbeats | `5` |
@@ -27,6 +27,8 @@
 //! | `MQTT_RECONNECT_MIN_DELAY` | first delay before reconnecting, seconds | `0.5` |
 //! | `MQTT_RECONNECT_MAX_DELAY` | longest delay before reconnecting, seconds, at least the minimum | `5` |
 //! | `MQTT_CLEAN_SESSION` | ask the broker for a clean session | `true` |
+//! | `MQTT_PROTOCOL` | the MQTT version: `3.1.1` or `5` (see [`Protocol`]) | `3.1.1` |
+//! | `MQTT_SESSION_EXPIRY` | MQTT 5 with `MQTT_CLEAN_SESSION=false`: whole seconds the broker keeps the session after a disconnect, up to 4294967295 (never expires) | never expires |
 //! | `MQTT_MAX_PACKET_SIZE` | largest packet sent, and largest message handed to a handler, bytes | `1048576` (1 MiB) |
 //! | `MQTT_MAX_INCOMING_PACKET_SIZE` | largest packet read from the broker, bytes; a larger one drops the connection | `268435455` (the protocol's limit) |
 //! | `MQTT_MAX_PENDING` | messages held at once (queued, running, or waiting for their acknowledgement's turn) before the client stops reading | `4096` |
@@ -130,11 +132,13 @@
 //! ```
 
 mod connect;
-pub(crate) use self::connect::ConnectionAttempts;
+pub(crate) use self::connect::{ConnectionAttempts, FailureKind};
 mod credentials;
 mod env;
 mod error;
 mod offline;
+mod protocol;
+pub use self::protocol::{Protocol, UnknownProtocol};
 mod stacks;
 mod tls;
 mod url;
@@ -186,6 +190,8 @@ mod var {
     pub(super) const RECONNECT_MIN_DELAY: &str = "MQTT_RECONNECT_MIN_DELAY";
     pub(super) const RECONNECT_MAX_DELAY: &str = "MQTT_RECONNECT_MAX_DELAY";
     pub(super) const CLEAN_SESSION: &str = "MQTT_CLEAN_SESSION";
+    pub(super) const PROTOCOL: &str = "MQTT_PROTOCOL";
+    pub(super) const SESSION_EXPIRY: &str = "MQTT_SESSION_EXPIRY";
     pub(super) const MAX_PACKET_SIZE: &str = "MQTT_MAX_PACKET_SIZE";
     pub(super) const REQUEST_CHANNEL_CAPACITY: &str = "MQTT_REQUEST_CHANNEL_CAPACITY";
     pub(super) const OFFLINE_BUFFER: &str = "MQTT_OFFLINE_BUFFER";
@@ -262,6 +268,15 @@ mod expect {
     pub(super) const NAME: &str = "a non-empty name of at most 65535 bytes without '/', '+', \
                                    '#' or control characters (it is used as a topic level)";
     pub(super) const KEEPALIVE: &str = "an integer number of seconds between 1 and 65535";
+    pub(super) const KEEPALIVE_V5: &str = "an integer number of seconds between 5 and 65535 \
+                                           with MQTT_PROTOCOL=5 (the MQTT 5 client's minimum)";
+    pub(super) const PROTOCOL: &str = "3.1.1 or 5";
+    pub(super) const SESSION_EXPIRY: &str = "an integer number of seconds between 0 and \
+                                             4294967295 (the session never expires)";
+    pub(super) const SESSION_EXPIRY_V5: &str = "unset: a session expiry is an MQTT 5 setting \
+                                                (MQTT_PROTOCOL=5)";
+    pub(super) const SESSION_EXPIRY_CLEAN: &str = "unset, or MQTT_CLEAN_SESSION=false: a clean \
+                                                   session is discarded at every connect";
     pub(super) const SECONDS: &str = "a number of seconds greater than 0 and at most 86400, \
                                       such as 5 or 0.5";
     pub(super) const BOOL: &str = "a boolean: true, false, 1, 0, yes, no, on or off";
@@ -347,7 +362,18 @@ pub struct Config {
     /// least [`reconnect_min_delay`](Self::reconnect_min_delay).
     pub reconnect_max_delay: Duration,
     /// Ask the broker for a clean session (`MQTT_CLEAN_SESSION`), default `true`.
+    ///
+    /// On MQTT 5 it is Clean Start at every connect; `false` keeps the session
+    /// for [`session_expiry`](Self::session_expiry) after a disconnect.
     pub clean_session: bool,
+    /// The MQTT version spoken (`MQTT_PROTOCOL`), default [`Protocol::V311`].
+    pub protocol: Protocol,
+    /// MQTT 5, with [`clean_session`](Self::clean_session) `false`: how long
+    /// the broker keeps the session after a disconnect (`MQTT_SESSION_EXPIRY`,
+    /// whole seconds). `None`, the default, is "never expires" (the Session
+    /// Expiry Interval 0xFFFFFFFF), which is what a persistent session means
+    /// on MQTT 3.1.1. A clean session expires at once (interval 0).
+    pub session_expiry: Option<Duration>,
     /// Largest packet sent or received, in bytes (`MQTT_MAX_PACKET_SIZE`), default 1 MiB.
     /// (rumqttc's own default is 10 KiB, which rejects ordinary payloads.)
     pub max_packet_size: usize,
@@ -428,6 +454,8 @@ impl Config {
             reconnect_min_delay: DEFAULT_RECONNECT_MIN_DELAY,
             reconnect_max_delay: DEFAULT_RECONNECT_MAX_DELAY,
             clean_session: true,
+            protocol: Protocol::V311,
+            session_expiry: None,
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             request_channel_capacity: DEFAULT_REQUEST_CHANNEL_CAPACITY,
             max_incoming_packet_size: MAX_MQTT_PACKET,
@@ -488,6 +516,38 @@ impl Config {
     #[must_use]
     pub fn with_clean_session(mut self, clean_session: bool) -> Self {
         self.clean_session = clean_session;
+        self
+    }
+
+    /// Sets the MQTT version (`MQTT_PROTOCOL`).
+    ///
+    /// ```
+    /// use tower_mqtt::config::{Config, Protocol};
+    ///
+    /// let config = Config::new("mqtt://localhost").unwrap().with_protocol(Protocol::V5);
+    /// assert_eq!(config.protocol, Protocol::V5);
+    /// ```
+    pub fn with_protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// Sets how long an MQTT 5 broker keeps the session after a disconnect
+    /// (`MQTT_SESSION_EXPIRY`); it needs [`with_clean_session(false)`](Self::with_clean_session).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_mqtt::config::{Config, Protocol};
+    ///
+    /// let config = Config::new("mqtt://localhost").unwrap()
+    ///     .with_protocol(Protocol::V5)
+    ///     .with_clean_session(false)
+    ///     .with_session_expiry(Duration::from_secs(3600));
+    /// assert!(config.validate().is_ok());
+    /// assert!(config.with_clean_session(true).validate().is_err());
+    /// ```
+    pub fn with_session_expiry(mut self, expiry: Duration) -> Self {
+        self.session_expiry = Some(expiry);
         self
     }
 

@@ -76,11 +76,7 @@ impl Client {
                 .with_source(&config.source_name);
             (health::health_topic(config.health_name()), will.to_vec())
         });
-        let (client, connection) = wire::connect(
-            config.mqtt_options()?,
-            will,
-            config.request_channel_capacity,
-        );
+        let (client, connection) = wire::connect(&config, will)?;
         let deliveries = Arc::new(Deliveries::default());
         let outbox = Arc::new(Outbox::new(
             client.clone(),

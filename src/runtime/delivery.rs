@@ -108,6 +108,20 @@ impl Deliveries {
         }
     }
 
+    /// MQTT 5: the broker refused the publish with `pkid` (PUBACK or PUBREC
+    /// with a reason code of 0x80 or above).
+    pub(crate) fn refused(&self, pkid: u16, code: u8, reason: String) {
+        let waiter = self
+            .inner
+            .lock()
+            .expect("deliveries poisoned")
+            .by_pkid
+            .remove(&pkid);
+        if let Some(Some(tx)) = waiter {
+            let _ = tx.send(Err(DeliveryError::Refused { code, reason }));
+        }
+    }
+
     /// The connection failed; rumqttc now holds `pending_unassigned` publishes
     /// without an id in its pending list.
     pub(crate) fn disconnected(&self, pending_unassigned: usize) {

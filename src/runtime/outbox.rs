@@ -28,9 +28,11 @@ use tracing::{debug, warn};
 
 use super::{
     delivery::{Deliveries, Waiter},
-    wire::Handle,
+    wire::{Handle, TrySendError},
 };
-use crate::{config::OfflineOverflow, publisher::DeliveryError, request::QoS};
+use crate::{
+    config::OfflineOverflow, properties::Properties, publisher::DeliveryError, request::QoS,
+};
 
 /// Bounds of the offline buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,6 +47,9 @@ pub(crate) struct Outgoing {
     pub(crate) qos: QoS,
     pub(crate) retain: bool,
     pub(crate) payload: Bytes,
+    /// MQTT 5 properties, `None` when there are none (and on MQTT 3.1.1,
+    /// which sends none).
+    pub(crate) properties: Option<Arc<Properties>>,
 }
 
 struct Entry {
@@ -114,12 +119,25 @@ impl Outbox {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Puts the message into the client's channel; hands it back when the
-    /// channel is full.
+    /// Puts the message into the client's channel; false when the channel is
+    /// full. A message the broker's packet limit does not admit fails its
+    /// waiter (and counts as sent: there is nothing to retry).
     fn try_send(&self, message: &Outgoing, waiter: &mut Waiter) -> bool {
-        self.deliveries
+        match self
+            .deliveries
             .with_place(waiter, || self.client.try_publish(message))
-            .is_ok()
+        {
+            Ok(()) => true,
+            Err(TrySendError::Full) => false,
+            Err(TrySendError::TooLarge { size, max }) => {
+                warn!(topic = %message.topic, size, max, "publish over the broker's packet limit; not sent");
+                fail(
+                    waiter.take(),
+                    DeliveryError::TooLargeForBroker { size, max },
+                );
+                true
+            }
+        }
     }
 
     /// Sends or buffers `message`; `waiter` learns the outcome.

@@ -36,7 +36,7 @@ use super::{
     heartbeat::Heartbeat,
     outbox::Outbox,
     running::{ConnectionState, Readiness, RefusedSubscription, RuntimeCounters},
-    wire::{Connection, Event, Handle, PollError},
+    wire::{Connection, Event, Filter, Handle, PollError},
 };
 use crate::{
     config::Config,
@@ -102,7 +102,7 @@ pub(super) struct PollLoop<S> {
     pub(super) connection: Connection,
     pub(super) client: Handle,
     pub(super) config: Config,
-    pub(super) filters: Vec<(String, QoS)>,
+    pub(super) filters: Vec<Filter>,
     pub(super) dispatcher: Dispatcher<S>,
     pub(super) ack_gate: Arc<AckGate>,
     pub(super) deliveries: Arc<Deliveries>,
@@ -179,13 +179,16 @@ where
         } else {
             OverLimit::Withhold
         };
-        let expects_pubrel = self.filters.iter().any(|(_, qos)| *qos == QoS::ExactlyOnce);
+        let expects_pubrel = self.filters.iter().any(|f| f.qos == QoS::ExactlyOnce);
         info!(broker = %self.config.broker, client_id = %self.config.client_id, "connecting");
         // rumqttc stops taking requests while an outgoing packet id collides
         // and waits for an ack that may never come (the livelock seen after
         // broker restarts): give it one keepalive, then start over.
         let mut collided_since: Option<Instant> = None;
         let mut liveness = Liveness::default();
+        // MQTT 5 while paused: rumqttc's keep-alive timer is due, and the
+        // client is polled until it has written its PINGREQ.
+        let mut awaiting_ping = false;
         let mut last_refusal: Option<String> = None;
         // Credentials fetched before each connect, failures described (config/connect.rs).
         let mut attempts = self.config.connection_attempts();
@@ -210,10 +213,11 @@ where
             }
             if connected
                 && !stuck
+                && !awaiting_ping
                 && self.dispatcher.is_full()
                 && self.deliveries.unconfirmed() == 0
             {
-                self.pause().await;
+                awaiting_ping = self.pause().await;
                 liveness.paused = true;
                 continue;
             }
@@ -238,7 +242,7 @@ where
                     event = self.connection.poll() => match event {
                         Ok(event) => Step::Event(event),
                         Err(PollError::Refused(reason)) => Step::Failed(Failure::Refused(reason)),
-                        Err(PollError::Lost(err)) => Step::Failed(Failure::Lost(attempts.failed(&err))), // TLS reasons
+                        Err(PollError::Lost(lost)) => Step::Failed(Failure::Lost(lost.describe(&mut attempts))), // TLS reasons
                     },
                 }
             };
@@ -248,6 +252,7 @@ where
                     step
                 }
                 Step::Event(Event::PingWritten) => {
+                    awaiting_ping = false;
                     let alive = liveness.read || liveness.paused;
                     liveness = Liveness::default();
                     if alive {
@@ -302,14 +307,19 @@ where
                 Step::Event(Event::Confirmed(pkid)) => {
                     self.deliveries.confirmed(pkid);
                 }
+                Step::Event(Event::Refused { pkid, code, reason }) => {
+                    warn!(pkid, code, %reason, "the broker refused a publish");
+                    self.counters.publish_refused();
+                    self.deliveries.refused(pkid, code, reason);
+                }
                 Step::Event(Event::Subscribed(answers)) => {
                     let refused = self
                         .filters
                         .iter()
                         .zip(answers)
-                        .filter_map(|((filter, _), refusal)| {
+                        .filter_map(|(filter, refusal)| {
                             refusal.map(|reason| RefusedSubscription {
-                                filter: filter.clone(),
+                                filter: filter.filter.clone(),
                                 reason,
                             })
                         })
@@ -323,7 +333,8 @@ where
                     self.dispatcher.ack_written();
                 }
                 Step::Event(Event::DisconnectWritten) => {
-                    if !self.connection.await_close(GOODBYE_TIMEOUT).await {
+                    let settle = self.settle_events();
+                    if !self.connection.await_close(GOODBYE_TIMEOUT, settle).await {
                         warn!("the broker did not close the connection after DISCONNECT");
                     }
                     info!("disconnected cleanly");
@@ -331,6 +342,7 @@ where
                 }
                 Step::Event(_) => {}
                 step @ (Step::Failed(_) | Step::Recover) => {
+                    awaiting_ping = false;
                     if !self
                         .end(step, &mut connected_at, &mut backoff, &mut last_refusal)
                         .await
@@ -374,7 +386,12 @@ where
     /// a publish of the handlers needs an acknowledgement read). Writing goes
     /// on meanwhile where it must: a PINGREQ every half keep-alive, so the
     /// broker does not drop the connection while handlers are slow.
-    async fn pause(&mut self) {
+    ///
+    /// On MQTT 5 the PINGREQ cannot be written past rumqttc: the pause ends
+    /// when its keep-alive timer is due, and returns true: the loop then polls
+    /// until the PINGREQ is written (reading what comes meanwhile, at most a
+    /// batch or two of ten packets) and pauses again.
+    async fn pause(&mut self) -> bool {
         self.counters.paused();
         self.reading_paused.store(true, Ordering::Relaxed);
         let load = self.dispatcher.load();
@@ -385,13 +402,23 @@ where
         );
         let mut ping = tokio::time::interval(self.config.keep_alive / 2);
         ping.tick().await;
+        let ping_due = self.connection.ping_due();
+        let poll_for_ping = tokio::time::sleep_until(
+            ping_due.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)),
+        );
+        tokio::pin!(poll_for_ping);
+        let mut must_ping = false;
         let dispatcher = self.dispatcher.clone();
         let room = dispatcher.room();
         tokio::pin!(room);
         loop {
             tokio::select! {
                 () = &mut room => break,
-                _ = ping.tick() => {
+                () = &mut poll_for_ping, if ping_due.is_some() => {
+                    must_ping = true;
+                    break;
+                }
+                _ = ping.tick(), if ping_due.is_none() => {
                     if !self.connection.ping(self.config.keep_alive).await {
                         break;
                     }
@@ -405,12 +432,29 @@ where
         }
         self.reading_paused.store(false, Ordering::Relaxed);
         debug!("reading resumed");
+        must_ping
+    }
+
+    /// What events read while the connection is being closed settle: our
+    /// publishes' confirmations and acknowledgements written. Messages are
+    /// left unacknowledged (the session delivers them again).
+    fn settle_events(&self) -> impl FnMut(Event) {
+        let deliveries = self.deliveries.clone();
+        let dispatcher = self.dispatcher.clone();
+        move |event| match event {
+            Event::Confirmed(pkid) => deliveries.confirmed(pkid),
+            Event::Refused { pkid, code, reason } => deliveries.refused(pkid, code, reason),
+            Event::PublishWritten(pkid) => deliveries.written(pkid),
+            Event::AckWritten => dispatcher.ack_written(),
+            _ => {}
+        }
     }
 
     /// Gives the connection up on purpose, to take withheld messages back.
     async fn goodbye(&mut self) {
         info!("taking withheld messages back: reconnecting");
-        self.connection.disconnect(GOODBYE_TIMEOUT).await;
+        let settle = self.settle_events();
+        self.connection.disconnect(GOODBYE_TIMEOUT, settle).await;
     }
 
     /// The connection is gone (`Failed`) or given up on purpose (`Recover`):
@@ -489,8 +533,8 @@ where
     fn subscribe(&self) {
         let client = self.client.clone();
         let filters = self.filters.clone();
-        for (filter, qos) in &self.filters {
-            info!(%filter, qos = u8::from(*qos), "subscribing");
+        for filter in &self.filters {
+            info!(filter = %filter.filter, qos = u8::from(filter.qos), "subscribing");
         }
         tokio::spawn(
             async move {

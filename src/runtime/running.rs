@@ -187,6 +187,9 @@ pub struct Stats {
     pub connection_refusals: u64,
     /// Subscriptions the broker refused in a SUBACK.
     pub subscriptions_refused: u64,
+    /// Publishes the broker refused (MQTT 5: a PUBACK or PUBREC reason code
+    /// of 0x80 or above); each failed its future with the reason.
+    pub publishes_refused: u64,
     /// Publish attempts handed to the connection (a retried publish counts
     /// once per attempt).
     pub publishes_sent: u64,
@@ -233,6 +236,7 @@ pub(super) struct RuntimeCounters {
     connection_failures: AtomicU64,
     connection_refusals: AtomicU64,
     subscriptions_refused: AtomicU64,
+    publishes_refused: AtomicU64,
     read_pauses: AtomicU64,
     recoveries: AtomicU64,
     metrics: ConnectionMetrics,
@@ -248,6 +252,7 @@ struct ConnectionMetrics {
     refused: metrics::Counter,
     recoveries: metrics::Counter,
     subscriptions_refused: metrics::Counter,
+    publishes_refused: metrics::Counter,
 }
 
 impl Default for ConnectionMetrics {
@@ -262,6 +267,10 @@ impl Default for ConnectionMetrics {
             recoveries: metrics::counter!(names::RECOVERIES, names::SYSTEM => "mqtt"),
             subscriptions_refused: metrics::counter!(
                 names::SUBSCRIPTIONS_REFUSED,
+                names::SYSTEM => "mqtt"
+            ),
+            publishes_refused: metrics::counter!(
+                names::PUBLISHES_REFUSED,
                 names::SYSTEM => "mqtt"
             ),
         }
@@ -298,6 +307,11 @@ impl RuntimeCounters {
         self.subscriptions_refused
             .fetch_add(count, Ordering::Relaxed);
         self.metrics.subscriptions_refused.increment(count);
+    }
+
+    pub(super) fn publish_refused(&self) {
+        self.publishes_refused.fetch_add(1, Ordering::Relaxed);
+        self.metrics.publishes_refused.increment(1);
     }
 
     pub(super) fn paused(&self) {
@@ -349,6 +363,7 @@ impl Stats {
             connection_failures: get(&runtime.connection_failures),
             connection_refusals: get(&runtime.connection_refusals),
             subscriptions_refused: get(&runtime.subscriptions_refused),
+            publishes_refused: get(&runtime.publishes_refused),
         }
     }
 }

@@ -117,6 +117,7 @@ impl Sink {
             qos: req.qos(),
             retain: req.retain(),
             payload: req.body().clone(),
+            properties: req.shared_properties().cloned(),
         };
         self.outbox.send(message, Some(tx))?;
         let (metrics, counts) = (self.metrics.clone(), self.counts.clone());

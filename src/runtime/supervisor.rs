@@ -176,7 +176,7 @@ where
     });
     let mut filters = wire::subscriptions(&router);
     if let Some(hb) = &heartbeat {
-        filters.push((hb.topic.clone(), QoS::AtMostOnce));
+        filters.push(wire::Filter::new(hb.topic.clone(), QoS::AtMostOnce));
     }
 
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));

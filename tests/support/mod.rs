@@ -105,10 +105,37 @@ pub(crate) fn service_config(url: &str, name: &str) -> tower_mqtt::config::Confi
         .expect("a test broker URL")
         .with_client_id(unique_id(name))
         .with_source_name(name)
+        .with_protocol(test_protocol())
         .with_reconnect_delays(
             std::time::Duration::from_millis(100),
             std::time::Duration::from_secs(1),
         )
+}
+
+/// The MQTT version the suites run on: 3.1.1, or MQTT 5 with
+/// `TOWER_MQTT_TEST_PROTOCOL=5` (`.ci/run` runs the runtime, backlog, fault,
+/// broker and interop suites on both).
+#[allow(dead_code)]
+pub(crate) fn test_protocol() -> tower_mqtt::config::Protocol {
+    match std::env::var("TOWER_MQTT_TEST_PROTOCOL") {
+        Ok(raw) if !raw.trim().is_empty() => raw
+            .parse()
+            .unwrap_or_else(|err| panic!("TOWER_MQTT_TEST_PROTOCOL: {err}")),
+        _ => tower_mqtt::config::Protocol::V311,
+    }
+}
+
+/// The shortest keep-alive the suites' protocol allows a client: 2 s, or
+/// 5 s on MQTT 5 (rumqttc's MQTT 5 client asserts at least that).
+#[allow(dead_code)]
+pub(crate) fn short_keep_alive() -> std::time::Duration {
+    std::time::Duration::from_secs(if on_v5() { 5 } else { 2 })
+}
+
+/// Whether the suites run on MQTT 5 (see [`test_protocol`]).
+#[allow(dead_code)]
+pub(crate) fn on_v5() -> bool {
+    test_protocol() == tower_mqtt::config::Protocol::V5
 }
 #[allow(unused_imports)]
 pub(crate) use rumqttc::QoS;

@@ -73,7 +73,7 @@ use crate::{
     handler::Handler,
     outcome::{BoxError, IntoOutcome, Outcome},
     request::{QoS, Request},
-    subscription::{IntoSubscription, Subscription},
+    subscription::{IntoSubscription, SubscribeOptions, Subscription},
     topic::{TopicFilter, TopicName},
 };
 
@@ -369,20 +369,44 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     /// a filter covered by another is left out and its QoS given to the wider one
     /// (see the [module docs](self)). Shared subscriptions are kept as they are.
     pub fn subscriptions(&self) -> Vec<(TopicFilter, QoS)> {
+        self.subscriptions_with_options()
+            .into_iter()
+            .map(|(filter, qos, _)| (filter, qos))
+            .collect()
+    }
+
+    /// [`subscriptions`](Self::subscriptions) with each filter's MQTT 5
+    /// [options](SubscribeOptions): a filter is left out for a wider one only
+    /// when their options are the same.
+    ///
+    /// ```
+    /// use tower_mqtt::{QoS, Router, Subscription};
+    ///
+    /// let router = Router::new()
+    ///     .route("chat/#", |_: tower_mqtt::Envelope| async {})
+    ///     .route(Subscription::new("chat/mine").no_local(), |_: tower_mqtt::Envelope| async {});
+    /// let subs = router.subscriptions_with_options();
+    /// assert_eq!(subs.len(), 2, "different options: both filters");
+    /// assert!(subs[1].2.no_local);
+    /// ```
+    pub fn subscriptions_with_options(&self) -> Vec<(TopicFilter, QoS, SubscribeOptions)> {
         let subs: Vec<&Subscription> = self.routes().collect();
-        let mut out: Vec<(TopicFilter, QoS)> = Vec::new();
+        let mut out: Vec<(TopicFilter, QoS, SubscribeOptions)> = Vec::new();
         for (i, sub) in subs.iter().enumerate() {
             let filter = sub.filter();
+            let options = sub.get_options();
             let shared = filter.share_group().is_some();
-            // Covered by another (non-shared) filter: strictly wider, or the same
-            // filter added earlier.
+            let merges = |other: &Subscription| {
+                other.filter().share_group().is_none() && other.get_options() == options
+            };
+            // Covered by another (non-shared) filter with the same options:
+            // strictly wider, or the same filter added earlier.
             let covered = !shared
                 && subs.iter().enumerate().any(|(j, other)| {
-                    let other = other.filter();
                     j != i
-                        && other.share_group().is_none()
-                        && other.covers(filter)
-                        && (!filter.covers(other) || j < i)
+                        && merges(other)
+                        && other.filter().covers(filter)
+                        && (!filter.covers(other.filter()) || j < i)
                 });
             if covered {
                 continue;
@@ -393,14 +417,14 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
                     if shared {
                         other.filter() == filter
                     } else {
-                        other.filter().share_group().is_none() && filter.covers(other.filter())
+                        merges(other) && filter.covers(other.filter())
                     }
                 })
                 .map(|other| other.get_qos())
                 .max()
                 .unwrap_or(sub.get_qos());
-            if !out.iter().any(|(f, _)| f == filter) {
-                out.push((filter.clone(), qos));
+            if !out.iter().any(|(f, _, o)| f == filter && *o == options) {
+                out.push((filter.clone(), qos, options));
             }
         }
         out

@@ -109,4 +109,31 @@ pub enum DeliveryError {
         /// The limit.
         max_age: Duration,
     },
+    /// The broker refused it (MQTT 5: PUBACK or PUBREC with a reason code of
+    /// 0x80 or above, such as not authorized or quota exceeded).
+    ///
+    /// ```
+    /// use tower_mqtt::layers::outbound::DeliveryError;
+    ///
+    /// let err = DeliveryError::Refused { code: 0x87, reason: "not authorized".into() };
+    /// assert_eq!(err.to_string(), "the broker refused the publish: not authorized (reason code 0x87)");
+    /// ```
+    #[error("the broker refused the publish: {reason} (reason code {code:#04x})")]
+    Refused {
+        /// The reason code.
+        code: u8,
+        /// The reason code in words, and the broker's reason string if it gave one.
+        reason: String,
+    },
+    /// Larger than the broker accepts (the Maximum Packet Size of its MQTT 5
+    /// CONNACK); nothing was sent.
+    #[error(
+        "the packet of {size} bytes is over the broker's maximum of {max} bytes; nothing was sent"
+    )]
+    TooLargeForBroker {
+        /// The size of the packet.
+        size: usize,
+        /// The broker's limit.
+        max: usize,
+    },
 }

@@ -12,7 +12,10 @@ use rumqttc::{ConnectionError, TlsConfiguration, Transport};
 use tokio_rustls::rustls::{self, AlertDescription, CertificateError, ClientConfig};
 
 use super::env;
-use crate::config::{connect::ConnectionAttempts, *};
+use crate::config::{
+    connect::{ConnectionAttempts, FailureKind},
+    *,
+};
 
 // Keys made once with openssl for the formats rcgen does not write; throwaway test keys.
 const RSA_PKCS1: &str = "-----BEGIN RSA PRIVATE KEY-----
@@ -576,7 +579,11 @@ fn password_file_is_read_at_every_connect() {
     let (_client, mut eventloop) = rumqttc::AsyncClient::new(config.mqtt_options().unwrap(), 1);
     let mut attempts = config.connection_attempts();
     write(dir.path(), "password", "second\n\n");
-    attempts.prepare(&mut eventloop).unwrap();
+    attempts
+        .prepare(|user, password| {
+            eventloop.mqtt_options.set_credentials(user, password);
+        })
+        .unwrap();
     let login = eventloop.mqtt_options.credentials().unwrap();
     assert_eq!(login.password, "second\n", "only one line break is dropped");
 
@@ -589,7 +596,11 @@ fn password_file_is_read_at_every_connect() {
             None => std::fs::remove_file(&file).unwrap(),
             Some(text) => drop(write(dir.path(), "password", text)),
         }
-        let message = attempts.prepare(&mut eventloop).unwrap_err();
+        let message = attempts
+            .prepare(|user, password| {
+                eventloop.mqtt_options.set_credentials(user, password);
+            })
+            .unwrap_err();
         assert!(message.contains("MQTT_PASSWORD_FILE"), "{message}");
         assert!(message.contains(&file), "{message}");
         assert!(message.contains(reason), "{message}");
@@ -620,8 +631,16 @@ fn password_fn_is_called_at_every_connect() {
     assert_eq!(login(&config), pair("device", "token-0"));
     let (_client, mut eventloop) = rumqttc::AsyncClient::new(config.mqtt_options().unwrap(), 1);
     let mut attempts = config.connection_attempts();
-    attempts.prepare(&mut eventloop).unwrap_err(); // call 3 fails
-    let message = attempts.prepare(&mut eventloop).unwrap_err();
+    attempts
+        .prepare(|user, password| {
+            eventloop.mqtt_options.set_credentials(user, password);
+        })
+        .unwrap_err(); // call 3 fails
+    let message = attempts
+        .prepare(|user, password| {
+            eventloop.mqtt_options.set_credentials(user, password);
+        })
+        .unwrap_err();
     assert!(
         message.contains("the signing key is unavailable"),
         "{message}"
@@ -633,6 +652,11 @@ fn attempts() -> ConnectionAttempts {
     Config::new("mqtts://broker.example:8883")
         .unwrap()
         .connection_attempts()
+}
+
+/// The reason `attempts` gives for a failure of rumqttc's MQTT 3.1.1 client.
+fn fail(attempts: &mut ConnectionAttempts, error: &ConnectionError) -> String {
+    attempts.failed(error, FailureKind::of_v4(error))
 }
 
 fn tls_io(error: rustls::Error) -> io::Error {
@@ -681,7 +705,7 @@ fn tls_failures_carry_the_rustls_reason_and_the_broker() {
         ),
     ];
     for (error, reason, hint) in cases {
-        let message = attempts().failed(&error);
+        let message = fail(&mut attempts(), &error);
         assert!(
             message.starts_with("TLS with mqtts://broker.example:8883 failed: "),
             "{message}"
@@ -691,7 +715,7 @@ fn tls_failures_carry_the_rustls_reason_and_the_broker() {
     }
     // Anything else keeps rumqttc's words.
     let refused = ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
-    assert_eq!(attempts().failed(&refused), refused.to_string());
+    assert_eq!(fail(&mut attempts(), &refused), refused.to_string());
 }
 
 #[test]
@@ -724,12 +748,12 @@ fn lasting_failures_are_logged_at_error_once_until_they_change() {
     let refused = || ConnectionError::Io(io::Error::from(io::ErrorKind::ConnectionRefused));
     tracing::subscriber::with_default(subscriber, || {
         let mut attempts = attempts();
-        attempts.failed(&unknown_ca());
-        attempts.failed(&unknown_ca());
-        attempts.failed(&refused()); // not at ERROR: a retry may fix it
-        attempts.failed(&unknown_ca()); // changed
+        fail(&mut attempts, &unknown_ca());
+        fail(&mut attempts, &unknown_ca());
+        fail(&mut attempts, &refused()); // not at ERROR: a retry may fix it
+        fail(&mut attempts, &unknown_ca()); // changed
         attempts.connected();
-        attempts.failed(&unknown_ca()); // news again after a connection
+        fail(&mut attempts, &unknown_ca()); // news again after a connection
     });
     let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();

@@ -453,6 +453,7 @@ mod tests {
             retain: false,
             dup: false,
             pkid: 0,
+            properties: None,
         };
         assert!(AckPacket::of(&publish).is_none());
         publish.qos = QoS::ExactlyOnce;

@@ -37,6 +37,7 @@ fn publish(topic: &str, pkid: u16, qos: QoS) -> Received {
         retain: false,
         dup: false,
         pkid,
+        properties: None,
     }
 }
 

@@ -1,76 +1,21 @@
-//! Everything that knows the MQTT client underneath (rumqttc 0.25): the
-//! [`Connection`] the poll loop drives and the [`Handle`] the other tasks
-//! send requests through, conversions between our types and rumqttc's (no
-//! rumqttc type appears in a public signature, and the runtime's other
-//! modules name none), and the workarounds for what rumqttc does not do or
-//! does wrong.
+//! rumqttc's MQTT 3.1.1 client behind [`super::Connection`] and
+//! [`super::Handle`].
 
 use std::{collections::VecDeque, time::Duration};
 
 use bytes::Bytes;
 use rumqttc::{AsyncClient, ConnectionError, EventLoop, LastWill, MqttOptions, Outgoing, Packet};
 
-use super::{
-    delivery::Deliveries,
-    dispatch::AckPacket,
-    outbox::{self, Outbox},
-};
+use super::{Event, Filter, Lost, PollError, Received, TrySendError};
 use crate::{
-    config::ConnectionAttempts,
-    request::{QoS, Request},
-    router::Router,
-    topic::{TopicError, TopicName},
+    config::FailureKind,
+    request::QoS,
+    runtime::{
+        delivery::Deliveries,
+        dispatch::AckPacket,
+        outbox::{self, Outbox},
+    },
 };
-
-/// What happened on the connection, as the poll loop needs it.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// The broker accepted the connection (CONNACK).
-    Connected { session_present: bool },
-    /// A message arrived.
-    Publish(Received),
-    /// The broker confirmed one of our publishes (PUBACK, or PUBCOMP).
-    Confirmed(u16),
-    /// The broker answered the subscriptions: for each filter in the order
-    /// subscribed, why it was refused, or `None`.
-    Subscribed(Vec<Option<String>>),
-    /// A publish of ours went out with this packet id (0 for QoS 0).
-    PublishWritten(u16),
-    /// An acknowledgement of ours (PUBACK or PUBREC) went out.
-    AckWritten,
-    /// A PINGREQ went out.
-    PingWritten,
-    /// Our DISCONNECT went out.
-    DisconnectWritten,
-    /// Anything else read from the broker.
-    Read,
-    /// Anything else written.
-    Written,
-}
-
-impl Event {
-    /// Whether the broker sent it: anything read shows the connection alive
-    /// (see the poll loop's keep-alive check).
-    pub(crate) fn is_read(&self) -> bool {
-        matches!(
-            self,
-            Self::Connected { .. }
-                | Self::Publish(_)
-                | Self::Confirmed(_)
-                | Self::Subscribed(_)
-                | Self::Read
-        )
-    }
-}
-
-/// Why a poll ended the connection (or the attempt).
-#[derive(Debug)]
-pub(crate) enum PollError {
-    /// The broker refused the connection; its reason in words.
-    Refused(String),
-    /// Anything else: network, TLS, protocol.
-    Lost(ConnectionError),
-}
 
 /// The connection to the broker, one after another: rumqttc's event loop.
 pub(crate) struct Connection {
@@ -113,16 +58,16 @@ pub(crate) fn connect(
 impl Handle {
     /// Puts a publish into the channel, or hands back an error when it is
     /// full (or the connection's task is gone).
-    pub(crate) fn try_publish(
-        &self,
-        message: &outbox::Outgoing,
-    ) -> Result<(), rumqttc::ClientError> {
-        self.client.try_publish(
-            message.topic.as_str(),
-            to_wire(message.qos),
-            message.retain,
-            message.payload.to_vec(),
-        )
+    pub(crate) fn try_publish(&self, message: &outbox::Outgoing) -> Result<(), TrySendError> {
+        // MQTT 3.1.1 has no properties: those of the message are not sent.
+        self.client
+            .try_publish(
+                message.topic.as_str(),
+                to_wire(message.qos),
+                message.retain,
+                message.payload.to_vec(),
+            )
+            .map_err(|_| TrySendError::Full)
     }
 
     /// Puts an acknowledgement into the channel; false when it is full (or
@@ -132,10 +77,11 @@ impl Handle {
     }
 
     /// Subscribes to `filters`, waiting for room in the channel.
-    pub(crate) async fn subscribe(&self, filters: &[(String, QoS)]) -> Result<(), String> {
+    pub(crate) async fn subscribe(&self, filters: &[Filter]) -> Result<(), String> {
+        // MQTT 3.1.1 has no subscription options.
         let filters: Vec<rumqttc::SubscribeFilter> = filters
             .iter()
-            .map(|(filter, qos)| rumqttc::SubscribeFilter::new(filter.clone(), to_wire(*qos)))
+            .map(|f| rumqttc::SubscribeFilter::new(f.filter.clone(), to_wire(f.qos)))
             .collect();
         self.client
             .subscribe_many(filters)
@@ -155,10 +101,9 @@ impl Connection {
         self.eventloop.network.is_some()
     }
 
-    /// Before a connection attempt: the current credentials (see
-    /// [`ConnectionAttempts::prepare`]).
-    pub(crate) fn prepare(&mut self, attempts: &mut ConnectionAttempts) -> Result<(), String> {
-        attempts.prepare(&mut self.eventloop)
+    /// The credentials of the next connection attempt.
+    pub(crate) fn set_credentials(&mut self, user: String, password: &str) {
+        self.eventloop.mqtt_options.set_credentials(user, password);
     }
 
     /// Clears rumqttc's own keep-alive check, which the poll loop replaces
@@ -179,7 +124,13 @@ impl Connection {
             Err(ConnectionError::ConnectionRefused(code)) => {
                 return Err(PollError::Refused(describe_refusal(code)))
             }
-            Err(err) => return Err(PollError::Lost(err)),
+            Err(err) => {
+                let kind = FailureKind::of_v4(&err);
+                return Err(PollError::Lost(Lost {
+                    error: Box::new(err),
+                    kind,
+                }));
+            }
         };
         Ok(match event {
             rumqttc::Event::Incoming(packet) => match packet {
@@ -342,6 +293,8 @@ fn take_publishes(pending: &mut VecDeque<rumqttc::Request>) -> Vec<(u16, outbox:
                     qos: from_wire(publish.qos),
                     retain: publish.retain,
                     payload: publish.payload,
+                    // MQTT 3.1.1 sent none.
+                    properties: None,
                 },
             )),
             other => kept.push_back(other),
@@ -369,30 +322,6 @@ pub(crate) fn from_wire(qos: rumqttc::QoS) -> QoS {
     }
 }
 
-/// A PUBLISH received from the broker, in our types: what the dispatcher
-/// takes.
-#[derive(Clone, Debug)]
-pub(crate) struct Received {
-    pub(crate) topic: String,
-    pub(crate) payload: Bytes,
-    pub(crate) qos: QoS,
-    pub(crate) retain: bool,
-    pub(crate) dup: bool,
-    /// 0 for QoS 0.
-    pub(crate) pkid: u16,
-}
-
-impl Received {
-    /// The request for this message.
-    pub(crate) fn request(&self) -> Result<Request<Bytes>, TopicError> {
-        let mut req = Request::new(TopicName::new(&self.topic)?, self.payload.clone());
-        req.set_qos(self.qos);
-        req.set_retain(self.retain);
-        req.set_dup(self.dup);
-        Ok(req)
-    }
-}
-
 /// A PUBLISH packet received by rumqttc, taken apart without copying.
 fn received(publish: rumqttc::Publish) -> Received {
     Received {
@@ -402,6 +331,7 @@ fn received(publish: rumqttc::Publish) -> Received {
         retain: publish.retain,
         dup: publish.dup,
         pkid: publish.pkid,
+        properties: None,
     }
 }
 
@@ -411,15 +341,6 @@ fn ack_publish(packet: AckPacket) -> rumqttc::Publish {
     let mut publish = rumqttc::Publish::new("", to_wire(packet.qos), Bytes::new());
     publish.pkid = packet.pkid;
     publish
-}
-
-/// The router's filters with the QoS to subscribe at.
-pub(crate) fn subscriptions(router: &Router) -> Vec<(String, QoS)> {
-    router
-        .subscriptions()
-        .into_iter()
-        .map(|(filter, qos)| (filter.as_str().to_owned(), qos))
-        .collect()
 }
 
 /// A CONNACK refusal in words, with its return code.
