@@ -17,7 +17,7 @@ mod support;
 #[path = "interop/worker.rs"]
 mod worker;
 
-use support::{Probe, TestBroker};
+use support::{test_protocol, Probe, TestBroker};
 use worker::{
     checked_health_data, fleet_flow, python_ready, retained_health, worker_binary, Worker, HEALTH,
     WAIT,
@@ -44,7 +44,7 @@ async fn a_killed_memory_worker_leaves_its_last_will_on_its_health_topic() {
     let binary = worker_binary();
     let broker = TestBroker::start().await;
     let mut health = Probe::subscribe(&broker.url(), HEALTH).await;
-    let mut worker = Worker::spawn(&binary, &broker.url());
+    let mut worker = Worker::spawn(&binary, &broker.url(), test_protocol());
     worker.wait_health(&mut health, true, "ready").await;
 
     worker.child.start_kill().expect("SIGKILL the worker");

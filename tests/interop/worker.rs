@@ -30,7 +30,9 @@ use serde_json::{Map, Value};
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
-use crate::support::{example_binary, on_ci, Probe, ReceivedPublish, TestBroker};
+use tower_mqtt::config::Protocol;
+
+use crate::support::{example_binary, on_ci, test_protocol, Probe, ReceivedPublish, TestBroker};
 
 /// The worker's health topic, retained, and its Last Will.
 pub(crate) const HEALTH: &str = "system/health/memory";
@@ -81,7 +83,7 @@ impl FleetRun {
 pub(crate) async fn fleet_flow(broker: &TestBroker, worker_url: &str) -> FleetRun {
     let binary = worker_binary();
     let mut health = Probe::subscribe(&broker.url(), HEALTH).await;
-    let mut worker = Worker::spawn(&binary, worker_url);
+    let mut worker = Worker::spawn(&binary, worker_url, test_protocol());
     worker.wait_health(&mut health, true, "ready").await;
 
     let mut client = Command::new("python3");
@@ -177,8 +179,10 @@ pub(crate) struct Worker {
 
 impl Worker {
     /// Starts the worker with `MQTT_URL=url` (a broker, or a proxy in front of
-    /// one) and no other `MQTT_*` setting from this environment.
-    pub(crate) fn spawn(binary: &Path, url: &str) -> Worker {
+    /// one), `MQTT_PROTOCOL=protocol`, and no other `MQTT_*` setting from this
+    /// environment. The suites pass [`test_protocol`], so the worker speaks the
+    /// version the suite runs on.
+    pub(crate) fn spawn(binary: &Path, url: &str, protocol: Protocol) -> Worker {
         let dir = tempfile::Builder::new()
             .prefix("tower-mqtt-memory-worker-")
             .tempdir()
@@ -194,6 +198,7 @@ impl Worker {
         }
         let child = command
             .env("MQTT_URL", url)
+            .env("MQTT_PROTOCOL", protocol.to_string())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
