@@ -35,6 +35,9 @@ from __future__ import annotations
 
 import sys
 
+# Importing fleet_client would otherwise leave a __pycache__ in the source tree.
+sys.dont_write_bytecode = True
+
 # The fleet's strict envelope and the worker's contract, with its module checks (exit 3).
 import fleet_client as fleet
 
