@@ -527,6 +527,7 @@ impl Config {
     /// let config = Config::new("mqtt://localhost").unwrap().with_protocol(Protocol::V5);
     /// assert_eq!(config.protocol, Protocol::V5);
     /// ```
+    #[must_use]
     pub fn with_protocol(mut self, protocol: Protocol) -> Self {
         self.protocol = protocol;
         self
@@ -546,6 +547,7 @@ impl Config {
     /// assert!(config.validate().is_ok());
     /// assert!(config.with_clean_session(true).validate().is_err());
     /// ```
+    #[must_use]
     pub fn with_session_expiry(mut self, expiry: Duration) -> Self {
         self.session_expiry = Some(expiry);
         self

@@ -319,7 +319,7 @@ where
                         .zip(answers)
                         .filter_map(|(filter, refusal)| {
                             refusal.map(|reason| RefusedSubscription {
-                                filter: filter.filter.clone(),
+                                filter: filter.path.clone(),
                                 reason,
                             })
                         })
@@ -534,7 +534,7 @@ where
         let client = self.client.clone();
         let filters = self.filters.clone();
         for filter in &self.filters {
-            info!(filter = %filter.filter, qos = u8::from(filter.qos), "subscribing");
+            info!(filter = %filter.path, qos = u8::from(filter.qos), "subscribing");
         }
         tokio::spawn(
             async move {

@@ -382,7 +382,7 @@ impl<S: Clone + Send + Sync + 'static> Router<S> {
     /// ```
     /// use tower_mqtt::{QoS, Router, Subscription};
     ///
-    /// let router = Router::new()
+    /// let router: Router = Router::new()
     ///     .route("chat/#", |_: tower_mqtt::Envelope| async {})
     ///     .route(Subscription::new("chat/mine").no_local(), |_: tower_mqtt::Envelope| async {});
     /// let subs = router.subscriptions_with_options();

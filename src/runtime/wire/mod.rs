@@ -112,9 +112,11 @@ impl fmt::Display for Reason {
 impl StdError for Reason {}
 
 /// The connection to the broker, one after another.
+// Both boxed: one per client, hundreds of bytes each, moved into the poll
+// loop once.
 pub(crate) enum Connection {
-    V4(v4::Connection),
-    V5(v5::Connection),
+    V4(Box<v4::Connection>),
+    V5(Box<v5::Connection>),
 }
 
 /// Puts requests into the connection's channel; cheap to clone.
@@ -131,15 +133,12 @@ pub(crate) fn connect(
     will: Option<(String, Vec<u8>)>,
 ) -> Result<(Handle, Connection), ConfigError> {
     let capacity = config.request_channel_capacity;
-    Ok(match config.protocol {
-        Protocol::V5 => {
-            let (handle, connection) = v5::connect(config.mqtt5_options()?, will, capacity);
-            (Handle::V5(handle), Connection::V5(connection))
-        }
-        _ => {
-            let (handle, connection) = v4::connect(config.mqtt_options()?, will, capacity);
-            (Handle::V4(handle), Connection::V4(connection))
-        }
+    Ok(if config.protocol == Protocol::V5 {
+        let (handle, connection) = v5::connect(config.mqtt5_options()?, will, capacity);
+        (Handle::V5(handle), Connection::V5(Box::new(connection)))
+    } else {
+        let (handle, connection) = v4::connect(config.mqtt_options()?, will, capacity);
+        (Handle::V4(handle), Connection::V4(Box::new(connection)))
     })
 }
 
@@ -323,7 +322,7 @@ impl Connection {
 /// A filter to subscribe to, with its QoS and MQTT 5 options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Filter {
-    pub(crate) filter: String,
+    pub(crate) path: String,
     pub(crate) qos: QoS,
     pub(crate) options: SubscribeOptions,
 }
@@ -332,7 +331,7 @@ impl Filter {
     /// A filter with the default options.
     pub(crate) fn new(filter: impl Into<String>, qos: QoS) -> Self {
         Self {
-            filter: filter.into(),
+            path: filter.into(),
             qos,
             options: SubscribeOptions::default(),
         }
@@ -345,7 +344,7 @@ pub(crate) fn subscriptions(router: &Router) -> Vec<Filter> {
         .subscriptions_with_options()
         .into_iter()
         .map(|(filter, qos, options)| Filter {
-            filter: filter.as_str().to_owned(),
+            path: filter.as_str().to_owned(),
             qos,
             options,
         })

@@ -81,7 +81,7 @@ impl Handle {
         // MQTT 3.1.1 has no subscription options.
         let filters: Vec<rumqttc::SubscribeFilter> = filters
             .iter()
-            .map(|f| rumqttc::SubscribeFilter::new(f.filter.clone(), to_wire(f.qos)))
+            .map(|f| rumqttc::SubscribeFilter::new(f.path.clone(), to_wire(f.qos)))
             .collect();
         self.client
             .subscribe_many(filters)

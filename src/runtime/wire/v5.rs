@@ -158,7 +158,7 @@ impl Handle {
     /// See [`super::Handle::subscribe`]: with each filter's options.
     pub(crate) async fn subscribe(&self, filters: &[Filter]) -> Result<(), String> {
         let filters = filters.iter().map(|f| WireFilter {
-            path: f.filter.clone(),
+            path: f.path.clone(),
             qos: to_wire(f.qos),
             nolocal: f.options.no_local,
             preserve_retain: f.options.retain_as_published,
@@ -231,7 +231,7 @@ impl Connection {
                     }
                 }
                 Packet::Publish(publish) => Event::Publish(received(publish)),
-                Packet::PubAck(ack) => match puback_refusal(&ack.reason) {
+                Packet::PubAck(ack) => match puback_refusal(ack.reason) {
                     None => Event::Confirmed(ack.pkid),
                     Some(code) => {
                         self.release_collision();
@@ -243,7 +243,7 @@ impl Connection {
                         }
                     }
                 },
-                Packet::PubRec(rec) => match pubrec_refusal(&rec.reason) {
+                Packet::PubRec(rec) => match pubrec_refusal(rec.reason) {
                     None => Event::Read,
                     Some(code) => {
                         let string = rec.properties.and_then(|props| props.reason_string);
@@ -261,7 +261,7 @@ impl Connection {
                         suback
                             .return_codes
                             .iter()
-                            .map(|code| suback_refusal(code, string.as_deref()))
+                            .map(|code| suback_refusal(*code, string.as_deref()))
                             .collect(),
                     )
                 }
@@ -292,17 +292,17 @@ impl Connection {
         deliveries: &Deliveries,
         mut ack_written: impl FnMut(),
     ) {
+        use rumqttc::v5::Event as E;
         self.connected = false;
         self.eventloop.clean();
         self.eventloop
             .pending
             .retain(|request| !matches!(request, WireRequest::PubAck(_) | WireRequest::PubRec(_)));
-        use rumqttc::v5::Event as E;
         for event in self.eventloop.state.events.drain(..) {
             match event {
                 E::Outgoing(Outgoing::Publish(pkid)) => deliveries.written(pkid),
                 E::Outgoing(Outgoing::PubAck(_) | Outgoing::PubRec(_)) => ack_written(),
-                E::Incoming(Packet::PubAck(ack)) => match puback_refusal(&ack.reason) {
+                E::Incoming(Packet::PubAck(ack)) => match puback_refusal(ack.reason) {
                     None => deliveries.confirmed(ack.pkid),
                     Some(code) => deliveries.refused(
                         ack.pkid,
@@ -450,7 +450,7 @@ fn reason_text(name: &str, string: Option<String>) -> String {
 
 /// The reason code of a refusing PUBACK; `None` for success (rumqttc keeps
 /// the code private, so the table is ours: MQTT 5 section 3.4.2.1).
-fn puback_refusal(reason: &PubAckReason) -> Option<u8> {
+fn puback_refusal(reason: PubAckReason) -> Option<u8> {
     Some(match reason {
         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => return None,
         PubAckReason::UnspecifiedError => 0x80,
@@ -464,7 +464,7 @@ fn puback_refusal(reason: &PubAckReason) -> Option<u8> {
 }
 
 /// The same for PUBREC (section 3.5.2.1).
-fn pubrec_refusal(reason: &PubRecReason) -> Option<u8> {
+fn pubrec_refusal(reason: PubRecReason) -> Option<u8> {
     Some(match reason {
         PubRecReason::Success | PubRecReason::NoMatchingSubscribers => return None,
         PubRecReason::UnspecifiedError => 0x80,
@@ -480,7 +480,7 @@ fn pubrec_refusal(reason: &PubRecReason) -> Option<u8> {
 /// Why a SUBACK refused a filter, `None` when it granted it. rumqttc decodes
 /// 0x80 as `Unspecified` (and never as `Failure`): anything but success is a
 /// refusal.
-fn suback_refusal(code: &SubscribeReasonCode, string: Option<&str>) -> Option<String> {
+fn suback_refusal(code: SubscribeReasonCode, string: Option<&str>) -> Option<String> {
     let number = match code {
         SubscribeReasonCode::Success(_) => return None,
         SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified => 0x80,
@@ -645,8 +645,10 @@ mod tests {
 
     #[test]
     fn a_received_publish_keeps_flags_and_properties() {
-        let mut wire = PublishProperties::default();
-        wire.user_properties = vec![("a".into(), "b".into())];
+        let wire = PublishProperties {
+            user_properties: vec![("a".into(), "b".into())],
+            ..PublishProperties::default()
+        };
         let mut publish = Publish::new("a/b", WireQoS::ExactlyOnce, b"xy".to_vec(), Some(wire));
         publish.retain = true;
         publish.pkid = 7;
@@ -661,18 +663,16 @@ mod tests {
 
     #[test]
     fn refusals_name_their_reason_and_code() {
-        assert_eq!(puback_refusal(&PubAckReason::Success), None);
-        assert_eq!(puback_refusal(&PubAckReason::NoMatchingSubscribers), None);
-        assert_eq!(puback_refusal(&PubAckReason::NotAuthorized), Some(0x87));
-        assert_eq!(pubrec_refusal(&PubRecReason::QuotaExceeded), Some(0x97));
-        let refused = suback_refusal(&SubscribeReasonCode::Unspecified, Some("acl")).unwrap();
+        assert_eq!(puback_refusal(PubAckReason::Success), None);
+        assert_eq!(puback_refusal(PubAckReason::NoMatchingSubscribers), None);
+        assert_eq!(puback_refusal(PubAckReason::NotAuthorized), Some(0x87));
+        assert_eq!(pubrec_refusal(PubRecReason::QuotaExceeded), Some(0x97));
+        let refused = suback_refusal(SubscribeReasonCode::Unspecified, Some("acl")).unwrap();
         assert_eq!(
             refused,
             "the broker refused it: unspecified error: acl (SUBACK reason code 0x80)"
         );
-        assert!(
-            suback_refusal(&SubscribeReasonCode::Success(WireQoS::AtLeastOnce), None).is_none()
-        );
+        assert!(suback_refusal(SubscribeReasonCode::Success(WireQoS::AtLeastOnce), None).is_none());
         assert_eq!(
             describe_refusal(ConnectReturnCode::NotAuthorized),
             "not authorized (CONNACK reason code 0x87)"
