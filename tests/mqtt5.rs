@@ -1,6 +1,7 @@
 //! What MQTT 5 adds, end to end on mosquitto: properties in and out (and
 //! none over MQTT 3.1.1), native request/reply between two services, No Local,
-//! the broker's reason code on a refused publish, and the session expiry.
+//! the broker's reason codes on a refused publish, a refused connection and
+//! its DISCONNECT, and the session expiry.
 //!
 //! mosquitto 2.0.11 grants an ACL-denied subscription on MQTT 5 as on 3.1.1
 //! (SUBACK 0x00, and the messages are dropped later), so no broker here
@@ -26,7 +27,7 @@ use tower_mqtt::{
     config::{Config, Protocol},
     layers::outbound::{DeliveryError, PublishError},
     reply::Replies,
-    Envelope, Properties, Publisher, Request, Router, Running, Subscription,
+    ConnectionState, Envelope, Properties, Publisher, Request, Router, Running, Subscription,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -345,4 +346,61 @@ fn session_settings_are_checked() {
     })
     .unwrap_err();
     assert_eq!(err.var(), "MQTT_PROTOCOL", "{err}");
+}
+
+/// The first state after `Connected` that says why the connection went.
+async fn disconnect_reason(running: &Running) -> String {
+    let mut state = running.state();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let ConnectionState::Disconnected { reason, .. } = &*state.borrow_and_update() {
+                return reason.clone();
+            }
+            state.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("a disconnect in time")
+}
+
+#[tokio::test]
+async fn a_publish_over_the_brokers_packet_limit_fails_unsent_and_keeps_the_connection() {
+    // mosquitto announces its limit in the CONNACK's Maximum Packet Size.
+    let broker = Mosquitto::start_with_config("max_packet_size 2048\n").await;
+    let running = serve(v5(&broker.url(), "big"), Router::new()).await;
+    let publisher = running.publisher();
+    let err = publisher
+        .publish("open/big", json!({"blob": "x".repeat(4096)}))
+        .await
+        .expect_err("over the broker's limit");
+    let Some(PublishError::Delivery(DeliveryError::TooLargeForBroker { size, max })) =
+        err.downcast_ref::<PublishError>()
+    else {
+        panic!("too large for the broker: {err}");
+    };
+    assert_eq!(*max, 2048);
+    assert!(*size > 4096, "{size}");
+    // Without the check rumqttc would drop the connection and send it again
+    // on every reconnect; here the next publish simply goes through.
+    publisher
+        .publish("open/small", json!({"n": 1}))
+        .await
+        .unwrap();
+    assert_eq!(running.stats().connections, 1);
+    running.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_refused_connection_names_its_connack_reason() {
+    let broker = Mosquitto::start_with_config("allow_anonymous false\n").await;
+    let running = tower_mqtt::serve(v5(&broker.url(), "anonymous"), Router::new())
+        .spawn()
+        .unwrap();
+    let reason = disconnect_reason(&running).await;
+    assert!(
+        reason.starts_with("refused: ") && reason.contains("CONNACK reason code 0x8"),
+        "{reason}"
+    );
+    assert!(running.stats().connection_refusals >= 1);
+    running.shutdown().await;
 }

@@ -662,6 +662,23 @@ mod tests {
     }
 
     #[test]
+    fn a_server_disconnect_names_its_reason() {
+        use rumqttc::v5::mqttbytes::v5::DisconnectReasonCode;
+        let err = ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code: DisconnectReasonCode::SessionTakenOver,
+            reason_string: Some("another client".into()),
+        });
+        let PollError::Lost(lost) = poll_error(err) else {
+            panic!("a lost connection, not a refusal");
+        };
+        assert_eq!(
+            lost.error.to_string(),
+            "the broker disconnected: session taken over: another client \
+             (DISCONNECT reason code 0x8e)"
+        );
+    }
+
+    #[test]
     fn refusals_name_their_reason_and_code() {
         assert_eq!(puback_refusal(PubAckReason::Success), None);
         assert_eq!(puback_refusal(PubAckReason::NoMatchingSubscribers), None);
