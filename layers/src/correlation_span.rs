@@ -1,18 +1,32 @@
-//! One tracing span per message, and its correlation id: [`CorrelationSpan`].
+//! One tracing span per message, its correlation id and its trace context:
+//! [`CorrelationSpan`].
 //!
 //! For every message, [`CorrelationSpan`]:
 //!
 //! - opens a span, `mqtt.message` by default, with the fields `correlation_id`
 //!   (the envelope id), `event_type`, `topic`, `qos`, `source`, `retain`, `dup`
 //!   and `raw` (whether the payload was a plain object wrapped by
-//!   [`Decode`](crate::decode::Decode)). The span is entered while the inner
-//!   service's `call` runs and on every poll of its future, so everything the
-//!   inner layers and the handler log carries these fields;
+//!   [`Decode`](crate::decode::Decode)), and the attributes of OpenTelemetry's
+//!   messaging conventions for a consumer: `messaging.system = "mqtt"`,
+//!   `messaging.destination.name` (the topic), `messaging.operation.name =
+//!   "process"`, `messaging.operation.type = "process"` and `otel.kind =
+//!   "consumer"`. The span is entered while the inner service's `call` runs
+//!   and on every poll of its future, so everything the inner layers and the
+//!   handler log carries these fields;
+//! - continues the message's W3C trace: the `traceparent` and `tracestate`
+//!   user properties when they are present and valid, a new trace when not
+//!   (see [`trace_context`]). The span's `trace_id`,
+//!   `span_id` and `parent_span_id` fields get the message's ids (a custom
+//!   [`MakeSpan`] gets them too if it declares those fields, as
+//!   `tracing::field::Empty`), and [`trace_context::current`] gives the
+//!   [`TraceContext`] in the handler's future, where every publish takes it
+//!   up;
 //! - sets the id as the request's
 //!   [`correlation_id`](tower_mqtt_core::Request::correlation_id), for code
 //!   that runs in the inner `call` or hands the id to a spawned task (a
 //!   handler takes it as a [`CorrelationId`] argument);
-//! - runs the inner future inside [`correlation::scope`], so
+//! - runs the inner future inside [`correlation::scope`] (and
+//!   [`trace_context::scope`]), so
 //!   [`correlation::current`] gives the id anywhere in the handler's future, and
 //!   a publish made while handling the message can correlate its reply without
 //!   the id being passed along. A task spawned by the handler does not inherit
@@ -26,12 +40,16 @@
 //! use tower::{service_fn, BoxError, Layer, ServiceExt};
 //! use tower_mqtt::{correlation::{self, CorrelationId}, Envelope, Outcome, Request};
 //! use tower_mqtt::layers::correlation_span::CorrelationSpanLayer;
+//! use tower_mqtt::layers::trace_context;
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let handler = service_fn(|req: Request<Envelope>| async move {
 //!     let id = req.correlation_id().unwrap();
 //!     assert_eq!(id.as_str(), "3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
 //!     assert_eq!(correlation::current().as_ref(), Some(id));
+//!     // The sender's trace, continued.
+//!     let trace = trace_context::current().unwrap();
+//!     assert_eq!(trace.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
 //!     tracing::info!("handling"); // logged inside the `mqtt.message` span
 //!     Ok::<_, BoxError>(Outcome::Handled)
 //! });
@@ -40,7 +58,9 @@
 //! let env = Envelope::new("llm.request", serde_json::json!({"text": "hi"}))
 //!     .unwrap()
 //!     .with_id("3f1c9b1e8a2d4c6f9e0b7a5d4c3b2a19");
-//! let req = Request::builder("llm/request").body(env).unwrap();
+//! let mut req = Request::builder("llm/request").body(env).unwrap();
+//! req.properties_mut()
+//!     .add_user_property("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
 //! assert!(matches!(svc.oneshot(req).await.unwrap(), Outcome::Handled));
 //! # }
 //! ```
@@ -55,12 +75,15 @@ use std::{
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_mqtt_core::{
-    correlation::{self, CorrelationId, Scoped},
+    correlation::{self, CorrelationId},
     Envelope, Request,
 };
-use tracing::{Level, Span};
+use tracing::{field::Empty, Level, Span};
 
-use crate::decode::RawPayload;
+use crate::{
+    decode::RawPayload,
+    trace_context::{self, TraceContext, TRACEPARENT},
+};
 
 /// Makes the span of a message; implemented for closures
 /// `FnMut(&Request<Envelope>) -> Span`.
@@ -139,6 +162,14 @@ impl MakeSpan for DefaultMakeSpan {
                     retain = req.retain(),
                     dup = req.dup(),
                     raw,
+                    messaging.system = "mqtt",
+                    messaging.destination.name = %req.topic(),
+                    messaging.operation.name = "process",
+                    messaging.operation.type = "process",
+                    otel.kind = "consumer",
+                    trace_id = Empty,
+                    span_id = Empty,
+                    parent_span_id = Empty,
                 )
             };
         }
@@ -194,8 +225,8 @@ impl<S, M: Clone> Layer<S> for CorrelationSpanLayer<M> {
     }
 }
 
-/// Runs each message in its own span and correlation scope; see the
-/// [module docs](self).
+/// Runs each message in its own span, correlation scope and trace context;
+/// see the [module docs](self).
 ///
 /// ```
 /// use tower_mqtt::Router;
@@ -256,12 +287,22 @@ where
         let span = self.make_span.make_span(&req);
         let id = CorrelationId::of(req.body());
         req.set_correlation_id(id.clone());
+        let remote = TraceContext::from_properties(req.properties());
+        let trace = trace_context::for_message(&span, remote.as_ref());
         let future = {
             let _entered = span.enter();
+            if remote.is_none() {
+                if let Some(invalid) = req.properties().user_property(TRACEPARENT) {
+                    tracing::debug!(
+                        traceparent = invalid,
+                        "invalid traceparent ignored: the message starts a new trace"
+                    );
+                }
+            }
             self.inner.call(req)
         };
         ResponseFuture {
-            inner: correlation::scope(id, future),
+            inner: correlation::scope(id, trace_context::scope(trace, future)),
             span,
         }
     }
@@ -269,10 +310,10 @@ where
 
 pin_project! {
     /// The future of [`CorrelationSpan`]: the inner future in the correlation
-    /// scope, polled inside the span.
+    /// scope and trace context, polled inside the span.
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: Scoped<F>,
+        inner: correlation::Scoped<trace_context::Scoped<F>>,
         span: Span,
     }
 }
@@ -433,6 +474,70 @@ mod tests {
             respond.send_error(std::io::Error::other("boom"));
         });
         assert_eq!(result.unwrap_err().to_string(), "boom");
+    }
+
+    const TRACEPARENT_01: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn traced(traceparent: &str) -> Request<Envelope> {
+        let mut req = msg();
+        req.properties_mut()
+            .add_user_property(TRACEPARENT, traceparent)
+            .add_user_property("tracestate", "congo=t61rcWkgMzE");
+        req
+    }
+
+    #[tokio::test]
+    async fn the_handler_continues_the_remote_trace() {
+        let svc = CorrelationSpan::new(tower::service_fn(|req: Request<Envelope>| async move {
+            tokio::task::yield_now().await;
+            let in_extensions = req.extensions().get::<TraceContext>().cloned();
+            Ok::<_, Infallible>((in_extensions, trace_context::current()))
+        }));
+        let (in_extensions, current) = svc.oneshot(traced(TRACEPARENT_01)).await.unwrap();
+        let current = current.unwrap();
+        assert_eq!(in_extensions, None, "no extension map per message");
+        assert_eq!(
+            current.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_ne!(current.span_id().to_string(), "00f067aa0ba902b7");
+        assert_eq!(current.tracestate(), Some("congo=t61rcWkgMzE"));
+        assert_eq!(
+            trace_context::current(),
+            None,
+            "the context ends with the message"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invalid_traceparent_starts_a_new_trace() {
+        let svc = CorrelationSpan::new(tower::service_fn(|_: Request<Envelope>| async {
+            Ok::<_, Infallible>(trace_context::current())
+        }));
+        let upper = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
+        let current = svc.oneshot(traced(upper)).await.unwrap().unwrap();
+        assert_ne!(
+            current.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(current.tracestate(), None);
+    }
+
+    #[tokio::test]
+    async fn a_custom_span_gets_the_trace_fields_it_declares() {
+        let (logs, _guard) = capture();
+        let svc = CorrelationSpan::new(tower::service_fn(|_: Request<Envelope>| async {
+            tracing::warn!("handled");
+            Ok::<_, Infallible>(())
+        }))
+        .make_span(|_: &Request<Envelope>| {
+            tracing::warn_span!("job", trace_id = tracing::field::Empty)
+        });
+        svc.oneshot(traced(TRACEPARENT_01)).await.unwrap();
+        assert_eq!(
+            logs.events()[0].span("job").unwrap()["trace_id"],
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -10,9 +10,9 @@
 //!
 //! | | inbound: a message, on its way to a handler | outbound: a publish, on its way to the broker |
 //! |---|---|---|
-//! | 1 | [`DecodeLayer`] ([`decode`]): bytes to an envelope; raw JSON objects typed from the [`EventRegistry`] | [`CorrelateLayer`](outbound::CorrelateLayer) ([`outbound::correlate`]): a reply or stream chunk takes the id of the message being handled |
+//! | 1 | [`DecodeLayer`] ([`decode`]): bytes to an envelope; raw JSON objects typed from the [`EventRegistry`] | [`CorrelateLayer`](outbound::CorrelateLayer) ([`outbound::correlate`]): a reply or stream chunk takes the id of the message being handled, every publish its trace context, in an `mqtt.publish` span |
 //! | 2 | [`DedupLayer`] ([`dedup`]): copies of handled envelopes end as `Outcome::Duplicate` (keyed like the fleet) | [`EncodeLayer`](outbound::EncodeLayer) ([`outbound::encode`]): the envelope to bytes, exactly the five keys, with this service's source |
-//! | 3 | [`CorrelationSpanLayer`] ([`correlation_span`]): an `mqtt.message` span, and the correlation id for everything below | [`SizeGuardLayer`](outbound::SizeGuardLayer) ([`outbound::size_guard`]): a packet over the limit fails before anything is sent |
+//! | 3 | [`CorrelationSpanLayer`] ([`correlation_span`]): an `mqtt.message` span, the correlation id and the [trace context](trace_context) for everything below | [`SizeGuardLayer`](outbound::SizeGuardLayer) ([`outbound::size_guard`]): a packet over the limit fails before anything is sent |
 //! | 4 | [`IsolationLayer`] ([`isolation`]): errors, panics and timeouts become `Outcome::Failed`, logged once, optionally [dead-lettered](dead_letter) | [`PublishRetryLayer`](outbound::PublishRetryLayer) ([`outbound::retry`]): retryable failures sent again; dropped, logged and counted after the last attempt |
 //! | 5 | [`MessageRetryLayer`] ([`retry`]): retryable failures tried again | tower's timeout ([`outbound::confirm`]): each attempt's wait for the broker's confirmation bounded (30 s) |
 //! | 6 | [`TimeoutLayer`] ([`timeout`]): each attempt bounded (30 s); timeouts are retryable | the sink: tower-mqtt's connection, resolving on PUBACK or PUBCOMP |
@@ -27,6 +27,9 @@
 //! columns the timeout sits inside the retry, so each attempt has its own.
 //! Both retries share one core: attempts, tower's exponential backoff with
 //! jitter, and a retry budget.
+//!
+//! The [`trace_context`] module is what the two correlation layers share: the
+//! W3C trace context a message arrives with, and its publishes leave with.
 //!
 //! Users depend on `tower-mqtt`, which re-exports this crate as
 //! `tower_mqtt::layers` and builds both stacks from its configuration
@@ -70,6 +73,7 @@ pub mod registry;
 pub mod retry;
 pub mod stack;
 pub mod timeout;
+pub mod trace_context;
 
 #[cfg(test)]
 mod test_util;
@@ -84,3 +88,4 @@ pub use registry::EventRegistry;
 pub use retry::{MessageRetry, MessageRetryLayer, MessageRetryPolicy};
 pub use stack::{InboundService, InboundStack, OutboundService, OutboundStack};
 pub use timeout::{Timeout, TimeoutLayer};
+pub use trace_context::TraceContext;

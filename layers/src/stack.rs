@@ -6,9 +6,11 @@
 //! ```text
 //! inbound                                     outbound
 //! Request<Bytes> from the broker              Request<Envelope> from a handler or task
-//!   -> Decode           bytes to envelope        -> Correlate   a reply takes the request's id
+//!   -> Decode           bytes to envelope        -> Correlate   a reply takes the request's id,
+//!                                                               every publish the trace, in a span
 //!   -> Dedup            copies end here          -> Encode      envelope to bytes, with the source
-//!   -> CorrelationSpan  span + correlation id    -> SizeGuard   too large ends here, unsent
+//!   -> CorrelationSpan  span, correlation id,    -> SizeGuard   too large ends here, unsent
+//!                       trace context
 //!   -> Isolation        failures to Outcomes     -> Retry       retryable failures sent again
 //!   -> Retry            failures tried again     -> Confirm     each attempt's wait bounded
 //!   -> Timeout          each attempt bounded     -> sink        the connection: PUBACK, PUBCOMP
@@ -23,6 +25,10 @@
 //!   being retried is absorbed as a duplicate instead of running the handler a
 //!   second time in parallel; and the dedup key is released only when the last
 //!   attempt has failed, so a later redelivery of a failed message runs again.
+//! - **The span inside dedup**: a duplicate, which is not handled, gets
+//!   neither a span nor a trace context. The span continues the sender's
+//!   trace (its `traceparent`), so what the handler publishes belongs to it;
+//!   see [`trace_context`](crate::trace_context).
 //! - **The span outside isolation**, so the error isolation logs is inside the
 //!   message's span, with its correlation id, topic and type. Dedup logs at
 //!   `DEBUG` only. A payload that cannot be decoded has no envelope to make
@@ -39,8 +45,10 @@
 //! Why the outbound order, which mirrors it:
 //!
 //! - **Correlate first**, while the publish is still an envelope whose id can
-//!   be replaced: it reads the correlation id the inbound span set for the
-//!   handler that publishes.
+//!   be replaced: it reads the correlation id and trace context the inbound
+//!   span set for the handler that publishes, and its `mqtt.publish` span
+//!   covers every layer below, each attempt included, so a retry or a drop is
+//!   logged with the publish's topic and trace.
 //! - **Encode before the size guard**, which measures the packet as it will go
 //!   on the wire.
 //! - **The size guard outside retry**, since another attempt cannot shrink a

@@ -1,6 +1,6 @@
 //! Correlation propagation: replies and stream chunks take the id of the
-//! message being handled. The outbound mirror of
-//! [`correlation_span`](crate::correlation_span).
+//! message being handled, and every publish carries the trace it belongs to.
+//! The outbound mirror of [`correlation_span`](crate::correlation_span).
 //!
 //! The fleet correlates by id: a reply reuses the request's id. A publish marked
 //! with [`Reply`] gets the id of the message whose handler is running on this
@@ -9,32 +9,62 @@
 //! [`CorrelateLayer::always`] correlates every publish made while a message is
 //! handled.
 //!
+//! Every publish, marked or not, also carries a W3C trace context in its
+//! `traceparent` and `tracestate` user properties (sent over MQTT 5): the
+//! trace of the message being handled ([`trace_context::current`]) with a
+//! span id of the publish's own, or a new trace when no message is being
+//! handled; a publish that already has a `traceparent` keeps it. See
+//! [`trace_context`] for the rules. Each publish runs in
+//! a span, `mqtt.publish`, with OpenTelemetry's messaging attributes for a
+//! producer (`messaging.system = "mqtt"`, `messaging.destination.name`,
+//! `messaging.operation.name = "publish"`, `messaging.operation.type =
+//! "send"`, `otel.kind = "producer"`) and the publish's `trace_id` and
+//! `span_id`, entered while the layers below it run, so their logs (a retry, a
+//! drop) carry the topic and the trace.
+//!
 //! It comes first in the [outbound stack](crate::OutboundStack),
-//! while the publish is still an envelope whose id can be replaced.
+//! while the publish is still an envelope whose id can be replaced, and so
+//! that its span covers every attempt.
 //!
 //! ```
 //! use tower::{service_fn, Layer, ServiceExt};
 //! use tower_mqtt::{correlation::{self, CorrelationId}, Envelope, Request};
 //! use tower_mqtt::layers::outbound::{CorrelateLayer, Reply};
+//! use tower_mqtt::layers::trace_context::{self, TraceContext};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! let sink = service_fn(|req: Request<Envelope>| async move {
-//!     Ok::<_, std::convert::Infallible>(req.body().id().to_owned())
+//!     let traceparent = req.properties().user_property("traceparent").unwrap().to_owned();
+//!     Ok::<_, std::convert::Infallible>((req.body().id().to_owned(), traceparent))
 //! });
 //! let svc = CorrelateLayer::new().layer(sink);
 //! let reply = Request::builder("memory/results")
 //!     .extension(Reply)
 //!     .body(Envelope::new("memory.results", serde_json::json!({})).unwrap())
 //!     .unwrap();
-//! let id = correlation::scope(CorrelationId::new("abc"), svc.oneshot(reply)).await.unwrap();
+//! // What the inbound layer sets while the request "abc" is handled.
+//! let trace = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+//! let handling = correlation::scope(CorrelationId::new("abc"), trace_context::scope(trace, svc.oneshot(reply)));
+//! let (id, traceparent) = handling.await.unwrap();
 //! assert_eq!(id, "abc");
+//! assert!(traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+//! assert!(!traceparent.contains("00f067aa0ba902b7"), "a span of its own");
 //! # }
 //! ```
 
-use std::task::{Context, Poll};
+use std::{
+    fmt,
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
 
+use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tower_mqtt_core::{correlation, Envelope, Request};
+use tracing::{field::Empty, Span};
+
+use crate::trace_context::{self, TraceContext, TRACEPARENT};
 
 /// Marks an outgoing request as a reply (or stream chunk) to correlate.
 ///
@@ -96,7 +126,8 @@ impl<S> Layer<S> for CorrelateLayer {
     }
 }
 
-/// Sets the envelope id of replies; see the [module docs](self).
+/// Sets the envelope id of replies and the trace context of every publish;
+/// see the [module docs](self).
 #[derive(Clone, Debug)]
 pub struct Correlate<S> {
     inner: S,
@@ -141,7 +172,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -149,11 +180,65 @@ where
 
     fn call(&mut self, req: Request<Envelope>) -> Self::Future {
         let wanted = self.always || req.extensions().get::<Reply>().is_some();
-        let req = match correlation::current() {
+        let mut req = match correlation::current() {
             Some(id) if wanted => req.map(|envelope| envelope.with_id(id.as_str())),
             _ => req,
         };
-        self.inner.call(req)
+        let span = tracing::info_span!(
+            "mqtt.publish",
+            messaging.system = "mqtt",
+            messaging.destination.name = %req.topic(),
+            messaging.operation.name = "publish",
+            messaging.operation.type = "send",
+            otel.kind = "producer",
+            trace_id = Empty,
+            span_id = Empty,
+        );
+        match req.properties().user_property(TRACEPARENT) {
+            // The caller's own context, kept; logged if it is one.
+            Some(given) => {
+                if let Some(given) = TraceContext::parse(given) {
+                    trace_context::record(&span, &given);
+                }
+            }
+            None => trace_context::for_publish(&span).inject(req.properties_mut()),
+        }
+        let future = {
+            let _entered = span.enter();
+            self.inner.call(req)
+        };
+        ResponseFuture {
+            inner: future,
+            span,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Correlate`]: the inner future, polled inside the
+    /// publish's span.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        span: Span,
+    }
+}
+
+impl<F: Future> Future for ResponseFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        this.inner.poll(cx)
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("span", &self.span)
+            .finish_non_exhaustive()
     }
 }
 
@@ -162,6 +247,17 @@ mod tests {
     use super::*;
     use tower::{service_fn, ServiceExt};
     use tower_mqtt_core::correlation::CorrelationId;
+
+    fn traceparent_of(
+    ) -> impl Service<Request<Envelope>, Response = Option<String>, Error = std::convert::Infallible>
+           + Clone {
+        service_fn(|req: Request<Envelope>| async move {
+            Ok(req
+                .properties()
+                .user_property(TRACEPARENT)
+                .map(str::to_owned))
+        })
+    }
 
     fn sink(
     ) -> impl Service<Request<Envelope>, Response = String, Error = std::convert::Infallible> + Clone
@@ -207,5 +303,36 @@ mod tests {
             own_id,
             "no message, no correlation"
         );
+    }
+
+    #[tokio::test]
+    async fn every_publish_carries_a_child_of_the_current_trace() {
+        let svc = CorrelateLayer::new().layer(traceparent_of());
+        let handling =
+            TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01").unwrap();
+        let (plain, _) = request(false);
+        let sent = trace_context::scope(handling.clone(), svc.clone().oneshot(plain))
+            .await
+            .unwrap()
+            .expect("not only replies");
+        let sent = TraceContext::parse(&sent).unwrap();
+        assert_eq!(sent.trace_id(), handling.trace_id());
+        assert_ne!(sent.span_id(), handling.span_id());
+
+        let (outside, _) = request(false);
+        let sent = svc.oneshot(outside).await.unwrap().unwrap();
+        assert_ne!(
+            TraceContext::parse(&sent).unwrap().trace_id(),
+            handling.trace_id(),
+            "outside a message, a new trace"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_traceparent_already_set_is_kept() {
+        let svc = CorrelateLayer::new().layer(traceparent_of());
+        let (mut req, _) = request(false);
+        req.properties_mut().add_user_property(TRACEPARENT, "mine");
+        assert_eq!(svc.oneshot(req).await.unwrap().as_deref(), Some("mine"));
     }
 }

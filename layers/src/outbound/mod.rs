@@ -3,7 +3,7 @@
 //!
 //! | layer | module | what it does | inbound mirror |
 //! |---|---|---|---|
-//! | [`CorrelateLayer`] | [`correlate`] | a reply or stream chunk takes the id of the message being handled | [`correlation_span`](crate::correlation_span) |
+//! | [`CorrelateLayer`] | [`correlate`] | a reply or stream chunk takes the id of the message being handled; every publish carries its [trace context](crate::trace_context), in an `mqtt.publish` span | [`correlation_span`](crate::correlation_span) |
 //! | [`EncodeLayer`] | [`encode`] | envelope to JSON bytes (exactly the five keys), stamped with this service's source | [`decode`](crate::decode) |
 //! | [`SizeGuardLayer`] | [`size_guard`] | a packet over the limit is a [`PublishError::TooLarge`] before anything is sent | — |
 //! | [`PublishRetryLayer`] | [`retry`] | retryable failures sent again with backoff, within a budget; dropped, logged and counted after that | [`retry`](crate::retry) |
