@@ -63,6 +63,24 @@
 //! # }
 //! ```
 //!
+//! # OpenTelemetry
+//!
+//! With the cargo feature `opentelemetry` (tower-mqtt's feature of the same
+//! name turns it on), the context is bridged to OpenTelemetry through
+//! `tracing-opentelemetry`, when its layer is installed:
+//!
+//! - the `mqtt.message` span's OpenTelemetry parent is the message's remote
+//!   context (or none: a message without one is the root of a new trace, not
+//!   a child of whatever span the runtime runs in), and the message's
+//!   [`TraceContext`] takes that span's ids, so logs and exported spans agree;
+//! - a publish's context is the OpenTelemetry context of its `mqtt.publish`
+//!   span, a child of the active OpenTelemetry span, so the span id a
+//!   receiver sees as its parent is a span that is exported.
+//!
+//! With the feature, `TraceContext::from_span_context` and
+//! `TraceContext::to_span_context` convert between the two. Without the layer installed, or without the
+//! feature, the ids are this module's own.
+//!
 //! [`child`]: TraceContext::child
 
 use std::{
@@ -75,6 +93,21 @@ use std::{
 use tower_mqtt_core::Properties;
 use tracing::{field, Span};
 
+#[cfg(feature = "opentelemetry")]
+mod otel;
+/// Without the bridge, the ids are always this module's own.
+#[cfg(not(feature = "opentelemetry"))]
+mod otel {
+    use super::{Span, TraceContext};
+
+    pub(super) fn for_message(_: &Span, _: Option<&TraceContext>) -> Option<TraceContext> {
+        None
+    }
+
+    pub(super) fn for_publish(_: &Span, _: Option<&TraceContext>) -> Option<TraceContext> {
+        None
+    }
+}
 #[cfg(test)]
 mod tests;
 
@@ -591,7 +624,8 @@ pub fn current() -> Option<TraceContext> {
 /// The context of a message whose span is `span` and whose properties
 /// carried `remote` (if valid), with its ids recorded on the span.
 pub(crate) fn for_message(span: &Span, remote: Option<&TraceContext>) -> TraceContext {
-    let own = remote.map_or_else(TraceContext::new_root, TraceContext::child);
+    let own = otel::for_message(span, remote)
+        .unwrap_or_else(|| remote.map_or_else(TraceContext::new_root, TraceContext::child));
     record(span, &own);
     if let Some(remote) = remote {
         span.record("parent_span_id", field::display(remote.span_id()));
@@ -602,9 +636,12 @@ pub(crate) fn for_message(span: &Span, remote: Option<&TraceContext>) -> TraceCo
 /// The context of a publish whose span is `span`, made on this task now,
 /// with its ids recorded on the span.
 pub(crate) fn for_publish(span: &Span) -> TraceContext {
-    let own = current()
-        .as_ref()
-        .map_or_else(TraceContext::new_root, TraceContext::child);
+    let current = current();
+    let own = otel::for_publish(span, current.as_ref()).unwrap_or_else(|| {
+        current
+            .as_ref()
+            .map_or_else(TraceContext::new_root, TraceContext::child)
+    });
     record(span, &own);
     own
 }

@@ -461,3 +461,145 @@ async fn a_message_without_a_trace_has_no_parent_in_its_span() {
     assert_eq!(message["trace_id"], handler.trace_id().to_string());
     assert!(!message.contains_key("parent_span_id"));
 }
+
+#[cfg(feature = "opentelemetry")]
+mod opentelemetry_bridge {
+    use super::*;
+    use opentelemetry::trace::{SpanKind, TracerProvider as _};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+    use tracing::{subscriber::DefaultGuard, Instrument};
+    use tracing_subscriber::prelude::*;
+
+    /// Exports the spans of this thread to memory until the guard is dropped.
+    fn exporting() -> (InMemorySpanExporter, SdkTracerProvider, DefaultGuard) {
+        keep_dispatchers_apart();
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("tests")));
+        (
+            exporter,
+            provider,
+            tracing::subscriber::set_default(subscriber),
+        )
+    }
+
+    fn span<'a>(spans: &'a [SpanData], name: &str) -> &'a SpanData {
+        spans
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span in {spans:#?}"))
+    }
+
+    fn ids(span: &SpanData) -> (String, String) {
+        (
+            span.span_context.trace_id().to_string(),
+            span.span_context.span_id().to_string(),
+        )
+    }
+
+    fn ids_of(ctx: &TraceContext) -> (String, String) {
+        (ctx.trace_id().to_string(), ctx.span_id().to_string())
+    }
+
+    #[tokio::test]
+    async fn the_message_span_continues_the_remote_trace_and_the_reply_names_its_publish_span() {
+        let (exporter, _provider, _guard) = exporting();
+        let svc = service();
+        let req = request(&[
+            (TRACEPARENT, TRACEPARENT_03),
+            (TRACESTATE, "congo=t61rcWkgMzE"),
+        ]);
+        // The runtime's own span, around every message: not their parent.
+        let client = tracing::info_span!("mqtt.client");
+        let outcome = svc.inbound.clone().oneshot(req).instrument(client).await;
+        assert!(matches!(outcome.unwrap(), Outcome::Handled));
+
+        let spans = exporter.get_finished_spans().unwrap();
+        let message = span(&spans, "mqtt.message");
+        assert_eq!(message.span_context.trace_id().to_string(), TRACE);
+        assert_eq!(message.parent_span_id.to_string(), PARENT);
+        assert!(message.parent_span_is_remote);
+        assert_eq!(message.span_kind, SpanKind::Consumer);
+
+        let publish = span(&spans, "mqtt.publish");
+        assert_eq!(publish.span_context.trace_id().to_string(), TRACE);
+        assert_eq!(publish.parent_span_id, message.span_context.span_id());
+        assert_eq!(publish.span_kind, SpanKind::Producer);
+
+        // The handler's context is the exported message span, and the reply
+        // names the exported publish span as its receivers' parent.
+        let handler = svc.seen.lock().unwrap()[0].clone().unwrap();
+        assert_eq!(ids_of(&handler), ids(message));
+        let reply = sent_context(&svc.wire.take()[0]);
+        assert_eq!(ids_of(&reply), ids(publish));
+        assert!(reply.is_sampled());
+        assert_eq!(reply.tracestate(), Some("congo=t61rcWkgMzE"));
+    }
+
+    #[tokio::test]
+    async fn a_message_without_a_trace_is_a_root_not_a_child_of_the_runtime_span() {
+        let (exporter, _provider, _guard) = exporting();
+        let svc = service();
+        let client = tracing::info_span!("mqtt.client");
+        svc.inbound
+            .clone()
+            .oneshot(request(&[]))
+            .instrument(client)
+            .await
+            .unwrap();
+        drop(svc.inbound);
+
+        let spans = exporter.get_finished_spans().unwrap();
+        let message = span(&spans, "mqtt.message");
+        let client = span(&spans, "mqtt.client");
+        assert_eq!(
+            message.parent_span_id,
+            opentelemetry::trace::SpanId::INVALID
+        );
+        assert_ne!(
+            message.span_context.trace_id(),
+            client.span_context.trace_id()
+        );
+        let handler = svc.seen.lock().unwrap()[0].clone().unwrap();
+        assert_eq!(ids_of(&handler), ids(message));
+        let publish = span(&spans, "mqtt.publish");
+        assert_eq!(ids_of(&sent_context(&svc.wire.take()[0])), ids(publish));
+    }
+
+    #[tokio::test]
+    async fn a_spawned_task_given_the_context_exports_its_publish_into_the_trace() {
+        let (exporter, _provider, _guard) = exporting();
+        let svc = service();
+        let handed = TraceContext::parse(TRACEPARENT_03).unwrap();
+        let outbound = svc.outbound.clone();
+        // No span is active in the spawned task: the handed context is the parent.
+        tokio::spawn(scope(handed, async move {
+            let chunk = Envelope::new("llm.stream", serde_json::json!({})).unwrap();
+            let req = Request::builder("llm/stream").body(chunk).unwrap();
+            outbound.oneshot(req).await.unwrap();
+        }))
+        .await
+        .unwrap();
+
+        let spans = exporter.get_finished_spans().unwrap();
+        let publish = span(&spans, "mqtt.publish");
+        assert_eq!(publish.span_context.trace_id().to_string(), TRACE);
+        assert_eq!(publish.parent_span_id.to_string(), PARENT);
+        assert_eq!(ids_of(&sent_context(&svc.wire.take()[0])), ids(publish));
+    }
+
+    #[tokio::test]
+    async fn without_the_layer_the_ids_are_the_crates_own() {
+        // A subscriber, but no OpenTelemetry layer in it.
+        let (_logs, _guard) = capturing();
+        let svc = service();
+        let req = request(&[(TRACEPARENT, TRACEPARENT_03)]);
+        svc.inbound.clone().oneshot(req).await.unwrap();
+        let reply = sent_context(&svc.wire.take()[0]);
+        assert_eq!(reply.trace_id().to_string(), TRACE);
+        assert_eq!(reply.flags(), 0x03);
+    }
+}
