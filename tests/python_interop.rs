@@ -101,6 +101,8 @@ async fn an_mqtt5_python_requester_is_answered_on_its_response_topic_with_its_co
         .arg(V5_REQUESTER)
         .arg(broker.host())
         .arg(broker.port().to_string())
+        // Each reply continues its request's trace: same trace id, a span of its own.
+        .arg("--require-trace-context")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
@@ -121,6 +123,6 @@ async fn an_mqtt5_python_requester_is_answered_on_its_response_topic_with_its_co
         output.status,
         worker.log()
     );
-    // Says whether the replies carried the requests' trace ("trace context: ...").
+    // How the replies carried the requests' trace ("trace context: ...").
     println!("{}", stdout.trim_end());
 }
