@@ -1,7 +1,7 @@
 //! What MQTT 5 adds, end to end on mosquitto: properties in and out (and
 //! none over MQTT 3.1.1), native request/reply between two services, No Local,
 //! the broker's reason codes on a refused publish, a refused connection and
-//! its DISCONNECT, and the session expiry.
+//! its DISCONNECT, the session expiry, and one trace id across two services.
 //!
 //! mosquitto 2.0.11 grants an ACL-denied subscription on MQTT 5 as on 3.1.1
 //! (SUBACK 0x00, and the messages are dropped later), so no broker here
@@ -403,4 +403,71 @@ async fn a_refused_connection_names_its_connack_reason() {
     );
     assert!(running.stats().connection_refusals >= 1);
     running.shutdown().await;
+}
+
+/// One trace id from a request through the handler of another service to
+/// the reply back, across the broker.
+#[tokio::test]
+async fn one_trace_id_spans_request_handler_and_reply_across_two_services() {
+    use tower_mqtt::layers::trace_context::{self, TraceContext};
+
+    let broker = Mosquitto::start().await;
+    let traces = Arc::new(Mutex::new(Vec::new()));
+    let record = |traces: Arc<Mutex<Vec<(&'static str, String)>>>, at: &'static str| {
+        move || {
+            let trace = trace_context::current().expect("a trace while handling");
+            traces
+                .lock()
+                .unwrap()
+                .push((at, trace.trace_id().to_string()));
+        }
+    };
+    let in_handler = record(traces.clone(), "handler");
+    let responder = Router::new().route(
+        "trace/ask",
+        move |publisher: Publisher, req: Request<Envelope>| {
+            in_handler();
+            async move {
+                publisher
+                    .publish("trace/answers", json!({"ok": true}))
+                    .reply_to(&req)
+                    .await
+            }
+        },
+    );
+    let responder = serve(v5(&broker.url(), "trace-b"), responder).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let in_reply = record(traces.clone(), "reply");
+    let requester = Router::new().route("trace/answers", move |props: Properties| {
+        in_reply();
+        let _ = tx.send(props.user_property("traceparent").map(str::to_owned));
+        std::future::ready(())
+    });
+    let requester = serve(v5(&broker.url(), "trace-a"), requester).await;
+
+    let origin = TraceContext::new_root();
+    requester
+        .publisher()
+        .publish("trace/ask", json!({}))
+        .user_property("traceparent", origin.traceparent())
+        .await
+        .unwrap();
+    let reply_parent = next(&mut rx)
+        .await
+        .expect("the reply carries a traceparent");
+    let reply_parent = TraceContext::parse(&reply_parent).unwrap();
+    let trace = origin.trace_id().to_string();
+    assert_eq!(reply_parent.trace_id().to_string(), trace);
+    assert_ne!(
+        reply_parent.span_id(),
+        origin.span_id(),
+        "the reply's own span"
+    );
+    assert_eq!(
+        *traces.lock().unwrap(),
+        [("handler", trace.clone()), ("reply", trace)],
+        "the responder's handler and the requester's reply route run in the request's trace"
+    );
+    requester.shutdown().await;
+    responder.shutdown().await;
 }
