@@ -97,20 +97,17 @@ impl Deliveries {
 
     /// PUBACK or PUBCOMP for `pkid`.
     pub(crate) fn confirmed(&self, pkid: u16) {
-        let waiter = self
-            .inner
-            .lock()
-            .expect("deliveries poisoned")
-            .by_pkid
-            .remove(&pkid);
-        if let Some(Some(tx)) = waiter {
-            let _ = tx.send(Ok(()));
-        }
+        self.settle(pkid, Ok(()));
     }
 
     /// MQTT 5: the broker refused the publish with `pkid` (PUBACK or PUBREC
     /// with a reason code of 0x80 or above).
     pub(crate) fn refused(&self, pkid: u16, code: u8, reason: String) {
+        self.settle(pkid, Err(DeliveryError::Refused { code, reason }));
+    }
+
+    /// The broker answered the publish with `pkid`.
+    fn settle(&self, pkid: u16, result: Result<(), DeliveryError>) {
         let waiter = self
             .inner
             .lock()
@@ -118,7 +115,7 @@ impl Deliveries {
             .by_pkid
             .remove(&pkid);
         if let Some(Some(tx)) = waiter {
-            let _ = tx.send(Err(DeliveryError::Refused { code, reason }));
+            let _ = tx.send(result);
         }
     }
 
