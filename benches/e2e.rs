@@ -2,8 +2,9 @@
 //! against raw rumqttc, on the same messages, in the same run.
 //!
 //! ```sh
-//! cargo bench --bench e2e                  # the full run, about 10 minutes on 2 cores
-//! E2E_QUICK=1 cargo bench --bench e2e      # a smoke run, under a minute
+//! cargo bench --bench e2e                  # the full run, about 20 minutes on 2 cores
+//! E2E_QUICK=1 cargo bench --bench e2e      # a smoke run, about two minutes
+//! E2E_PROTOCOLS=3.1.1 cargo bench --bench e2e   # MQTT 3.1.1 only, half the time
 //! ```
 //!
 //! The harness starts its own mosquitto on a free loopback port (found on
@@ -20,6 +21,15 @@
 //!   each message; health and heartbeat are off;
 //! - publishers: raw rumqttc, tower-mqtt's `Publisher`, and the outbound
 //!   stack, at confirmed QoS 1.
+//!
+//! Every consumer scenario runs once per MQTT version in `E2E_PROTOCOLS`
+//! (`3.1.1,5`, the default): over MQTT 5 the raw consumer is the same loop
+//! and decode on `rumqttc::v5`, announcing the Receive Maximum tower-mqtt
+//! announces, and the tower-mqtt consumers run on `Protocol::V5`; each is
+//! compared with the raw consumer of its own version, and its rows are
+//! named with ` v5`. The publisher that feeds them speaks 3.1.1 either way,
+//! so only the consumer's protocol changes. The publish scenario runs over
+//! 3.1.1 only.
 //!
 //! Every consumer gets the same rumqttc publisher (in the parent) and the same
 //! ~200-byte fleet envelopes with unique ids and `data.seq`, on `bench/load`.
@@ -47,7 +57,8 @@
 //! scenario. Every wait has a limit: a case that takes longer than
 //! `E2E_CASE_TIMEOUT` seconds (120) is reported as `timeout` with the count it
 //! reached, and a case that fails or takes more than a third of that is not
-//! repeated. `E2E_SCENARIOS=steady,latency,publish,memory,backlog` picks families.
+//! repeated. `E2E_SCENARIOS=steady,latency,publish,memory,backlog` picks families,
+//! `E2E_PROTOCOLS=3.1.1,5` the MQTT versions.
 //! The same figures, and every run, go to `target/bench/e2e.json`.
 //!
 //! `E2E_QUICK=1` (also the default without `--bench`, as under

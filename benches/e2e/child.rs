@@ -20,6 +20,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, time::Instant};
+use tower_mqtt::config::Protocol;
 
 use crate::{
     consumer::{self, Consumer},
@@ -83,6 +84,9 @@ pub(crate) struct ChildSpec {
     pub(crate) role: Role,
     /// The broker's port on 127.0.0.1.
     pub(crate) port: u16,
+    /// The MQTT version the consumer (or publisher) speaks.
+    #[serde(with = "protocol_text")]
+    pub(crate) protocol: Protocol,
     /// The QoS to subscribe with (0 or 1).
     pub(crate) qos: u8,
     /// The MQTT client id.
@@ -96,6 +100,23 @@ pub(crate) struct ChildSpec {
     /// Deliveries the standard stack's dedup remembers, when not the
     /// default (the memory case).
     pub(crate) dedupe_entries: Option<u64>,
+}
+
+/// [`Protocol`] as its text (`3.1.1`, `5`), which it parses back from.
+pub(crate) mod protocol_text {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+    use tower_mqtt::config::Protocol;
+
+    #[allow(clippy::trivially_copy_pass_by_ref)] // serde's `with` passes a reference
+    pub(crate) fn serialize<S: Serializer>(protocol: &Protocol, out: S) -> Result<S::Ok, S::Error> {
+        out.collect_str(protocol)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Protocol, D::Error> {
+        String::deserialize(input)?
+            .parse()
+            .map_err(D::Error::custom)
+    }
 }
 
 /// How a case ended.

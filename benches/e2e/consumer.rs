@@ -3,9 +3,11 @@
 //!
 //! - [`Consumer::Raw`]: the leanest correct rumqttc loop: manual acks, each
 //!   payload decoded with `serde_json` into a strict five-key envelope, then
-//!   acknowledged, in the order received;
+//!   acknowledged, in the order received. Over MQTT 5 the same loop on
+//!   `rumqttc::v5`, announcing the Receive Maximum tower-mqtt announces;
 //! - [`Consumer::Decode`]: a tower-mqtt [`Client`] whose inbound stack only
-//!   decodes (`DecodeLayer`), one route on `bench/#`;
+//!   decodes (`DecodeLayer`), one route on `bench/#`, over the case's MQTT
+//!   version (`Config::with_protocol`);
 //! - [`Consumer::Standard`]: the same on `Config::inbound_stack` (decode,
 //!   dedup, span, isolation, retry, timeout);
 //! - [`Consumer::Metered`]: the standard stack with a Prometheus recorder
@@ -18,13 +20,17 @@ use std::{
     collections::VecDeque,
     hint::black_box,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish};
+use rumqttc::{v5, AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish};
 use serde::{Deserialize, Serialize};
 use tokio::{sync::watch, task::JoinHandle, time::timeout};
 use tower_mqtt::layers::{decode::DecodeLayer, EventRegistry};
-use tower_mqtt::{config::Config, Envelope, Request, Router, Running, Subscription};
+use tower_mqtt::{
+    config::{Config, Protocol},
+    Envelope, Request, Router, Running, Subscription,
+};
 
 use crate::{
     broker::HOST,
@@ -137,12 +143,18 @@ fn install_prometheus() {
 enum Handle {
     /// The rumqttc loop on its own task.
     Raw {
-        client: AsyncClient,
+        client: RawClient,
         task: JoinHandle<()>,
         ready: watch::Receiver<bool>,
     },
     /// A tower-mqtt client serving in the background.
     Tower(Running),
+}
+
+/// The raw loop's client, for the DISCONNECT that ends it.
+enum RawClient {
+    V311(AsyncClient),
+    V5(v5::AsyncClient),
 }
 
 impl Handle {
@@ -154,42 +166,49 @@ impl Handle {
         clean_session: bool,
         recorder: &Arc<Mutex<Recorder>>,
     ) -> Result<Self, String> {
+        let config = Config::new(&format!("mqtt://{HOST}:{}", spec.port))
+            .map_err(|err| err.to_string())?
+            .with_protocol(spec.protocol);
         if consumer == Consumer::Raw {
-            let mut options = MqttOptions::new(spec.client_id.clone(), HOST, spec.port);
-            options
-                .set_manual_acks(true)
-                .set_clean_session(clean_session)
-                .set_max_packet_size(1 << 20, 1 << 20)
-                .set_keep_alive(std::time::Duration::from_secs(60));
-            let (client, eventloop) = AsyncClient::new(options, 1024);
             let (ready_tx, ready) = watch::channel(false);
-            let qos = if spec.qos == 0 {
-                rumqttc::QoS::AtMostOnce
+            let recorder = recorder.clone();
+            let (client, task) = if spec.protocol == Protocol::V5 {
+                // What tower-mqtt announces, so that the broker sends both
+                // sides as much at once.
+                let receive_maximum = u16::try_from(config.max_pending).unwrap_or(u16::MAX);
+                let options = raw_v5_options(spec, clean_session, receive_maximum);
+                let (client, eventloop) = v5::AsyncClient::new(options, 1024);
+                let qos = if spec.qos == 0 {
+                    v5::mqttbytes::QoS::AtMostOnce
+                } else {
+                    v5::mqttbytes::QoS::AtLeastOnce
+                };
+                let task = raw_v5_loop(client.clone(), eventloop, qos, recorder, ready_tx);
+                (RawClient::V5(client), tokio::spawn(task))
             } else {
-                rumqttc::QoS::AtLeastOnce
+                let (client, eventloop) = AsyncClient::new(raw_options(spec, clean_session), 1024);
+                let qos = if spec.qos == 0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                let task = raw_loop(client.clone(), eventloop, qos, recorder, ready_tx);
+                (RawClient::V311(client), tokio::spawn(task))
             };
-            let task = tokio::spawn(raw_loop(
-                client.clone(),
-                eventloop,
-                qos,
-                recorder.clone(),
-                ready_tx,
-            ));
             return Ok(Self::Raw {
                 client,
                 task,
                 ready,
             });
         }
-        let mut config = Config::new(&format!("mqtt://{HOST}:{}", spec.port))
-            .map_err(|err| err.to_string())?
+        let mut config = config
             .with_client_id(spec.client_id.clone())
             .with_health(false)
             .with_heartbeat(false)
             .with_clean_session(clean_session);
         if let Some(entries) = spec.dedupe_entries {
             // Long enough that no entry expires during the case.
-            config = config.with_dedupe(std::time::Duration::from_secs(3600), entries);
+            config = config.with_dedupe(Duration::from_secs(3600), entries);
         }
         let qos = if spec.qos == 0 {
             tower_mqtt::QoS::AtMostOnce
@@ -233,7 +252,10 @@ impl Handle {
     async fn stop(self) {
         match self {
             Self::Raw { client, task, .. } => {
-                let _ = client.try_disconnect();
+                match client {
+                    RawClient::V311(client) => drop(client.try_disconnect()),
+                    RawClient::V5(client) => drop(client.try_disconnect()),
+                }
                 let _ = timeout(STOP_LIMIT, task).await;
             }
             Self::Tower(running) => {
@@ -241,6 +263,39 @@ impl Handle {
             }
         }
     }
+}
+
+/// The raw consumer's options: manual acks and a 1 MiB packet limit, rumqttc's
+/// defaults otherwise.
+fn raw_options(spec: &ChildSpec, clean_session: bool) -> MqttOptions {
+    let mut options = MqttOptions::new(spec.client_id.clone(), HOST, spec.port);
+    options
+        .set_manual_acks(true)
+        .set_clean_session(clean_session)
+        .set_max_packet_size(1 << 20, 1 << 20)
+        .set_keep_alive(Duration::from_secs(60));
+    options
+}
+
+/// The raw consumer's MQTT 5 options: those of the 3.1.1 one, and what
+/// tower-mqtt's MQTT 5 CONNECT also says.
+///
+/// mosquitto keeps as many QoS 1 messages unacknowledged to a client as its
+/// Receive Maximum (20, as to every 3.1.1 client, when it announces none),
+/// and an MQTT 5 session without an expiry ends with its connection.
+fn raw_v5_options(spec: &ChildSpec, clean_start: bool, receive_maximum: u16) -> v5::MqttOptions {
+    let mut options = v5::MqttOptions::new(spec.client_id.clone(), HOST, spec.port);
+    options
+        .set_manual_acks(true)
+        .set_clean_start(clean_start)
+        .set_session_expiry_interval(Some(if clean_start { 0 } else { u32::MAX }))
+        .set_receive_maximum(Some(receive_maximum))
+        .set_max_packet_size(Some(1 << 20))
+        // rumqttc's 3.1.1 window; the MQTT 5 default allocates a table of
+        // 65,535 in-flight publishes.
+        .set_outgoing_inflight_upper_limit(100)
+        .set_keep_alive(Duration::from_secs(60));
+    options
 }
 
 /// The raw consumer: poll, decode, record, acknowledge in order.
@@ -266,35 +321,21 @@ async fn raw_loop(
         }
         let event = match eventloop.poll().await {
             Ok(event) => event,
-            Err(err) => {
-                let mut rec = recorder.lock().expect("recorder poisoned");
-                rec.error
-                    .get_or_insert_with(|| format!("connection: {err}"));
-                return;
-            }
+            Err(err) => return stop_with(&recorder, format!("connection: {err}")),
         };
         match event {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 if ack.session_present {
                     ready.send_replace(true);
                 } else if let Err(err) = client.try_subscribe(FILTER, qos) {
-                    let mut rec = recorder.lock().expect("recorder poisoned");
-                    rec.error.get_or_insert_with(|| format!("subscribe: {err}"));
-                    return;
+                    return stop_with(&recorder, format!("subscribe: {err}"));
                 }
             }
             Event::Incoming(Packet::SubAck(_)) => {
                 ready.send_replace(true);
             }
             Event::Incoming(Packet::Publish(publish)) => {
-                if let Ok(env) = serde_json::from_slice::<WireEnvelope>(&publish.payload) {
-                    black_box((&env.id, &env.event_type, &env.source));
-                    let seq = env.seq();
-                    recorder
-                        .lock()
-                        .expect("recorder poisoned")
-                        .record(seq, env.ts);
-                }
+                handle_payload(&publish.payload, &recorder);
                 if !unacked.is_empty() || client.try_ack(&publish).is_err() {
                     unacked.push_back(publish);
                 }
@@ -303,4 +344,68 @@ async fn raw_loop(
             _ => {}
         }
     }
+}
+
+/// [`raw_loop`] on rumqttc's MQTT 5 client: the same steps, on its types.
+async fn raw_v5_loop(
+    client: v5::AsyncClient,
+    mut eventloop: v5::EventLoop,
+    qos: v5::mqttbytes::QoS,
+    recorder: Arc<Mutex<Recorder>>,
+    ready: watch::Sender<bool>,
+) {
+    use v5::{mqttbytes::v5::Packet, Event};
+
+    let mut unacked: VecDeque<v5::mqttbytes::v5::Publish> = VecDeque::new();
+    loop {
+        while let Some(publish) = unacked.front() {
+            if client.try_ack(publish).is_err() {
+                break;
+            }
+            unacked.pop_front();
+        }
+        let event = match eventloop.poll().await {
+            Ok(event) => event,
+            Err(err) => return stop_with(&recorder, format!("connection: {err}")),
+        };
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                if ack.session_present {
+                    ready.send_replace(true);
+                } else if let Err(err) = client.try_subscribe(FILTER, qos) {
+                    return stop_with(&recorder, format!("subscribe: {err}"));
+                }
+            }
+            Event::Incoming(Packet::SubAck(_)) => {
+                ready.send_replace(true);
+            }
+            Event::Incoming(Packet::Publish(publish)) => {
+                handle_payload(&publish.payload, &recorder);
+                if !unacked.is_empty() || client.try_ack(&publish).is_err() {
+                    unacked.push_back(publish);
+                }
+            }
+            Event::Outgoing(Outgoing::Disconnect) => return,
+            _ => {}
+        }
+    }
+}
+
+/// The raw loops' handling: decode the envelope strictly, touch its fields,
+/// record it.
+fn handle_payload(payload: &[u8], recorder: &Mutex<Recorder>) {
+    if let Ok(env) = serde_json::from_slice::<WireEnvelope>(payload) {
+        black_box((&env.id, &env.event_type, &env.source));
+        let seq = env.seq();
+        recorder
+            .lock()
+            .expect("recorder poisoned")
+            .record(seq, env.ts);
+    }
+}
+
+/// Ends a raw loop: the first error is the case's.
+fn stop_with(recorder: &Mutex<Recorder>, err: String) {
+    let mut rec = recorder.lock().expect("recorder poisoned");
+    rec.error.get_or_insert(err);
 }

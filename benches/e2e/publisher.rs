@@ -19,7 +19,10 @@ use futures_util::{stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::time::timeout;
-use tower_mqtt::{config::Config, BoxError, Client, Envelope, QoS, Request, Router};
+use tower_mqtt::{
+    config::{Config, Protocol},
+    BoxError, Client, Envelope, QoS, Request, Router,
+};
 
 use crate::{
     broker::HOST,
@@ -68,6 +71,12 @@ pub(crate) async fn run(spec: &ChildSpec, kind: PublisherKind) -> Option<ChildRe
 }
 
 async fn raw(spec: &ChildSpec, limit: Duration) -> ChildReport {
+    if spec.protocol != Protocol::V311 {
+        return failed(format!(
+            "the raw publisher speaks 3.1.1, not {}",
+            spec.protocol
+        ));
+    }
     let mut feeder = match Feeder::connect(spec.port, &spec.client_id).await {
         Ok(feeder) => feeder,
         Err(err) => return failed(err),
@@ -101,6 +110,7 @@ async fn raw(spec: &ChildSpec, limit: Duration) -> ChildReport {
 async fn tower(spec: &ChildSpec, kind: PublisherKind, limit: Duration) -> ChildReport {
     let config = match Config::new(&format!("mqtt://{HOST}:{}", spec.port)) {
         Ok(config) => config
+            .with_protocol(spec.protocol)
             .with_client_id(spec.client_id.clone())
             .with_health(false)
             .with_heartbeat(false),

@@ -3,6 +3,7 @@
 use std::{fs, path::PathBuf};
 
 use serde::Serialize;
+use tower_mqtt::config::Protocol;
 
 use crate::{
     measure::{median, to_f64},
@@ -14,6 +15,9 @@ use crate::{
 pub(crate) struct Row {
     /// The scenario's name.
     pub(crate) scenario: String,
+    /// The MQTT version of the side under test.
+    #[serde(serialize_with = "crate::child::protocol_text::serialize")]
+    pub(crate) protocol: Protocol,
     /// The side's name.
     pub(crate) side: String,
     /// Runs that ended `ok`, and runs made.
@@ -46,7 +50,7 @@ pub(crate) struct Row {
 
 /// The medians of one case's samples: over the runs that ended `ok`, or over
 /// all runs when none did (then the figures show how far it got).
-fn row(scenario: &str, side: &str, samples: &[&Sample]) -> Row {
+fn row(scenario: Scenario, side: &str, samples: &[&Sample]) -> Row {
     let ok: Vec<&Sample> = samples.iter().copied().filter(|s| s.is_ok()).collect();
     let basis = if ok.is_empty() { samples } else { &ok[..] };
     let med = |f: fn(&Sample) -> Option<f64>| median(basis.iter().filter_map(|s| f(s)));
@@ -62,7 +66,8 @@ fn row(scenario: &str, side: &str, samples: &[&Sample]) -> Row {
         format!("{}/{} ok; {}", ok.len(), samples.len(), failures.join("; "))
     };
     Row {
-        scenario: scenario.to_owned(),
+        scenario: scenario.name(),
+        protocol: scenario.protocol,
         side: side.to_owned(),
         runs_ok: ok.len(),
         runs: samples.len(),
@@ -83,15 +88,14 @@ fn row(scenario: &str, side: &str, samples: &[&Sample]) -> Row {
 /// The rows of every scenario, with ratios to the raw side of each.
 pub(crate) fn rows(results: &[(Scenario, Vec<Sample>)]) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (scenario, samples) in results {
-        let name = scenario.name();
+    for &(scenario, ref samples) in results {
         let mut scenario_rows: Vec<Row> = scenario
             .sides()
             .iter()
             .map(|side| {
                 let of_side: Vec<&Sample> =
                     samples.iter().filter(|s| s.side == side.label()).collect();
-                row(&name, side.label(), &of_side)
+                row(scenario, side.label(), &of_side)
             })
             .filter(|row| row.runs > 0)
             .collect();
@@ -157,14 +161,22 @@ impl Summary<'_> {
             s.runs, s.messages, s.latency_rate, s.latency_messages
         );
         println!();
+        // As wide as the longest scenario name, and never narrower than the
+        // 3.1.1 names alone make it.
+        let width = self
+            .rows
+            .iter()
+            .map(|row| row.scenario.chars().count())
+            .fold(19, usize::max);
         println!(
-            "| {:<19} | {:<26} | {:>8} | {:>6} | {:>10} | {:>6} | {:>7} | {:>15} | {:>5} | {:>7} | {:>7} | {:<4} | status",
+            "| {:<width$} | {:<26} | {:>8} | {:>6} | {:>10} | {:>6} | {:>7} | {:>15} | {:>5} | {:>7} | {:>7} | {:<4} | status",
             "scenario", "side", "msgs/s", "x raw", "CPU µs/msg", "x raw", "RSS MB",
             "delivered/sent", "twice", "p50 µs", "p99 µs", "runs"
         );
         println!(
-            "|{:-<21}|{:-<28}|{:->10}|{:->8}|{:->12}|{:->8}|{:->9}|{:->17}|{:->7}|{:->9}|{:->9}|{:-<6}|--------",
-            "", "", "", "", "", "", "", "", "", "", "", ""
+            "|{:-<dash$}|{:-<28}|{:->10}|{:->8}|{:->12}|{:->8}|{:->9}|{:->17}|{:->7}|{:->9}|{:->9}|{:-<6}|--------",
+            "", "", "", "", "", "", "", "", "", "", "", "",
+            dash = width + 2
         );
         for row in &self.rows {
             let delivered = match (row.delivered, row.sent) {
@@ -172,7 +184,7 @@ impl Summary<'_> {
                 _ => "-".to_owned(),
             };
             println!(
-                "| {:<19} | {:<26} | {:>8} | {:>6} | {:>10} | {:>6} | {:>7} | {:>15} | {:>5} | {:>7} | {:>7} | {:<4} | {}",
+                "| {:<width$} | {:<26} | {:>8} | {:>6} | {:>10} | {:>6} | {:>7} | {:>15} | {:>5} | {:>7} | {:>7} | {:<4} | {}",
                 row.scenario,
                 row.side,
                 fmt_opt(row.msgs_per_s, 0),
@@ -186,6 +198,13 @@ impl Summary<'_> {
                 fmt_opt(row.p99_us, 0),
                 format!("{}/{}", row.runs_ok, row.runs),
                 row.status
+            );
+        }
+        if self.rows.iter().any(|row| row.protocol == Protocol::V5) {
+            println!();
+            println!(
+                "v5 rows: the consumer speaks MQTT 5 (raw: rumqttc::v5, the same loop and \
+                 decode; tower-mqtt: Protocol::V5); the load's publisher speaks 3.1.1 throughout"
             );
         }
         println!();

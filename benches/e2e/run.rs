@@ -2,9 +2,11 @@
 //! harness's broker.
 //!
 //! A case is one scenario with one consumer (or publisher), in its own child
-//! process. Each scenario runs its cases interleaved, raw first (raw, decode,
-//! standard, raw, decode, standard, ...), so that drift in the machine's load
-//! hits every side alike. A case that does not end `ok`, or whose run takes
+//! process. A scenario is a workload over one MQTT version: the consumer
+//! workloads run once per version in `E2E_PROTOCOLS`, each against the raw
+//! rumqttc consumer of the same version. Each scenario runs its cases
+//! interleaved, raw first (raw, decode, standard, raw, decode, standard, ...),
+//! so that drift in the machine's load hits every side alike. A case that does not end `ok`, or whose run takes
 //! more than a third of the case timeout, is not run again: its first run is
 //! its figure, and the whole harness stays within its time budget.
 
@@ -13,7 +15,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+use tower_mqtt::config::Protocol;
 
 use crate::{
     broker::Broker,
@@ -55,6 +58,14 @@ pub(crate) struct Settings {
     /// Scenario families to run (`E2E_SCENARIOS`: steady, latency, publish,
     /// memory, backlog); all when unset.
     pub(crate) scenarios: Vec<String>,
+    /// MQTT versions the consumers speak (`E2E_PROTOCOLS`: `3.1.1`, `5`);
+    /// both when unset.
+    #[serde(serialize_with = "protocol_names")]
+    pub(crate) protocols: Vec<Protocol>,
+}
+
+fn protocol_names<S: Serializer>(protocols: &[Protocol], out: S) -> Result<S::Ok, S::Error> {
+    out.collect_seq(protocols.iter().map(ToString::to_string))
 }
 
 impl Settings {
@@ -109,6 +120,23 @@ impl Settings {
                     .map(str::to_owned)
                     .to_vec()
             });
+        // A version that does not parse stops the run: silently dropping it
+        // would leave its rows out of the table.
+        let protocols = env::var("E2E_PROTOCOLS")
+            .ok()
+            .map(|list| {
+                list.split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(str::parse::<Protocol>)
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap_or_else(|err| {
+                        eprintln!("e2e: E2E_PROTOCOLS: {err}");
+                        std::process::exit(2);
+                    })
+            })
+            .filter(|list| !list.is_empty())
+            .unwrap_or_else(|| vec![Protocol::V311, Protocol::V5]);
         Self {
             quick,
             messages: count("E2E_MESSAGES", if quick { 1_000 } else { 10_000 }),
@@ -120,6 +148,7 @@ impl Settings {
                 as u64,
             case_timeout_s: number("E2E_CASE_TIMEOUT", 120.0),
             scenarios,
+            protocols,
         }
     }
 
@@ -127,32 +156,67 @@ impl Settings {
         Duration::from_secs_f64(self.case_timeout_s)
     }
 
-    /// The scenarios to run, in order: the short ones first.
+    /// The scenarios to run, in order: the short ones first, each workload
+    /// over every version in turn. Publishing runs over MQTT 3.1.1 only: its
+    /// raw side is the 3.1.1 publisher every consumer gets.
     pub(crate) fn scenario_list(&self) -> Vec<Scenario> {
-        let mut list = Vec::new();
+        let mut workloads = Vec::new();
         let wants = |family: &str| self.scenarios.iter().any(|s| s == family);
         if wants("steady") {
-            list.extend([Scenario::Steady(1), Scenario::Steady(0)]);
+            workloads.extend([Workload::Steady(1), Workload::Steady(0)]);
         }
         if wants("latency") {
-            list.extend([Scenario::Latency(1), Scenario::Latency(0)]);
+            workloads.extend([Workload::Latency(1), Workload::Latency(0)]);
         }
         if wants("publish") {
-            list.push(Scenario::Publish);
+            workloads.push(Workload::Publish);
         }
         if wants("memory") {
-            list.push(Scenario::Memory(self.memory_entries));
+            workloads.push(Workload::Memory(self.memory_entries));
         }
         if wants("backlog") {
-            list.extend(self.backlog_sizes.iter().map(|&n| Scenario::Backlog(n)));
+            workloads.extend(self.backlog_sizes.iter().map(|&n| Workload::Backlog(n)));
+        }
+        let mut list = Vec::new();
+        for workload in workloads {
+            for &protocol in &self.protocols {
+                if workload == Workload::Publish && protocol != Protocol::V311 {
+                    continue;
+                }
+                list.push(Scenario { workload, protocol });
+            }
         }
         list
     }
 }
 
+/// A workload over one MQTT version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Scenario {
+    /// What is measured.
+    pub(crate) workload: Workload,
+    /// The MQTT version of the consumer (or publisher) under test.
+    pub(crate) protocol: Protocol,
+}
+
+impl Scenario {
+    /// The name in the table: the workload's, with ` v5` for MQTT 5.
+    pub(crate) fn name(self) -> String {
+        match self.protocol {
+            Protocol::V311 => self.workload.name(),
+            protocol => format!("{} v{protocol}", self.workload.name()),
+        }
+    }
+
+    /// The sides that run in this scenario, raw first.
+    pub(crate) fn sides(self) -> Vec<Side> {
+        self.workload.sides()
+    }
+}
+
 /// What a case measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Scenario {
+pub(crate) enum Workload {
     /// Consumer subscribed first, then the publisher at full speed (QoS).
     Steady(u8),
     /// Consumer subscribed first, publisher paced at the latency rate (QoS).
@@ -167,7 +231,7 @@ pub(crate) enum Scenario {
     Memory(u64),
 }
 
-impl Scenario {
+impl Workload {
     /// The name in the table.
     pub(crate) fn name(self) -> String {
         match self {
@@ -219,6 +283,9 @@ impl Side {
 pub(crate) struct Sample {
     /// The scenario's name.
     pub(crate) scenario: String,
+    /// The MQTT version of the side under test.
+    #[serde(serialize_with = "crate::child::protocol_text::serialize")]
+    pub(crate) protocol: Protocol,
     /// The side's name.
     pub(crate) side: String,
     /// Which run (1-based).
@@ -330,31 +397,37 @@ async fn run_case(
     run: usize,
 ) -> Sample {
     let started = Instant::now();
-    let measured = match (scenario, side) {
-        (Scenario::Steady(qos), Side::Consumer(consumer)) => {
-            let spec = live_spec(settings, port, consumer, qos, settings.messages, false);
+    let target = Target {
+        port,
+        protocol: scenario.protocol,
+    };
+    let measured = match (scenario.workload, side) {
+        (Workload::Steady(qos), Side::Consumer(consumer)) => {
+            let spec = live_spec(settings, target, consumer, qos, settings.messages, false);
             live(settings, &spec, None).await
         }
-        (Scenario::Memory(entries), Side::Consumer(consumer)) => {
+        (Workload::Memory(entries), Side::Consumer(consumer)) => {
             let spec = ChildSpec {
                 dedupe_entries: Some(entries),
-                ..live_spec(settings, port, consumer, 1, entries, false)
+                ..live_spec(settings, target, consumer, 1, entries, false)
             };
             live(settings, &spec, None).await
         }
-        (Scenario::Latency(qos), Side::Consumer(consumer)) => {
+        (Workload::Latency(qos), Side::Consumer(consumer)) => {
             let messages = settings.latency_messages;
-            let spec = live_spec(settings, port, consumer, qos, messages, true);
+            let spec = live_spec(settings, target, consumer, qos, messages, true);
             live(settings, &spec, Some(settings.latency_rate)).await
         }
-        (Scenario::Backlog(backlog_size), Side::Consumer(consumer)) => {
-            backlog(settings, port, consumer, backlog_size).await
+        (Workload::Backlog(backlog_size), Side::Consumer(consumer)) => {
+            backlog(settings, target, consumer, backlog_size).await
         }
-        (Scenario::Publish, Side::Publisher(publisher)) => publish(settings, port, publisher).await,
+        (Workload::Publish, Side::Publisher(publisher)) => {
+            publish(settings, target, publisher).await
+        }
         _ => Err("no such case".to_owned()),
     };
     let wall_s = started.elapsed().as_secs_f64();
-    let (scenario, side) = (scenario.name(), side.label().to_owned());
+    let (protocol, scenario, side) = (scenario.protocol, scenario.name(), side.label().to_owned());
     match measured {
         Ok(Measured {
             sent,
@@ -365,6 +438,7 @@ async fn run_case(
             let delivered = to_f64(report.unique);
             Sample {
                 scenario,
+                protocol,
                 side,
                 run,
                 status: match report.status {
@@ -389,6 +463,7 @@ async fn run_case(
         }
         Err(err) => Sample {
             scenario,
+            protocol,
             side,
             run,
             status: format!("error: {err}"),
@@ -419,10 +494,19 @@ fn rumqttc_qos(qos: u8) -> rumqttc::QoS {
     }
 }
 
+/// Where a child connects, and which MQTT version it speaks.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    /// The broker's port on 127.0.0.1.
+    port: u16,
+    /// The MQTT version.
+    protocol: Protocol,
+}
+
 /// A consumer that subscribes first and is fed while it runs.
 fn live_spec(
     settings: &Settings,
-    port: u16,
+    target: Target,
     consumer: Consumer,
     qos: u8,
     messages: u64,
@@ -433,7 +517,8 @@ fn live_spec(
             consumer,
             mode: Mode::Live,
         },
-        port,
+        port: target.port,
+        protocol: target.protocol,
         qos,
         client_id: unique_id("e2e-sub"),
         messages,
@@ -487,16 +572,18 @@ async fn live(
 /// message handled.
 async fn backlog(
     settings: &Settings,
-    port: u16,
+    target: Target,
     consumer: Consumer,
     size: u64,
 ) -> Result<Measured, String> {
+    let port = target.port;
     let mut spec = ChildSpec {
         role: Role::Consume {
             consumer,
             mode: Mode::Prime,
         },
         port,
+        protocol: target.protocol,
         qos: 1,
         client_id: unique_id("e2e-backlog"),
         messages: size,
@@ -548,12 +635,13 @@ async fn backlog(
 /// `settings.messages` confirmed QoS 1 publishes from the child.
 async fn publish(
     settings: &Settings,
-    port: u16,
+    target: Target,
     publisher: PublisherKind,
 ) -> Result<Measured, String> {
     let spec = ChildSpec {
         role: Role::Publish { publisher },
-        port,
+        port: target.port,
+        protocol: target.protocol,
         qos: 1,
         client_id: unique_id("e2e-publish"),
         messages: settings.messages,
