@@ -330,6 +330,8 @@ pub type OutboundService<S> = Correlate<Encode<SizeGuard<PublishRetry<confirm::T
 #[must_use]
 pub struct OutboundStack {
     correlate: CorrelateLayer,
+    correlate_always: bool,
+    correlate_carries: bool,
     encode: EncodeLayer,
     max_packet_size: usize,
     retry: PublishRetryLayer,
@@ -349,6 +351,8 @@ impl OutboundStack {
     pub fn new(source: impl AsRef<str>) -> Self {
         Self {
             correlate: CorrelateLayer::new(),
+            correlate_always: false,
+            correlate_carries: true,
             encode: EncodeLayer::new(source),
             max_packet_size: DEFAULT_MAX_PACKET_SIZE,
             retry: PublishRetryLayer::default(),
@@ -363,7 +367,27 @@ impl OutboundStack {
     /// let stack = tower_mqtt::layers::OutboundStack::new("llm-worker").correlate_always();
     /// ```
     pub fn correlate_always(mut self) -> Self {
-        self.correlate = CorrelateLayer::always();
+        self.correlate = CorrelateLayer::always().carry_trace_context(self.correlate_carries);
+        self.correlate_always = true;
+        self
+    }
+
+    /// Whether publishes carry their trace context as `traceparent` and
+    /// `tracestate` user properties (default: they do). tower-mqtt's runtime
+    /// turns it off on MQTT 3.1.1, which sends no properties; the context is
+    /// still recorded on each publish's span.
+    ///
+    /// ```
+    /// let stack = tower_mqtt::layers::OutboundStack::new("llm-worker").carry_trace_context(false);
+    /// ```
+    pub fn carry_trace_context(mut self, carry: bool) -> Self {
+        self.correlate_carries = carry;
+        let layer = if self.correlate_always {
+            CorrelateLayer::always()
+        } else {
+            CorrelateLayer::new()
+        };
+        self.correlate = layer.carry_trace_context(carry);
         self
     }
 

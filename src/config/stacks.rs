@@ -4,7 +4,7 @@
 
 use tower_mqtt_layers::{outbound::PublishRetryLayer, retry, InboundStack, OutboundStack};
 
-use super::Config;
+use super::{Config, Protocol};
 
 impl Config {
     /// The inbound stack as this configuration asks for it: dedup TTL and size
@@ -34,8 +34,10 @@ impl Config {
     /// The outbound stack as this configuration asks for it: this service's
     /// source name (`MQTT_SOURCE_NAME`), the packet limit
     /// (`MQTT_MAX_PACKET_SIZE`), and the publish retries
-    /// (`MQTT_PUBLISH_RETRIES`, `MQTT_PUBLISH_RETRY_BACKOFF`). With the
-    /// defaults it is [`OutboundStack::new(source_name)`](OutboundStack::new).
+    /// (`MQTT_PUBLISH_RETRIES`, `MQTT_PUBLISH_RETRY_BACKOFF`); on MQTT 3.1.1
+    /// publishes do not carry their trace context (no properties are sent).
+    /// With the defaults it is [`OutboundStack::new(source_name)`](OutboundStack::new)
+    /// with [`carry_trace_context(false)`](OutboundStack::carry_trace_context).
     ///
     /// Every [`Publisher`](crate::Publisher) of a client publishes through it.
     ///
@@ -54,5 +56,7 @@ impl Config {
         OutboundStack::new(&self.source_name)
             .max_packet_size(self.max_packet_size)
             .retry(retry)
+            // MQTT 3.1.1 sends no properties: the trace context is only logged.
+            .carry_trace_context(self.protocol == Protocol::V5)
     }
 }
