@@ -228,18 +228,15 @@ where
             trace_id = Empty,
             span_id = Empty,
         );
-        match req.properties().user_property(TRACEPARENT) {
+        if let Some(given) = req.properties().user_property(TRACEPARENT) {
             // The caller's own context, kept; logged if it is one.
-            Some(given) => {
-                if let Some(given) = TraceContext::parse(given) {
-                    trace_context::record(&span, &given);
-                }
+            if let Some(given) = TraceContext::parse(given) {
+                trace_context::record(&span, &given);
             }
-            None => {
-                let own = trace_context::for_publish(&span);
-                if self.carry {
-                    own.inject(req.properties_mut());
-                }
+        } else {
+            let own = trace_context::for_publish(&span);
+            if self.carry {
+                own.inject(req.properties_mut());
             }
         }
         let future = {
