@@ -1,5 +1,6 @@
 //! What MQTT 5 adds, end to end on mosquitto: properties in and out (and
 //! none over MQTT 3.1.1), native request/reply between two services, No Local,
+//! Retain Handling and Retain As Published,
 //! the broker's reason codes on a refused publish, a refused connection and
 //! its DISCONNECT, the session expiry, and one trace id across two services.
 //!
@@ -470,4 +471,62 @@ async fn one_trace_id_spans_request_handler_and_reply_across_two_services() {
     );
     requester.shutdown().await;
     responder.shutdown().await;
+}
+
+/// Retain Handling and Retain As Published: which retained messages a
+/// subscription gets, and whether forwarded ones keep the flag.
+#[tokio::test]
+async fn retain_options_decide_what_a_subscription_gets() {
+    use tower_mqtt::subscription::RetainHandling;
+
+    let broker = Mosquitto::start().await;
+    let sender = tower_mqtt::serve(v5(&broker.url(), "retainer"), Router::new())
+        .spawn()
+        .unwrap();
+    let publisher = sender.publisher();
+    for topic in ["state/never", "state/always"] {
+        publisher
+            .publish(topic, json!({"retained": true}))
+            .retain(true)
+            .await
+            .unwrap();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let route = move |req: Request<Envelope>| {
+        let _ = tx.send((req.topic().to_string(), req.retain()));
+        std::future::ready(())
+    };
+    let router = Router::new()
+        .route(
+            Subscription::new("state/never").retain_handling(RetainHandling::Never),
+            route.clone(),
+        )
+        .route(
+            Subscription::new("state/always").retain_as_published(),
+            route,
+        );
+    let service = serve(v5(&broker.url(), "retain-options"), router).await;
+    assert_eq!(
+        next(&mut rx).await,
+        ("state/always".to_owned(), true),
+        "the retained message, sent on subscribing"
+    );
+    // A live publish: forwarded with its retain flag kept (Retain As Published).
+    publisher
+        .publish("state/always", json!({"retained": true}))
+        .retain(true)
+        .await
+        .unwrap();
+    assert_eq!(next(&mut rx).await, ("state/always".to_owned(), true));
+    publisher
+        .publish("state/never", json!({"live": true}))
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut rx).await,
+        ("state/never".to_owned(), false),
+        "only the live message: the retained one was never sent"
+    );
+    service.shutdown().await;
+    sender.shutdown().await;
 }
