@@ -463,8 +463,16 @@ mod tests {
             let sent = recorded.take();
             assert_eq!(sent[0].topic, "memory/results");
             assert_eq!(sent[0].envelope.id(), request.body().id());
-            assert_eq!(sent[0].properties.correlation_data, None);
-            assert!(sent[0].properties.is_empty(), "{:?}", sent[0].properties);
+            let props = &sent[0].properties;
+            assert_eq!(props.correlation_data, None, "{props:?}");
+            assert_eq!(props.response_topic, None, "{props:?}");
+            // Only the trace context, which every publish carries.
+            let names: Vec<&str> = props
+                .user_properties
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect();
+            assert_eq!(names, ["traceparent"], "{props:?}");
         }
     }
 
