@@ -326,6 +326,16 @@ fn session_settings_are_checked() {
     assert!(err.to_string().contains("MQTT_CLEAN_SESSION"), "{err}");
     let err = base()
         .with_protocol(Protocol::V5)
+        .with_clean_session(false)
+        .with_session_expiry(Duration::ZERO)
+        .validate()
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("MQTT_CLEAN_SESSION=true"),
+        "a session that ends at every disconnect is a clean one: {err}"
+    );
+    let err = base()
+        .with_protocol(Protocol::V5)
         .with_keep_alive(Duration::from_secs(2))
         .validate()
         .unwrap_err();
@@ -362,6 +372,47 @@ async fn disconnect_reason(running: &Running) -> String {
     })
     .await
     .expect("a disconnect in time")
+}
+
+/// rumqttc never gives back the in-flight slot of a QoS 2 publish whose
+/// PUBREC refused it; once refusals have taken every slot it stops sending
+/// anything, acknowledgements included, and the client starts the connection
+/// over.
+#[tokio::test]
+async fn refused_qos2_publishes_past_the_in_flight_window_do_not_wedge_the_client() {
+    let (broker, _dir) = broker_with_acl().await;
+    let running = tower_mqtt::serve(
+        v5(&broker.url(), "refused-qos2")
+            .with_keep_alive(Duration::from_secs(5))
+            .with_publish_retries(1, Duration::from_millis(10)),
+        Router::new(),
+    )
+    .spawn()
+    .unwrap();
+    tokio::time::timeout(WAIT, running.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let publisher = running.publisher();
+    // mosquitto's window is 20; 30 refusals fill it.
+    for n in 0..30 {
+        let err = tokio::time::timeout(
+            WAIT,
+            publisher
+                .publish("closed/vault", json!({ "n": n }))
+                .qos(tower_mqtt::QoS::ExactlyOnce),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("publish {n} answered in time: {:?}", running.stats()))
+        .expect_err("refused");
+        assert!(err.to_string().contains("not authorized"), "{err}");
+    }
+    tokio::time::timeout(WAIT, publisher.publish("open/vault", json!({})))
+        .await
+        .expect("publishing goes on")
+        .unwrap();
+    assert_eq!(running.stats().publishes_refused, 30);
+    running.shutdown().await;
 }
 
 #[tokio::test]

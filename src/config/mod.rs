@@ -28,7 +28,7 @@
 //! | `MQTT_RECONNECT_MAX_DELAY` | longest delay before reconnecting, seconds, at least the minimum | `5` |
 //! | `MQTT_CLEAN_SESSION` | ask the broker for a clean session | `true` |
 //! | `MQTT_PROTOCOL` | the MQTT version: `3.1.1` or `5` (see [`Protocol`]) | `3.1.1` |
-//! | `MQTT_SESSION_EXPIRY` | MQTT 5 with `MQTT_CLEAN_SESSION=false`: whole seconds the broker keeps the session after a disconnect, up to 4294967295 (never expires) | never expires |
+//! | `MQTT_SESSION_EXPIRY` | MQTT 5 with `MQTT_CLEAN_SESSION=false`: whole seconds from 1 the broker keeps the session after a disconnect, up to 4294967295 (never expires) | never expires |
 //! | `MQTT_MAX_PACKET_SIZE` | largest packet sent, and largest message handed to a handler, bytes | `1048576` (1 MiB) |
 //! | `MQTT_MAX_INCOMING_PACKET_SIZE` | largest packet read from the broker, bytes; a larger one drops the connection | `268435455` (the protocol's limit) |
 //! | `MQTT_MAX_PENDING` | messages held at once (queued, running, or waiting for their acknowledgement's turn) before the client stops reading | `4096` |
@@ -271,8 +271,10 @@ mod expect {
     pub(super) const KEEPALIVE_V5: &str = "an integer number of seconds between 5 and 65535 \
                                            with MQTT_PROTOCOL=5 (the MQTT 5 client's minimum)";
     pub(super) const PROTOCOL: &str = "3.1.1 or 5";
-    pub(super) const SESSION_EXPIRY: &str = "an integer number of seconds between 0 and \
-                                             4294967295 (the session never expires)";
+    pub(super) const SESSION_EXPIRY: &str = "an integer number of seconds between 1 and \
+                                             4294967295 (the session never expires); a \
+                                             session that ends at every disconnect is \
+                                             MQTT_CLEAN_SESSION=true";
     pub(super) const SESSION_EXPIRY_V5: &str = "unset: a session expiry is an MQTT 5 setting \
                                                 (MQTT_PROTOCOL=5)";
     pub(super) const SESSION_EXPIRY_CLEAN: &str = "unset, or MQTT_CLEAN_SESSION=false: a clean \

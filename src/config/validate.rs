@@ -188,7 +188,10 @@ impl Config {
                     expect::SESSION_EXPIRY_CLEAN,
                 ));
             }
-            if expiry.subsec_nanos() != 0 || expiry.as_secs() > u64::from(u32::MAX) {
+            if expiry.is_zero()
+                || expiry.subsec_nanos() != 0
+                || expiry.as_secs() > u64::from(u32::MAX)
+            {
                 return Err(invalid(var::SESSION_EXPIRY, value, expect::SESSION_EXPIRY));
             }
         }

@@ -207,6 +207,7 @@ where
                 && self.dispatcher.acks_written() >= self.dispatcher.released_on_connection()
             {
                 self.goodbye().await;
+                awaiting_ping = false;
                 self.finish_connection(Step::Recover, &mut connected_at, &mut backoff)
                     .await;
                 continue;

@@ -67,7 +67,10 @@ pub(crate) struct Connection {
     /// When rumqttc last wrote a PINGREQ, or connected: its keep-alive timer
     /// fires one keep-alive later.
     last_ping: Instant,
-    keep_alive: Duration,
+    /// In-flight slots rumqttc lost to refused PUBRECs on this connection
+    /// (it never gives them back), and how many it has.
+    leaked_inflight: u16,
+    inflight_limit: u16,
     /// The broker's Maximum Packet Size, 0 when it set none.
     broker_max_packet: Arc<AtomicUsize>,
 }
@@ -99,7 +102,9 @@ pub(super) fn connect(
     let mut network = options.network_options();
     network.set_tcp_nodelay(true);
     options.set_network_options(network);
-    let keep_alive = options.keep_alive();
+    let inflight_limit = options
+        .get_outgoing_inflight_upper_limit()
+        .unwrap_or(u16::MAX);
     let (client, eventloop) = AsyncClient::new(options, capacity);
     let broker_max_packet = Arc::new(AtomicUsize::new(0));
     (
@@ -112,7 +117,8 @@ pub(super) fn connect(
             client,
             connected: false,
             last_ping: Instant::now(),
-            keep_alive,
+            leaked_inflight: 0,
+            inflight_limit,
             broker_max_packet,
         },
     )
@@ -196,14 +202,18 @@ impl Connection {
         self.eventloop.state.await_pingresp = false;
     }
 
-    /// See [`super::Connection::collided`].
+    /// See [`super::Connection::collided`]; also true once refused PUBRECs
+    /// took every in-flight slot, which stops rumqttc reading its channel
+    /// (acknowledgements included) until the connection ends.
     pub(crate) fn collided(&self) -> bool {
-        self.eventloop.state.collision.is_some()
+        self.eventloop.state.collision.is_some() || self.leaked_inflight >= self.inflight_limit
     }
 
-    /// When rumqttc writes its next PINGREQ, if polled.
+    /// When rumqttc writes its next PINGREQ, if polled: one keep-alive after
+    /// the last (the broker's Server Keep Alive, when it sent one, replaces
+    /// the configured one in rumqttc's options).
     pub(crate) fn ping_due(&self) -> Instant {
-        self.last_ping + self.keep_alive
+        self.last_ping + self.eventloop.options.keep_alive()
     }
 
     /// See [`super::Connection::poll`].
@@ -220,6 +230,11 @@ impl Connection {
                 Packet::ConnAck(ack) => {
                     self.connected = true;
                     self.last_ping = Instant::now();
+                    self.leaked_inflight = 0;
+                    if let Some(limit) = ack.properties.as_ref().and_then(|props| props.receive_max)
+                    {
+                        self.inflight_limit = self.inflight_limit.min(limit);
+                    }
                     let max = ack
                         .properties
                         .as_ref()
@@ -246,6 +261,8 @@ impl Connection {
                 Packet::PubRec(rec) => match pubrec_refusal(rec.reason) {
                     None => Event::Read,
                     Some(code) => {
+                        self.leaked_inflight = self.leaked_inflight.saturating_add(1);
+                        self.release_collision();
                         let string = rec.properties.and_then(|props| props.reason_string);
                         Event::Refused {
                             pkid: rec.pkid,
@@ -310,6 +327,12 @@ impl Connection {
                         reason_text(&format!("{:?}", ack.reason), None),
                     ),
                 },
+                E::Incoming(Packet::PubRec(rec)) => {
+                    if let Some(code) = pubrec_refusal(rec.reason) {
+                        let reason = reason_text(&format!("{:?}", rec.reason), None);
+                        deliveries.refused(rec.pkid, code, reason);
+                    }
+                }
                 E::Incoming(Packet::PubComp(comp)) => deliveries.confirmed(comp.pkid),
                 _ => {}
             }
@@ -349,7 +372,12 @@ impl Connection {
     /// behind the acknowledgements already in it; then the connection is
     /// polled until the broker closes it.
     pub(crate) async fn disconnect(&mut self, timeout: Duration, mut event: impl FnMut(Event)) {
-        if self.connected && self.client.try_disconnect().is_ok() {
+        let queued = self.connected
+            && matches!(
+                tokio::time::timeout(timeout, self.client.disconnect()).await,
+                Ok(Ok(()))
+            );
+        if queued {
             let written = async {
                 loop {
                     match self.poll().await {
@@ -364,6 +392,11 @@ impl Connection {
             }
         }
         self.eventloop.clean();
+        // A DISCONNECT not written (the connection failed first) must not be
+        // written on the next connection, which would take it for shutdown.
+        self.eventloop
+            .pending
+            .retain(|request| !matches!(request, WireRequest::Disconnect));
         self.connected = false;
     }
 
@@ -557,9 +590,11 @@ fn from_wire(qos: WireQoS) -> QoS {
 fn to_wire_properties(props: &Properties) -> PublishProperties {
     PublishProperties {
         payload_format_indicator: props.utf8_payload.then_some(1),
-        message_expiry_interval: props
-            .message_expiry
-            .map(|expiry| u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX)),
+        // Whole seconds, rounded up: 0 would be an expiry of no time at all.
+        message_expiry_interval: props.message_expiry.map(|expiry| {
+            let secs = expiry.as_secs() + u64::from(expiry.subsec_nanos() > 0);
+            u32::try_from(secs).unwrap_or(u32::MAX)
+        }),
         topic_alias: None,
         response_topic: props.response_topic.clone(),
         correlation_data: props.correlation_data.clone(),
